@@ -1,0 +1,421 @@
+"""torchtune's ``full_finetune_distributed``, extended by torchtune-mistral3.
+
+The plugin routes the stock recipe name here. Configs whose model comes from ``torchtune_mistral3`` run
+:class:`Mistral3FullFinetuneRecipe`; every other config runs the stock recipe unchanged.
+
+What the subclass adds to the stock recipe:
+
+- one-process runs without torchrun flags (``tune run full_finetune_distributed --config X``), and an
+  immediate, actionable error when the config's parallel layout needs more processes than were launched;
+- CPU runs (gloo): no CUDA-only memory calls;
+- lazy loading from the plugin's FP8-aware checkpointer, each rank reading only what it owns;
+- a 3-D (pipeline, data, tensor) mesh: ``pipeline_parallel_dim``, ``tensor_parallel_dim``, data parallel
+  takes the rest of the world size; ``pipeline_schedule``, ``pipeline_microbatches``;
+- gradient-norm clipping that is correct under TP, PP and FSDP together;
+- the loss normalised by the answer tokens of the whole global batch (all micro-batches, all replicas);
+- freezing by builder flags (only trainable parameters reach the optimizer);
+- a progress bar with loss, learning rate, tokens per second and grad norm; validation loss every N steps;
+  checkpoints every N steps and at the end, written by the checkpointer (atomically).
+"""
+
+import gc
+import os
+import sys
+import time
+from functools import partial
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+from omegaconf import DictConfig, ListConfig
+from torch import nn
+from torch.utils.data import ConcatDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+from torchtune import config, modules, training, utils
+from torchtune.config._utils import _get_component_from_path
+from tqdm import tqdm
+
+from torchtune_mistral3.training import (
+    check_world_size,
+    ensure_single_process_env,
+    load_stock_recipe,
+    prepare_metric_logger_env,
+)
+
+stock = load_stock_recipe("full_finetune_distributed")
+log = utils.get_logger("INFO")
+
+PLUGIN_PACKAGE = "torchtune_mistral3"
+
+
+def _config_name() -> str:
+    argv = sys.argv
+    return argv[argv.index("--config") + 1] if "--config" in argv else "<config>"
+
+
+def is_plugin_config(cfg: DictConfig) -> bool:
+    """True when the config's model comes from this plugin (those configs run the extended recipe)."""
+    component = str(cfg.get("model", {}).get("_component_", ""))
+    return component.startswith(PLUGIN_PACKAGE + ".")
+
+
+class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
+    """Full fine-tuning of Mistral 3 vision-language models with data, tensor and pipeline parallelism.
+
+    See the module docstring for what this adds to :class:`FullFinetuneRecipeDistributed`; every config key
+    of the stock recipe keeps its meaning. Extra keys: ``pipeline_parallel_dim`` (default 1),
+    ``pipeline_schedule`` (default ``1F1B``), ``pipeline_microbatches`` (default: the pipeline degree),
+    ``pipeline_split`` (layers per stage, default balanced), ``dataset_val``, ``run_val_every_n_steps``,
+    ``max_val_steps``, ``save_every_n_steps``, ``log_grad_norm``.
+
+    Args:
+        cfg (DictConfig): the parsed config.
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        ensure_single_process_env()
+        self.pipeline_parallel_dim = int(cfg.get("pipeline_parallel_dim", 1))
+        check_world_size(
+            config_name=_config_name(),
+            tensor_parallel_dim=int(cfg.get("tensor_parallel_dim", 1)),
+            pipeline_parallel_dim=self.pipeline_parallel_dim,
+        )
+        super().__init__(cfg)
+        self.data_parallel_dim = self.world_size // (self.tensor_parallel_dim * self.pipeline_parallel_dim)
+        self._run_val_every_n_steps = cfg.get("run_val_every_n_steps", None)
+        self._max_val_steps = cfg.get("max_val_steps", None)
+        self._save_every_n_steps = cfg.get("save_every_n_steps", None)
+        self._cfg = cfg
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, cfg: DictConfig) -> None:
+        """Build the model (on its mesh), tokenizer, optimizer, loss, data and schedules.
+
+        Args:
+            cfg (DictConfig): the parsed config.
+        """
+        if self._is_rank_zero:
+            prepare_metric_logger_env(cfg.metric_logger)
+            self._metric_logger = config.instantiate(cfg.metric_logger)
+            self._metric_logger.log_config(cfg)
+
+        self._checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
+        self._compile = cfg.get("compile", False)
+        self._model = self._setup_model(
+            cfg_model=cfg.model,
+            enable_activation_checkpointing=self._enable_activation_checkpointing,
+            enable_activation_offloading=self._enable_activation_offloading,
+            custom_sharded_layers=cfg.get("custom_sharded_layers", None),
+            fsdp_cpu_offload=self.fsdp_cpu_offload,
+            reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
+            model_state_dict=None,
+            ac_mode=cfg.get("ac_mode", None),
+            ac_option=cfg.get("ac_option", None),
+        )
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+
+        trainable = [p for p in self._model.parameters() if p.requires_grad]
+        self._optimizer = config.instantiate(cfg.optimizer, trainable)
+        utils.log_rank_zero(
+            log, f"Optimizer is initialized over {sum(p.numel() for p in trainable):,} trainable parameters."
+        )
+
+        self._loss_fn = config.instantiate(cfg.loss)
+        if self._compile:
+            training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
+        if hasattr(self._loss_fn, "num_output_chunks"):
+            self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+
+        collate_name = cfg.get("collate_fn", "torchtune.data.padded_collate_sft")
+        self._dataloader = self._setup_data(
+            cfg_dataset=cfg.dataset,
+            shuffle=cfg.shuffle,
+            batch_size=cfg.batch_size,
+            collate_fn=collate_name,
+        )
+        self._val_dataloader = None
+        if cfg.get("dataset_val", None) is not None:
+            self._val_dataloader = self._setup_data(
+                cfg_dataset=cfg.dataset_val,
+                shuffle=False,
+                batch_size=cfg.get("batch_size_val", cfg.batch_size),
+                collate_fn=collate_name,
+            )
+
+        self._steps_per_epoch = len(self._dataloader) // self._gradient_accumulation_steps
+        if self._steps_per_epoch == 0:
+            raise ValueError(
+                f"The training data gives {len(self._dataloader)} batches per data-parallel rank, fewer than "
+                f"gradient_accumulation_steps={self._gradient_accumulation_steps}: lower batch_size or "
+                "gradient_accumulation_steps, or add data."
+            )
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < self._steps_per_epoch:
+            self._steps_per_epoch = self.max_steps_per_epoch
+        self.global_step = self.epochs_run * self._steps_per_epoch
+        self._lr_scheduler = self._setup_lr_scheduler(
+            cfg_lr_scheduler=cfg.get("lr_scheduler", None),
+            num_training_steps=self.total_epochs * self._steps_per_epoch,
+            last_epoch=self.global_step - 1,
+        )
+        self._profiler = self._setup_profiler(cfg.get(stock.PROFILER_KEY, None))
+
+    def _setup_model(
+        self,
+        cfg_model: DictConfig,
+        enable_activation_checkpointing: bool,
+        enable_activation_offloading: bool,
+        fsdp_cpu_offload: bool,
+        reshard_after_forward: bool,
+        model_state_dict: Optional[Dict[str, Any]] = None,
+        custom_sharded_layers: Optional[List[str]] = None,
+        ac_mode: Optional[str] = None,
+        ac_option: Optional[int] = None,
+    ) -> nn.Module:
+        """Meta-device model -> TP -> activation checkpointing -> FSDP2 -> RoPE init -> lazy weight load.
+
+        Returns:
+            nn.Module: the model, parallelised and loaded.
+        """
+        init_start = time.perf_counter()
+        with training.set_default_dtype(self._dtype), torch.device("meta"):
+            model = config.instantiate(cfg_model)
+        if self._compile:
+            training.compile_model(model, verbose=self._is_rank_zero)
+
+        mesh = torch.distributed.device_mesh.init_device_mesh(
+            self._device.type,
+            mesh_shape=(self.pipeline_parallel_dim, self.data_parallel_dim, self.tensor_parallel_dim),
+            mesh_dim_names=("pp", "dp", "tp"),
+        )
+        self._mesh = mesh
+        self.dp_size = mesh["dp"].size()
+        self.dp_rank = mesh["dp"].get_local_rank()
+
+        if self.tensor_parallel_dim > 1:
+            model = training.prepare_mha_for_tp(model, mesh["tp"])
+            torch.distributed.tensor.parallel.parallelize_module(
+                model, mesh["tp"], parallelize_plan=self.tensor_parallel_plan
+            )
+        if enable_activation_checkpointing and ac_mode is None:
+            training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+        elif ac_mode is not None:
+            stock.apply_selective_activation_checkpointing(model, ac_mode, ac_option)
+        if self.data_parallel_dim > 1:
+            training.shard_model(
+                model=model,
+                shard_conditions=[partial(training.get_shard_conditions, names_to_match=custom_sharded_layers)],
+                cpu_offload=fsdp_cpu_offload,
+                reshard_after_forward=reshard_after_forward,
+                dp_mesh=mesh["dp"],
+            )
+
+        model.to_empty(device=self._device)
+        with training.set_default_dtype(self._dtype), self._device:
+            for m in model.modules():
+                if hasattr(m, "rope_init"):
+                    m.rope_init()
+        self._checkpointer.load_into_module(model, dtype=self._dtype)
+        self.activations_handling_ctx = training.get_act_offloading_ctx_manager(model, enable_activation_offloading)
+        training.validate_no_params_on_meta_device(model)
+        utils.log_rank_zero(
+            log, f"Instantiating the model and loading its weights took {time.perf_counter() - init_start:.2f} s"
+        )
+        if self._is_rank_zero and self._device.type == "cuda":
+            training.log_memory_stats(training.get_memory_stats(device=self._device))
+        torch.distributed.barrier()
+        return model
+
+    def _setup_data(
+        self,
+        cfg_dataset: DictConfig,
+        shuffle: bool,
+        batch_size: int,
+        collate_fn: str,
+        dataloader_state_dict: Optional[Dict[str, Any]] = None,
+    ) -> StatefulDataLoader:
+        """Like the stock method, but the sampler shards over the data-parallel ranks only.
+
+        Ranks of one tensor- or pipeline-parallel group must see the same batch.
+
+        Returns:
+            StatefulDataLoader: the data loader.
+        """
+        if isinstance(cfg_dataset, ListConfig):
+            ds = ConcatDataset([config.instantiate(c, self._tokenizer) for c in cfg_dataset])
+        else:
+            ds = config.instantiate(cfg_dataset, self._tokenizer)
+        collate = _get_component_from_path(collate_fn)
+        sampler = StatefulDistributedSampler(ds, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=shuffle)
+        return StatefulDataLoader(
+            dataset=ds,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=partial(collate, padding_idx=self._tokenizer.pad_id, ignore_idx=self._loss_fn.ignore_index),
+            drop_last=True,
+        )
+
+    # ------------------------------------------------------------------ step
+
+    def _loss_sum(self, batch: Dict[str, Any]) -> torch.Tensor:
+        """Forward one micro-batch and return the summed (not averaged) cross-entropy of its label tokens."""
+        labels = batch.pop("labels")
+        with self.activations_handling_ctx:
+            logits = self._model(**batch)
+        ignore = torch.full_like(labels[:, :1], self._loss_fn.ignore_index)
+        labels = torch.hstack((labels[:, 1:], ignore))
+        if not isinstance(logits, list):
+            labels = labels.reshape(-1)
+            logits = logits.reshape(-1, logits.size(-1))
+        num_tokens = (labels != self._loss_fn.ignore_index).sum()
+        # The loss module averages over its label tokens; undo it so micro-batches and ranks add up exactly.
+        return self._loss_fn(logits, labels) * num_tokens
+
+    def _count_label_tokens(self, batches: List[Dict[str, Any]]) -> torch.Tensor:
+        """Label tokens (after the shift) of the whole optimizer step, summed over data-parallel ranks."""
+        n = sum((b["labels"][:, 1:] != self._loss_fn.ignore_index).sum() for b in batches)
+        n = torch.as_tensor(n, device=self._device)
+        torch.distributed.all_reduce(n, group=self._mesh["dp"].get_group())
+        return n
+
+    def _train_step(self, batches: List[Dict[str, Any]]) -> Dict[str, float]:
+        """One optimizer step over ``batches`` (the gradient-accumulation micro-batches of this rank).
+
+        Returns:
+            Dict[str, float]: loss (token mean over the global batch), grad norm (if computed), token counts.
+        """
+        for b in batches:
+            utils.batch_to_device(b, self._device)
+        num_label_tokens = self._count_label_tokens(batches)
+        input_tokens = sum((b["tokens"] != self._tokenizer.pad_id).sum() for b in batches)
+        # FSDP averages gradients over data-parallel ranks; the dp factor turns that average into a sum.
+        grad_scale = self.dp_size / num_label_tokens.clamp(min=1)
+        loss_sum = torch.zeros((), device=self._device)
+        for b in batches:
+            micro = self._loss_sum(b)
+            (micro * grad_scale).backward()
+            loss_sum += micro.detach()
+
+        torch.distributed.all_reduce(loss_sum, group=self._mesh["dp"].get_group())
+        out = {"loss": (loss_sum / num_label_tokens.clamp(min=1)).item(), "label_tokens": int(num_label_tokens)}
+        input_tokens = torch.as_tensor(input_tokens, device=self._device)
+        torch.distributed.all_reduce(input_tokens, group=self._mesh["dp"].get_group())
+        out["input_tokens"] = int(input_tokens)
+
+        if self._clip_grad_norm is not None:
+            grad_norm = training_clip_grad_norm(
+                self._model.parameters(), max_norm=float(self._clip_grad_norm)
+            )
+            out["grad_norm"] = float(grad_norm)
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        if self._lr_scheduler is not None:
+            self._lr_scheduler.step()
+        return out
+
+    @torch.no_grad()
+    def _validate(self) -> float:
+        """Token-mean loss over the validation data (at most ``max_val_steps`` batches per rank)."""
+        self._model.eval()
+        loss_sum = torch.zeros((), device=self._device)
+        tokens = torch.zeros((), device=self._device, dtype=torch.long)
+        for i, batch in enumerate(self._val_dataloader):
+            if self._max_val_steps is not None and i >= self._max_val_steps:
+                break
+            utils.batch_to_device(batch, self._device)
+            tokens += (batch["labels"][:, 1:] != self._loss_fn.ignore_index).sum()
+            loss_sum += self._loss_sum(batch)
+        self._model.train()
+        group = self._mesh["dp"].get_group()
+        torch.distributed.all_reduce(loss_sum, group=group)
+        torch.distributed.all_reduce(tokens, group=group)
+        return (loss_sum / tokens.clamp(min=1)).item()
+
+    def _batches(self, epoch: int) -> Iterator[List[Dict[str, Any]]]:
+        """Group the epoch's batches into optimizer steps of ``gradient_accumulation_steps`` micro-batches."""
+        self._dataloader.sampler.set_epoch(epoch)
+        step: List[Dict[str, Any]] = []
+        for batch in self._dataloader:
+            step.append(batch)
+            if len(step) == self._gradient_accumulation_steps:
+                yield step
+                step = []
+
+    def save_checkpoint(self, epoch: int, final: bool) -> None:
+        """Write an HF checkpoint of the current weights (every rank writes what it owns).
+
+        Args:
+            epoch (int): current epoch, for the directory name.
+            final (bool): whether this is the end-of-training checkpoint.
+        """
+        self._checkpointer.save_module(self._model, epoch=epoch, step=self.global_step, final=final)
+
+    def train(self) -> None:
+        """Run the training loop: steps, logging, validation and checkpoints."""
+        gc.collect()
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._optimizer.zero_grad(set_to_none=True)
+        self._profiler.start()
+        for epoch in range(self.epochs_run, self.total_epochs):
+            pbar = tqdm(total=self._steps_per_epoch, disable=not self._is_rank_zero, dynamic_ncols=True)
+            t0 = time.perf_counter()
+            for i, batches in enumerate(self._batches(epoch)):
+                if i >= self._steps_per_epoch:
+                    break
+                metrics = self._train_step(batches)
+                self.global_step += 1
+                elapsed = time.perf_counter() - t0
+                metrics["lr"] = training.get_lr(self._optimizer)
+                metrics["tokens_per_second_per_gpu"] = metrics["input_tokens"] / (elapsed * self.world_size)
+                if self._run_val_every_n_steps and self._val_dataloader is not None:
+                    if self.global_step % self._run_val_every_n_steps == 0:
+                        metrics["val_loss"] = self._validate()
+                self._log_step(pbar, epoch, metrics)
+                self._profiler.step()
+                if self._save_every_n_steps and self.global_step % self._save_every_n_steps == 0:
+                    self.save_checkpoint(epoch, final=False)
+                t0 = time.perf_counter()
+            pbar.close()
+            self.epochs_run += 1
+        self._profiler.stop()
+        self.save_checkpoint(self.epochs_run - 1, final=True)
+
+    def _log_step(self, pbar: tqdm, epoch: int, metrics: Dict[str, float]) -> None:
+        if not self._is_rank_zero:
+            return
+        pbar.update(1)
+        postfix = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}"}
+        if "grad_norm" in metrics:
+            postfix["gnorm"] = f"{metrics['grad_norm']:.3f}"
+        postfix["tok/s/gpu"] = f"{metrics['tokens_per_second_per_gpu']:.0f}"
+        if "val_loss" in metrics:
+            postfix["val"] = f"{metrics['val_loss']:.4f}"
+        pbar.set_description(f"epoch {epoch + 1}|step {self.global_step}")
+        pbar.set_postfix(postfix)
+        if self.global_step % self._log_every_n_steps == 0 or "val_loss" in metrics:
+            logged = {k: v for k, v in metrics.items() if k not in ("input_tokens", "label_tokens")}
+            if self._log_peak_memory_stats:
+                logged.update(training.get_memory_stats(device=self._device))
+            self._metric_logger.log_dict(logged, step=self.global_step)
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point: plugin configs run the extended recipe, every other config the stock one.
+
+    Args:
+        cfg (DictConfig): the parsed config (YAML plus command-line overrides).
+    """
+    if not is_plugin_config(cfg):
+        ensure_single_process_env()
+        return stock.recipe_main.__wrapped__(cfg)
+    config.log_config(recipe_name="Mistral3FullFinetuneRecipe", cfg=cfg)
+    recipe = Mistral3FullFinetuneRecipe(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    recipe.train()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
