@@ -45,3 +45,27 @@ def register() -> None:
         if any(c.name == entry["name"] for c in recipe.configs):
             continue
         recipe.configs.append(registry.Config(name=entry["name"], file_path=str(CONFIGS_DIR / entry["file"])))
+    _let_validate_take_names()
+
+
+def _let_validate_take_names() -> None:
+    """``tune validate`` takes only a path in torchtune 0.6.1; let it take a registered config name too."""
+    from torchtune._cli import validate
+
+    original = validate.Validate._validate_cmd
+    if getattr(original, "resolves_names", False):
+        return
+
+    def _validate_cmd(self, args):
+        if not args.config.exists():
+            from torchtune._cli.cp import ROOT
+            from torchtune._recipe_registry import get_all_recipes
+
+            for recipe in get_all_recipes():
+                for cfg in recipe.configs:
+                    if cfg.name == str(args.config):
+                        args.config = ROOT / "recipes" / "configs" / cfg.file_path
+        return original(self, args)
+
+    _validate_cmd.resolves_names = True
+    validate.Validate._validate_cmd = _validate_cmd

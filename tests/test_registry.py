@@ -1,0 +1,71 @@
+"""The plugin registers with the stock `tune` CLI through its entry point and start-up hook."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from torchtune_mistral3 import _registry
+
+PLUGIN_CONFIGS = [c["name"] for c in json.loads(_registry.MANIFEST.read_text())["configs"]]
+
+
+def test_tune_ls_lists_every_plugin_config_under_the_stock_recipe(tune):
+    out = tune("ls").stdout
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("full_finetune_distributed "))
+    end = next(i for i in range(start + 1, len(lines)) if lines[i] and not lines[i].startswith(" "))
+    block = "\n".join(lines[start:end])
+    for name in PLUGIN_CONFIGS:
+        assert f" {name} " in block + " ", name
+    # stock configs are still there
+    assert "llama3_1/8B_full" in block
+
+
+def test_tune_cp_and_cat_resolve_plugin_configs_by_name(tune, tmp_path):
+    dest = tmp_path / "copied.yaml"
+    tune("cp", "mistral3p5_medpix", dest)
+    assert dest.read_text() == (_registry.CONFIGS_DIR / "mistral3p5_medpix.yaml").read_text()
+    cat = tune("cat", "mistral3p5_medpix").stdout
+    assert "tensor_parallel_dim: 8" in cat and "pipeline_parallel_dim: 8" in cat
+
+
+def test_tune_validate_accepts_names_for_every_shipped_config(tune):
+    for name in PLUGIN_CONFIGS:
+        assert "Config is well-formed!" in tune("validate", name).stdout, name
+
+
+def test_the_recipe_name_runs_the_plugin_recipe():
+    code = "from torchtune._recipe_registry import get_all_recipes as g; " \
+        "print([r.file_path for r in g() if r.name == 'full_finetune_distributed'][0])"
+    path = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert path == str(_registry.RECIPES_DIR / "full_finetune_distributed.py")
+
+
+def test_a_broken_plugin_warns_and_tune_still_works(tmp_path, tune):
+    # A second installed plugin whose registration raises: discovered through the same entry-point group.
+    site = tmp_path / "site"
+    (site / "broken_plugin").mkdir(parents=True)
+    (site / "broken_plugin" / "__init__.py").write_text("def register():\n    raise RuntimeError('boom')\n")
+    dist = site / "broken_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[torchtune.plugins]\nbroken = broken_plugin:register\n")
+    proc = tune("ls", env={"PYTHONPATH": str(site)})
+    assert "torchtune plugin 'broken' (broken_plugin:register) failed to register" in proc.stderr
+    assert "RuntimeError: boom" in proc.stderr
+    assert "mistral3p5_medpix" in proc.stdout and "llama3_1/8B_full" in proc.stdout
+
+
+def test_register_is_idempotent():
+    code = textwrap.dedent(
+        """
+        from torchtune import _recipe_registry as r
+        from torchtune_mistral3._registry import register
+        register(); register()
+        names = [c.name for x in r.get_all_recipes() for c in x.configs]
+        print(names.count("mistral3p5_medpix"))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1"
