@@ -1,0 +1,19 @@
+from ._checkpointer import Mistral3HFCheckpointer
+from ._fp8 import dequantize, quantize_per_tensor
+from ._load import load_into_module
+from ._reader import HFCheckpointReader, LazyStateDict, read_safetensors_header
+from ._writer import default_fp8_keys, save_distributed, saved_config, write_hf_checkpoint
+
+__all__ = [
+    "HFCheckpointReader",
+    "LazyStateDict",
+    "Mistral3HFCheckpointer",
+    "default_fp8_keys",
+    "dequantize",
+    "load_into_module",
+    "quantize_per_tensor",
+    "read_safetensors_header",
+    "save_distributed",
+    "saved_config",
+    "write_hf_checkpoint",
+]

@@ -1,0 +1,100 @@
+"""Load a checkpoint straight into a (possibly tensor-, pipeline- or FSDP-parallel) module, one slice at a time."""
+
+from typing import List, Optional, Union
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from torchtune_mistral3.checkpointing._reader import HFCheckpointReader
+
+
+def load_into_module(
+    module: nn.Module,
+    reader: HFCheckpointReader,
+    dtype: Optional[torch.dtype] = None,
+    strict: bool = True,
+    device: Optional[Union[str, torch.device]] = None,
+) -> List[str]:
+    """Fill every entry of ``module.state_dict()`` from ``reader``, reading only what this rank holds.
+
+    For a DTensor (tensor parallel ``Shard(0)``/``Shard(1)``, FSDP2 ``Shard(0)``, any mesh) only this rank's
+    local block is read from the file (``safe_open(...).get_slice``) and dequantised; FP8 scales are per
+    tensor, so dequantising a block gives exactly the block of the dequantised tensor. Keys are taken from
+    the module, so a pipeline stage reads only its own layers, and the checkpoint's other keys are ignored.
+
+    Parameters and buffers still on the ``meta`` device are created on ``device`` and swapped in with
+    ``load_state_dict(..., assign=True)`` (no ``to_empty`` needed, ``requires_grad`` is kept); materialised
+    ones are filled in place with ``copy_``, which keeps optimizer references valid. Non-persistent
+    buffers (RoPE caches) are not in the state dict: the caller re-initialises them (``rope_init()``).
+
+    Args:
+        module (nn.Module): the model (or one pipeline stage of it), with plugin key names.
+        reader (HFCheckpointReader): the checkpoint.
+        dtype (Optional[torch.dtype]): dtype to load as. Default is None: each tensor keeps the dtype it has
+            in ``module``.
+        strict (bool): raise if the module has a key the checkpoint lacks. Default is True.
+        device (Optional[Union[str, torch.device]]): where tensors on ``meta`` are created. Default is None:
+            the device type of a DTensor's mesh (current CUDA device for ``cuda``), else CPU.
+
+    Returns:
+        List[str]: module keys the checkpoint did not have (empty when ``strict``).
+
+    Raises:
+        KeyError: if ``strict`` and the checkpoint lacks keys of the module (all of them are named).
+        ValueError: if a stored tensor's shape differs from the module's (file, key and both shapes named).
+    """
+    state = module.state_dict()
+    missing = [k for k in state if k not in reader]
+    if missing and strict:
+        raise KeyError(
+            f"checkpoint '{reader.checkpoint_dir}' lacks {len(missing)} weights of the model: {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}; check that config.json and the model builder describe "
+            "the same architecture"
+        )
+    assigned = {}
+    for key, target in state.items():
+        if key not in reader:
+            continue
+        info = reader.info(key)
+        if tuple(target.shape) != info.shape:
+            raise ValueError(
+                f"'{info.path}': '{info.hf_key}' has shape {list(info.shape)} but the model's '{key}' has "
+                f"shape {list(target.shape)}; config.json does not match this checkpoint or the model"
+            )
+        if isinstance(target, DTensor):
+            local = target.to_local()
+            shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
+        else:
+            local, shape, offset = target, tuple(target.shape), (0,) * target.dim()
+        want = dtype or local.dtype
+        if local.numel() == 0:
+            value = torch.empty(shape, dtype=want)
+        else:
+            value = reader.read(key, want, offset=offset, shape=shape)
+        if not local.is_meta:
+            with torch.no_grad():
+                local.copy_(value)
+            continue
+        value = value.to(_target_device(target, device))
+        if isinstance(target, DTensor):
+            mesh, placements = target.device_mesh, target.placements
+            value = DTensor.from_local(
+                value, mesh, placements, run_check=False, shape=target.shape, stride=target.stride()
+            )
+        assigned[key] = value
+    if assigned:
+        module.load_state_dict(assigned, strict=False, assign=True)
+    return missing
+
+
+def _target_device(target: torch.Tensor, device: Optional[Union[str, torch.device]]) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if isinstance(target, DTensor):
+        kind = target.device_mesh.device_type
+        if kind == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device(kind)
+    return torch.device("cpu")
