@@ -36,6 +36,7 @@ from torchtune.config._utils import _get_component_from_path
 from tqdm import tqdm
 
 from torchtune_mistral3.training import (
+    check_checkpoint_dir,
     check_world_size,
     ensure_single_process_env,
     load_stock_recipe,
@@ -73,6 +74,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
     """
 
     def __init__(self, cfg: DictConfig) -> None:
+        if cfg.get("prepare_checkpoint", None) is None:
+            check_checkpoint_dir(cfg.checkpointer.get("checkpoint_dir", None), cfg.get("hf_repo", None))
         ensure_single_process_env()
         self.pipeline_parallel_dim = int(cfg.get("pipeline_parallel_dim", 1))
         check_world_size(
@@ -100,6 +103,11 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             self._metric_logger = config.instantiate(cfg.metric_logger)
             self._metric_logger.log_config(cfg)
 
+        if cfg.get("prepare_checkpoint", None) is not None:
+            # e.g. the demo's tiny FP8 checkpoint, written once by rank 0 while the others wait
+            if self._is_rank_zero:
+                config.instantiate(cfg.prepare_checkpoint)
+            torch.distributed.barrier()
         self._checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
         self._compile = cfg.get("compile", False)
         self._model = self._setup_model(

@@ -75,3 +75,28 @@ def check_world_size(
         f"    tune run {launch} full_finetune_distributed --config {config_name}\n"
         f"or lower the layout on the command line, e.g. tensor_parallel_dim=1 pipeline_parallel_dim=1."
     )
+
+
+def check_checkpoint_dir(checkpoint_dir: Optional[str], hf_repo: Optional[str]) -> None:
+    """Stop at once, with the download command, when the model's checkpoint directory is missing.
+
+    Args:
+        checkpoint_dir (Optional[str]): ``checkpointer.checkpoint_dir`` of the config.
+        hf_repo (Optional[str]): the Hugging Face repository the config's model comes from, if known.
+
+    Raises:
+        FileNotFoundError: if ``checkpoint_dir`` has no ``config.json``; the message holds the
+            ``tune download`` command that fetches the model.
+    """
+    if checkpoint_dir is None or os.path.isfile(os.path.join(checkpoint_dir, "config.json")):
+        return
+    what = "does not exist" if not os.path.isdir(checkpoint_dir) else "holds no config.json"
+    fetch = (
+        f"Download the model first:\n    tune download {hf_repo} --output-dir {checkpoint_dir}\n"
+        if hf_repo
+        else "Download the model's Hugging Face checkpoint into it first.\n"
+    )
+    raise FileNotFoundError(
+        f"Checkpoint directory '{checkpoint_dir}' {what}. {fetch}"
+        "or point the config at an existing copy with checkpoint_dir=<path>."
+    )

@@ -1,0 +1,43 @@
+import os
+
+import pytest
+
+from torchtune_mistral3.training import check_checkpoint_dir, check_world_size, ensure_single_process_env
+
+
+def test_world_size_that_holds_the_layout_gives_the_data_parallel_rest():
+    assert check_world_size(config_name="x", tensor_parallel_dim=2, pipeline_parallel_dim=2, world_size=8) == 2
+    assert check_world_size(config_name="x", world_size=1) == 1
+
+
+def test_too_few_processes_names_the_tune_run_flags():
+    with pytest.raises(ValueError) as e:
+        check_world_size(config_name="mistral3p5_medpix", tensor_parallel_dim=8, pipeline_parallel_dim=8, world_size=1)
+    msg = str(e.value)
+    assert "8 x 8 = 64 processes, but 1 was launched" in msg
+    assert "tune run --nproc_per_node 8 --nnodes 8" in msg and "--config mistral3p5_medpix" in msg
+    with pytest.raises(ValueError, match="--nproc_per_node 2 full_finetune_distributed"):
+        check_world_size(config_name="c", tensor_parallel_dim=2, world_size=3)
+
+
+def test_single_process_env_is_filled_only_when_missing(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    assert ensure_single_process_env() is True
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("0", "1", "0")
+    assert int(os.environ["MASTER_PORT"]) > 0
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert ensure_single_process_env() is False and os.environ["RANK"] == "3"
+
+
+def test_missing_checkpoint_gives_the_download_command(tmp_path):
+    missing = tmp_path / "Mistral-Medium-3.5-128B"
+    with pytest.raises(FileNotFoundError) as e:
+        check_checkpoint_dir(str(missing), "mistralai/Mistral-Medium-3.5-128B")
+    assert f"tune download mistralai/Mistral-Medium-3.5-128B --output-dir {missing}" in str(e.value)
+    missing.mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no config.json"):
+        check_checkpoint_dir(str(missing), None)
+    (missing / "config.json").write_text("{}")
+    check_checkpoint_dir(str(missing), None)
