@@ -1,13 +1,53 @@
-from ._launch import check_world_size, ensure_single_process_env
+from ._grad_norm import clip_grad_norm_
+from ._launch import check_checkpoint_dir, check_world_size, ensure_single_process_env
 from ._lr_schedulers import cosine_with_warmup
 from ._metric_logging import prepare_metric_logger_env
+from ._parallel_dims import ParallelDims, validate_pipeline_stages, validate_tensor_parallel
+from ._pipeline import (
+    balanced_layer_split,
+    build_pipeline,
+    cut_pipeline_stage,
+    default_stages_per_rank,
+    get_pipeline_schedule_class,
+    Pipeline,
+    pipeline_step,
+    PipelineLoss,
+    resolve_layer_split,
+    set_fsdp_gradient_sum,
+    stage_ids_for_rank,
+    StageImages,
+    validate_pipeline_schedule,
+)
 from ._stock import load_stock_recipe, stock_recipe_path
+from ._tp import apply_tensor_parallel, resolve_tp_plan, train_context, uses_loss_parallel
 
 __all__ = [
+    "apply_tensor_parallel",
+    "balanced_layer_split",
+    "build_pipeline",
+    "check_checkpoint_dir",
     "check_world_size",
+    "clip_grad_norm_",
     "cosine_with_warmup",
+    "cut_pipeline_stage",
+    "default_stages_per_rank",
     "ensure_single_process_env",
+    "get_pipeline_schedule_class",
     "load_stock_recipe",
+    "ParallelDims",
+    "Pipeline",
+    "pipeline_step",
+    "PipelineLoss",
     "prepare_metric_logger_env",
+    "resolve_layer_split",
+    "resolve_tp_plan",
+    "set_fsdp_gradient_sum",
+    "stage_ids_for_rank",
+    "StageImages",
     "stock_recipe_path",
+    "train_context",
+    "uses_loss_parallel",
+    "validate_pipeline_schedule",
+    "validate_pipeline_stages",
+    "validate_tensor_parallel",
 ]

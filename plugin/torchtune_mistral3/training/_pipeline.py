@@ -1,0 +1,601 @@
+"""Pipeline parallelism for torchtune ``EarlyFusionModel`` s with ``torch.distributed.pipelining``.
+
+A stage is a deep copy of the full model (built on the meta device) in which everything the stage does
+not own is replaced by a parameter-free stand-in, so stock torchtune modules run unchanged and every
+parameter keeps its full-model FQN (``decoder.layers.<global index>.*``): loading and saving use the
+same keys as without pipelining.
+
+- stage 0 owns ``tok_embeddings``, the encoders (vision tower + projector) and the first layers;
+- the last stage owns ``decoder.norm`` and ``decoder.output``;
+- the images of a batch travel through the schedule as an opaque :class:`StageImages` holder (replicated
+  to every microbatch) plus a ``sample_idx`` tensor (split with the batch), so images of different
+  sizes and 0..n images per sample never get cut by the microbatch splitter;
+- the loss is ``sum-CE / num_tokens`` per microbatch with ``num_tokens`` the valid labels of the whole
+  global batch, handed in through ``loss_kwargs`` with ``scale_grads=False``: the sum over microbatches
+  equals the unsplit loss.
+
+Order of construction (what the recipe does): model on meta -> :func:`build_pipeline` which cuts the
+stages and applies ``parallelize_fn`` to each (TP -> activation checkpointing -> FSDP2 -> rope_init
+-> load weights) -> ``PipelineStage`` s -> schedule.
+"""
+
+import copy
+import math
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
+from torch.distributed.pipelining.schedules import (
+    _PipelineSchedule,
+    get_schedule_class,
+    PipelineScheduleSingle,
+    ScheduleDualPipeV,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleLoopedBFS,
+    ScheduleZBVZeroBubble,
+)
+from torch.distributed.tensor import DTensor
+from torchtune.modules import TiedLinear
+from torchtune.modules.model_fusion import EarlyFusionModel
+
+from ._parallel_dims import validate_pipeline_stages
+
+# Schedules that place their stages in a "v" (rank 0 holds the first and the last stage).
+_V_SCHEDULES = (ScheduleZBVZeroBubble, ScheduleDualPipeV)
+# Schedules whose rounds need n_microbatches % max(1, n_microbatches // pp) == 0.
+_ROUND_SCHEDULES = (ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble, ScheduleLoopedBFS)
+
+
+def get_pipeline_schedule_class(name: str) -> type:
+    """Map a ``pipeline_schedule`` config value to a torch schedule class (case-insensitive).
+
+    Args:
+        name (str): one of ``1F1B``, ``GPipe``, ``Interleaved1F1B``, ``LoopedBFS``,
+            ``InterleavedZeroBubble``, ``ZBVZeroBubble``, ``DualPipeV``.
+
+    Returns:
+        type: the schedule class.
+
+    Raises:
+        ValueError: for an unknown name, listing the valid ones.
+    """
+    try:
+        cls = get_schedule_class(name)
+    except ValueError as e:
+        raise ValueError(f"pipeline_schedule={name!r} is not a torch pipeline schedule: {e}") from None
+    if cls.__name__ in ("PipelineScheduleSingle", "PipelineScheduleMulti"):
+        raise ValueError(f"pipeline_schedule={name!r} is an abstract base; pick a concrete schedule.")
+    return cls
+
+
+def default_stages_per_rank(schedule_cls: type) -> int:
+    """Stages per pipeline rank a schedule is built for: 1 for single-stage schedules, else 2.
+
+    Args:
+        schedule_cls (type): a torch schedule class.
+
+    Returns:
+        int: number of (virtual) stages each pipeline rank holds.
+    """
+    return 1 if issubclass(schedule_cls, PipelineScheduleSingle) else 2
+
+
+def stage_ids_for_rank(schedule_cls: type, pp_rank: int, pp_size: int, stages_per_rank: int) -> List[int]:
+    """Global stage indices held by one pipeline rank ("loop" placement, or "v" for ZBV / DualPipeV).
+
+    Args:
+        schedule_cls (type): a torch schedule class.
+        pp_rank (int): rank in the pipeline group.
+        pp_size (int): pipeline parallel degree.
+        stages_per_rank (int): stages each rank holds.
+
+    Returns:
+        List[int]: the stage indices, ascending.
+    """
+    num_stages = pp_size * stages_per_rank
+    style = "v" if issubclass(schedule_cls, _V_SCHEDULES) else "loop"
+    mapping = generate_stage_to_rank_mapping(pp_size, num_stages, style=style)
+    return sorted(s for s, r in mapping.items() if r == pp_rank)
+
+
+def validate_pipeline_schedule(
+    schedule_cls: type, n_microbatches: int, pp_size: int, stages_per_rank: int, batch_size: Optional[int] = None
+) -> None:
+    """Check the microbatch count and stages per rank against the schedule's constraints.
+
+    Args:
+        schedule_cls (type): a torch schedule class.
+        n_microbatches (int): config key ``pipeline_microbatches``.
+        pp_size (int): config key ``pipeline_parallel_dim``.
+        stages_per_rank (int): stages each pipeline rank holds.
+        batch_size (Optional[int]): per data-parallel-replica batch size, checked for divisibility. Default is None.
+
+    Raises:
+        ValueError: naming the constraint and the config key to change.
+    """
+    name = schedule_cls.__name__
+    num_stages = pp_size * stages_per_rank
+    if n_microbatches < 1:
+        raise ValueError(f"pipeline_microbatches must be >= 1, got {n_microbatches}.")
+    if issubclass(schedule_cls, PipelineScheduleSingle) and stages_per_rank != 1:
+        raise ValueError(f"{name} runs one stage per rank; got {stages_per_rank}. Use an interleaved schedule.")
+    if issubclass(schedule_cls, _V_SCHEDULES) and stages_per_rank != 2:
+        raise ValueError(f"{name} needs exactly 2 stages per rank; got {stages_per_rank}.")
+    if name == "Schedule1F1B" and n_microbatches < num_stages:
+        raise ValueError(
+            f"1F1B needs pipeline_microbatches >= pipeline stages ({num_stages}); got {n_microbatches}."
+        )
+    if issubclass(schedule_cls, ScheduleDualPipeV) and n_microbatches < num_stages:
+        raise ValueError(
+            f"DualPipeV needs pipeline_microbatches >= pipeline stages ({num_stages}); got {n_microbatches}."
+        )
+    if issubclass(schedule_cls, _ROUND_SCHEDULES):
+        rounds = max(1, n_microbatches // pp_size)
+        if n_microbatches % rounds != 0:
+            raise ValueError(
+                f"{name} needs pipeline_microbatches to be a multiple of max(1, pipeline_microbatches // "
+                f"pipeline_parallel_dim) = {rounds}; got {n_microbatches}. Use a multiple of {pp_size}."
+            )
+    if batch_size is not None and batch_size % n_microbatches != 0:
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by pipeline_microbatches={n_microbatches}: every "
+            "microbatch must have the same shape. Change one of them."
+        )
+
+
+def balanced_layer_split(
+    num_layers: int, num_stages: int, first_stage_extra: float = 1.0, last_stage_extra: float = 1.0
+) -> List[int]:
+    """Decoder layers per stage so that every stage carries about the same cost.
+
+    Rule: stage 0 also carries the embeddings and encoders, worth ``first_stage_extra`` decoder layers, and
+    the last stage the final norm, head and loss, worth ``last_stage_extra`` layers. With
+    ``total = num_layers + first_stage_extra + last_stage_extra``, stage ``s`` ends where the cumulative
+    cost reaches ``(s + 1) * total / num_stages`` (rounded half up to whole layers), with at least one
+    layer per stage.
+
+    Args:
+        num_layers (int): decoder layers.
+        num_stages (int): pipeline stages (all ranks, all virtual stages).
+        first_stage_extra (float): cost of stage 0's non-layer modules in decoder layers. Default is 1.0.
+        last_stage_extra (float): cost of the last stage's non-layer modules in decoder layers. Default is 1.0.
+
+    Returns:
+        List[int]: layers per stage, summing to ``num_layers``.
+
+    Example:
+        >>> balanced_layer_split(88, 8)
+        [10, 12, 11, 11, 11, 12, 11, 10]
+    """
+    validate_pipeline_stages(num_layers, num_stages)
+    total = num_layers + first_stage_extra + last_stage_extra
+    ends = []
+    for s in range(num_stages - 1):
+        end = math.floor((s + 1) * total / num_stages - first_stage_extra + 0.5)
+        ends.append(min(max(end, s + 1, ends[-1] + 1 if ends else 1), num_layers - (num_stages - 1 - s)))
+    bounds = [0, *ends, num_layers]
+    return [bounds[i + 1] - bounds[i] for i in range(num_stages)]
+
+
+def resolve_layer_split(
+    num_layers: int,
+    num_stages: int,
+    split: Optional[Sequence[int]] = None,
+    first_stage_extra: float = 1.0,
+    last_stage_extra: float = 1.0,
+) -> List[int]:
+    """Layers per stage from a config override, or the balanced default.
+
+    Args:
+        num_layers (int): decoder layers.
+        num_stages (int): pipeline stages.
+        split (Optional[Sequence[int]]): config key ``pipeline_split``: either ``num_stages`` layer counts
+            summing to ``num_layers`` (e.g. ``[3, 5, 5, 3]``), or ``num_stages - 1`` increasing boundaries,
+            the first layer index of stages 1.. (e.g. ``[3, 8, 13]``). None for :func:`balanced_layer_split`.
+            Default is None.
+        first_stage_extra (float): see :func:`balanced_layer_split`. Default is 1.0.
+        last_stage_extra (float): see :func:`balanced_layer_split`. Default is 1.0.
+
+    Returns:
+        List[int]: layers per stage.
+
+    Raises:
+        ValueError: if ``split`` is neither form, or leaves a stage empty.
+    """
+    if split is None:
+        return balanced_layer_split(num_layers, num_stages, first_stage_extra, last_stage_extra)
+    split = [int(x) for x in split]
+    if len(split) == num_stages and sum(split) == num_layers:
+        counts = split
+    elif len(split) == num_stages - 1 and all(a < b for a, b in zip([0, *split], [*split, num_layers])):
+        bounds = [0, *split, num_layers]
+        counts = [bounds[i + 1] - bounds[i] for i in range(num_stages)]
+    else:
+        raise ValueError(
+            f"pipeline_split={split} fits neither form for {num_layers} layers and {num_stages} stages: give "
+            f"{num_stages} layer counts summing to {num_layers}, or {num_stages - 1} increasing boundaries "
+            f"in 1..{num_layers - 1}."
+        )
+    if min(counts) < 1:
+        raise ValueError(f"pipeline_split={split} leaves a stage without layers ({counts}).")
+    return counts
+
+
+class _SkippedLayer(nn.Module):
+    """Parameter-free stand-in for a decoder layer owned by another stage (keeps list indices and FQNs)."""
+
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Return the hidden state unchanged.
+
+        Args:
+            x (torch.Tensor): hidden state ``[b, s, d]``.
+            **kwargs (Any): the layer kwargs (mask, input_pos, ...), ignored.
+
+        Returns:
+            torch.Tensor: ``x``.
+        """
+        return x
+
+    # TransformerDecoder asks layers[0] about KV caches; a training stage has none.
+    def caches_are_enabled(self) -> bool:
+        return False
+
+    def caches_are_setup(self) -> bool:
+        return False
+
+    def setup_caches(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def reset_cache(self) -> None:
+        pass
+
+
+class StageImages:
+    """The encoder inputs of a whole batch, carried through the schedule as one opaque (replicated) object.
+
+    The microbatch splitter would cut every tensor of ``encoder_input`` along dim 0 into
+    ``n_microbatches`` pieces, which is wrong for a variable number of images per sample. Instead the
+    first stage gets this holder and the microbatch's ``sample_idx`` and selects its own images.
+
+    Per encoder, if its input dict has ``images_per_sample`` (``[B]``), every other tensor is per image
+    (dim 0 = total images, in sample order) and is row-selected; ``images_per_sample`` is indexed by
+    sample. Without ``images_per_sample`` every tensor is per sample (dim 0 = B). Non-tensors pass through.
+
+    Args:
+        encoder_input (Dict[str, Dict[str, Any]]): the batch's ``encoder_input``.
+    """
+
+    def __init__(self, encoder_input: Dict[str, Dict[str, Any]]):
+        self.encoder_input = encoder_input
+        # Image rows of each sample, computed once per step on the CPU (one device sync).
+        self._rows: Dict[str, List[List[int]]] = {}
+        for name, inp in encoder_input.items():
+            if "images_per_sample" in inp:
+                counts = inp["images_per_sample"].tolist()
+                starts = [sum(counts[:i]) for i in range(len(counts))]
+                self._rows[name] = [list(range(st, st + c)) for st, c in zip(starts, counts)]
+
+    def select(self, sample_idx: torch.Tensor) -> Dict[str, Dict[str, Any]]:
+        """The encoder inputs of the samples ``sample_idx``.
+
+        Args:
+            sample_idx (torch.Tensor): indices of the microbatch's samples in the batch.
+
+        Returns:
+            Dict[str, Dict[str, Any]]: ``encoder_input`` restricted to those samples.
+        """
+        samples = sample_idx.tolist()
+        out = {}
+        for name, inp in self.encoder_input.items():
+            sel = {}
+            rows = self._rows.get(name)
+            for key, value in inp.items():
+                if not isinstance(value, torch.Tensor):
+                    sel[key] = value
+                    continue
+                per_sample = rows is None or key == "images_per_sample"
+                idx = samples if per_sample else [r for b in samples for r in rows[b]]
+                sel[key] = value.index_select(0, torch.tensor(idx, dtype=torch.long, device=value.device))
+            out[name] = sel
+        return out
+
+
+def _first_stage_forward(
+    self: EarlyFusionModel,
+    tokens: torch.Tensor,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    encoder_input: Any = None,
+    input_pos: Optional[torch.Tensor] = None,
+    sample_idx: Optional[torch.Tensor] = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    if isinstance(encoder_input, StageImages):
+        encoder_input = encoder_input.select(sample_idx)
+    # type(self) may be FSDP's dynamic subclass; its forward is the model's own.
+    return type(self).forward(self, tokens, mask=mask, encoder_input=encoder_input, input_pos=input_pos)
+
+
+def _later_stage_forward(
+    self: EarlyFusionModel,
+    h: torch.Tensor,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    input_pos: Optional[torch.Tensor] = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    # The decoder's tok_embeddings is nn.Identity in an EarlyFusionModel, so it accepts hidden states.
+    return self.decoder(h, mask=mask, input_pos=input_pos)
+
+
+def _hidden_state_out(h: torch.Tensor) -> torch.Tensor:
+    # Replaces TransformerDecoder.unembed on non-last stages: no norm, no head, no .float().
+    return h
+
+
+def cut_pipeline_stage(model: EarlyFusionModel, stage_id: int, layer_split: Sequence[int]) -> EarlyFusionModel:
+    """One pipeline stage of ``model``: a deep copy with every module the stage does not own replaced.
+
+    The model is not modified. On the meta device the copy is free; use it that way for real sizes.
+
+    Args:
+        model (EarlyFusionModel): the full model, ideally on the meta device.
+        stage_id (int): global stage index.
+        layer_split (Sequence[int]): decoder layers per stage (see :func:`resolve_layer_split`).
+
+    Returns:
+        EarlyFusionModel: the stage module; its parameter names are full-model FQNs.
+
+    Raises:
+        TypeError: if ``model`` is not an ``EarlyFusionModel``.
+        ValueError: for tied embeddings across stages or ``output_hidden_states``.
+    """
+    if not isinstance(model, EarlyFusionModel):
+        raise TypeError(f"Pipeline stages are cut from a torchtune EarlyFusionModel, got {type(model).__name__}.")
+    num_stages = len(layer_split)
+    if sum(layer_split) != len(model.decoder.layers):
+        raise ValueError(f"layer_split {list(layer_split)} does not cover {len(model.decoder.layers)} layers.")
+    if isinstance(model.decoder.output, TiedLinear) and num_stages > 1:
+        raise ValueError(
+            "The output head is tied to the token embeddings, which live on the first and last pipeline stage. "
+            "Tied embeddings are not supported with pipeline_parallel_dim > 1."
+        )
+    if model.decoder.output_hidden_states:
+        raise ValueError("output_hidden_states changes the stage outputs; it must be empty with pipelining.")
+
+    first, last = stage_id == 0, stage_id == num_stages - 1
+    start = sum(layer_split[:stage_id])
+    end = start + layer_split[stage_id]
+
+    stage = copy.deepcopy(model)
+    for i in range(len(stage.decoder.layers)):
+        if not start <= i < end:
+            stage.decoder.layers[i] = _SkippedLayer()
+    if first:
+        stage.forward = types.MethodType(_first_stage_forward, stage)
+    else:
+        stage.tok_embeddings = nn.Identity()
+        stage.encoders = nn.ModuleDict()
+        stage.forward = types.MethodType(_later_stage_forward, stage)
+    if not last:
+        stage.decoder.norm = nn.Identity()
+        stage.decoder.output = nn.Identity()
+        stage.decoder.unembed = _hidden_state_out
+    stage.pipeline_stage_id = stage_id
+    return stage
+
+
+class PipelineLoss:
+    """Cross-entropy of one microbatch divided by the token count of the whole global batch.
+
+    ``sum over microbatches (and data-parallel ranks) = sum-CE(global batch) / num_tokens``, the same loss
+    and gradients as without pipelining. A microbatch without valid labels contributes 0. Accepts logits as
+    one tensor or as a list/tuple of chunks along the sequence (``set_num_output_chunks``); DTensor logits
+    sharded on the vocabulary work under ``loss_parallel()``.
+
+    Args:
+        loss_fn (Optional[nn.Module]): the recipe's loss; its ``compute_cross_entropy(logits, labels)``
+            (sum-reduced, torchtune's ``CEWithChunkedOutputLoss``) is used when present, else
+            ``F.cross_entropy(..., reduction="sum")``. Default is None.
+        ignore_index (int): label to ignore. Default is -100.
+    """
+
+    def __init__(self, loss_fn: Optional[nn.Module] = None, ignore_index: int = -100):
+        self.loss_fn = loss_fn
+        self.ignore_index = getattr(loss_fn, "ignore_index", ignore_index)
+
+    def _sum_ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = logits.reshape(-1, logits.size(-1))
+        labels = labels.reshape(-1)
+        if hasattr(self.loss_fn, "compute_cross_entropy"):
+            return self.loss_fn.compute_cross_entropy(logits, labels)
+        return F.cross_entropy(logits.float(), labels, ignore_index=self.ignore_index, reduction="sum")
+
+    def __call__(self, logits: Any, labels: torch.Tensor, num_tokens: float) -> torch.Tensor:
+        """Sum-CE of the microbatch / ``num_tokens``.
+
+        Args:
+            logits (Any): ``[b, s, v]`` tensor, or a list/tuple of ``[b, s_i, v]`` chunks.
+            labels (torch.Tensor): ``[b, s]``, already aligned with the logits (shifted).
+            num_tokens (float): valid labels in the whole global batch (all microbatches, all dp ranks).
+
+        Returns:
+            torch.Tensor: scalar loss.
+        """
+        if isinstance(logits, (list, tuple)):
+            sizes = [c.size(1) for c in logits]
+            loss = sum(self._sum_ce(c, t) for c, t in zip(logits, labels.split(sizes, dim=1)))
+        else:
+            loss = self._sum_ce(logits, labels)
+        return loss / num_tokens
+
+
+def set_fsdp_gradient_sum(module: nn.Module) -> None:
+    """Make every FSDP2 module of ``module`` sum (not average) gradients over data-parallel ranks.
+
+    The loss is already divided by the global token count, so the FSDP average would divide twice.
+    ``set_gradient_divide_factor`` does not recurse, so it is set on each FSDP module. The reduction is
+    forced to a plain sum, which gloo needs (it has no PREMUL_SUM) and NCCL does not mind.
+
+    Args:
+        module (nn.Module): a model or pipeline stage after ``fully_shard``.
+    """
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
+
+
+@dataclass
+class Pipeline:
+    """The pipeline built for one rank.
+
+    Attributes:
+        schedule (_PipelineSchedule): the torch schedule; run with :func:`pipeline_step`.
+        model_parts (List[nn.Module]): this rank's stage modules (optimizer, checkpoint and clipping go over
+            all of them).
+        stage_ids (List[int]): their global stage indices.
+        num_stages (int): stages over all pipeline ranks.
+        layer_split (List[int]): decoder layers per stage.
+    """
+
+    schedule: _PipelineSchedule
+    model_parts: List[nn.Module]
+    stage_ids: List[int]
+    num_stages: int
+    layer_split: List[int]
+
+    @property
+    def has_first(self) -> bool:
+        """bool: whether this rank holds stage 0 (it feeds tokens and images)."""
+        return 0 in self.stage_ids
+
+    @property
+    def has_last(self) -> bool:
+        """bool: whether this rank holds the last stage (it feeds labels and gets the loss)."""
+        return self.num_stages - 1 in self.stage_ids
+
+
+def build_pipeline(
+    model: EarlyFusionModel,
+    pp_mesh: DeviceMesh,
+    *,
+    schedule: str,
+    n_microbatches: int,
+    loss_fn: Callable,
+    device: torch.device,
+    split: Optional[Sequence[int]] = None,
+    stages_per_rank: Optional[int] = None,
+    parallelize_fn: Optional[Callable[[nn.Module], Optional[nn.Module]]] = None,
+    first_stage_extra: float = 1.0,
+    last_stage_extra: float = 1.0,
+) -> Pipeline:
+    """Cut ``model`` into this rank's stages, parallelize them, and build the schedule.
+
+    Args:
+        model (EarlyFusionModel): the full model on the meta device (it is deep-copied, not changed).
+        pp_mesh (DeviceMesh): 1-D pipeline mesh (``mesh["pp"]``).
+        schedule (str): config key ``pipeline_schedule``, see :func:`get_pipeline_schedule_class`.
+        n_microbatches (int): config key ``pipeline_microbatches``.
+        loss_fn (Callable): ``loss_fn(logits, labels, num_tokens)``, e.g. :class:`PipelineLoss`.
+        device (torch.device): device of the stages.
+        split (Optional[Sequence[int]]): config key ``pipeline_split`` (see :func:`resolve_layer_split`).
+            Default is None (balanced).
+        stages_per_rank (Optional[int]): virtual stages per rank; None for the schedule's default
+            (1, or 2 for interleaved / zero-bubble schedules). Default is None.
+        parallelize_fn (Optional[Callable[[nn.Module], Optional[nn.Module]]]): applied to each stage module in
+            order: TP, activation checkpointing, FSDP2 (+ :func:`set_fsdp_gradient_sum`), ``rope_init`` and
+            weight loading; it may return a replacement module. Default is None.
+        first_stage_extra (float): see :func:`balanced_layer_split`. Default is 1.0.
+        last_stage_extra (float): see :func:`balanced_layer_split`. Default is 1.0.
+
+    Returns:
+        Pipeline: schedule, stage modules and flags for this rank.
+    """
+    schedule_cls = get_pipeline_schedule_class(schedule)
+    pp_size, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
+    stages_per_rank = stages_per_rank or default_stages_per_rank(schedule_cls)
+    validate_pipeline_schedule(schedule_cls, n_microbatches, pp_size, stages_per_rank)
+    num_stages = pp_size * stages_per_rank
+    layer_split = resolve_layer_split(
+        len(model.decoder.layers), num_stages, split, first_stage_extra, last_stage_extra
+    )
+    stage_ids = stage_ids_for_rank(schedule_cls, pp_rank, pp_size, stages_per_rank)
+
+    parts, stages = [], []
+    for stage_id in stage_ids:
+        part = cut_pipeline_stage(model, stage_id, layer_split)
+        if parallelize_fn is not None:
+            part = parallelize_fn(part) or part
+        parts.append(part)
+        stages.append(PipelineStage(part, stage_id, num_stages, device, group=pp_mesh.get_group()))
+
+    kwargs = dict(n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    if issubclass(schedule_cls, PipelineScheduleSingle):
+        sched = schedule_cls(stages[0], **kwargs)
+    else:
+        sched = schedule_cls(stages, **kwargs)
+    return Pipeline(sched, parts, stage_ids, num_stages, layer_split)
+
+
+def pipeline_step(
+    pipeline: Pipeline,
+    batch: Dict[str, Any],
+    labels: Optional[torch.Tensor],
+    num_tokens: float,
+) -> Optional[torch.Tensor]:
+    """Run forward and backward of one (data-parallel-local) batch through the pipeline.
+
+    Every rank of the pipeline group calls it with the same batch (all ranks of a data-parallel
+    replica load the same batch). Microbatch shapes are frozen at the first call: keep the batch size
+    and the padded sequence length constant.
+
+    Args:
+        pipeline (Pipeline): from :func:`build_pipeline`.
+        batch (Dict[str, Any]): ``tokens [b, s]`` and optionally ``encoder_input``, ``mask``, ``input_pos``
+            (the collate output without ``labels``).
+        labels (Optional[torch.Tensor]): ``[b, s]`` labels aligned with the logits (already shifted).
+        num_tokens (float): valid labels of the global batch (summed over data-parallel ranks).
+
+    Returns:
+        Optional[torch.Tensor]: on the last-stage rank the summed (detached) loss of this rank's microbatches,
+        i.e. its share of the global loss; None elsewhere.
+
+    Raises:
+        ValueError: if the batch shape changed since the first step.
+    """
+    tokens = batch["tokens"]
+    shape = tuple(tokens.shape)
+    first_shape = getattr(pipeline, "_batch_shape", None)
+    if first_shape is None:
+        pipeline._batch_shape = shape
+    elif shape != first_shape:
+        raise ValueError(
+            f"Pipeline stages were shaped for batches of {list(first_shape)} tokens, got {list(shape)}. "
+            "With pipeline_parallel_dim > 1 pad every batch to the same length and drop the last partial batch."
+        )
+
+    kwargs = {k: batch[k] for k in ("mask", "input_pos") if batch.get(k) is not None}
+    args = ()
+    if pipeline.has_first:
+        args = (tokens,)
+        if batch.get("encoder_input"):
+            kwargs["encoder_input"] = StageImages(batch["encoder_input"])
+            kwargs["sample_idx"] = torch.arange(shape[0])
+    if not pipeline.has_last:
+        pipeline.schedule.step(*args, return_outputs=False, **kwargs)
+        return None
+    losses: List[torch.Tensor] = []
+    pipeline.schedule.step(
+        *args, target=labels, losses=losses, loss_kwargs={"num_tokens": num_tokens}, return_outputs=False, **kwargs
+    )
+    losses = [x.full_tensor() if isinstance(x, DTensor) else x for x in losses]
+    return torch.stack([x.detach().float() for x in losses]).sum()

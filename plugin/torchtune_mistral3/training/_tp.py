@@ -1,0 +1,93 @@
+"""Tensor parallelism helpers: plans resolved against (possibly pipeline-cut) modules, and loss parallel."""
+
+import contextlib
+from fnmatch import fnmatchcase
+from typing import ContextManager, Dict
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, loss_parallel, parallelize_module, ParallelStyle
+from torchtune.training import prepare_mha_for_tp
+
+from ._pipeline import _SkippedLayer
+
+# Modules that only stand in for parts owned by another pipeline stage.
+_STAND_INS = (nn.Identity, _SkippedLayer)
+
+
+def resolve_tp_plan(module: nn.Module, plan: Dict[str, ParallelStyle]) -> Dict[str, ParallelStyle]:
+    """Expand a plan of FQN globs into the concrete FQNs of ``module`` it applies to.
+
+    A glob ``*`` matches one name atom, as in ``parallelize_module``. Keys that only match stand-ins of a
+    pipeline stage (``nn.Identity``, skipped layers) or nothing at all are dropped, so one full-model plan
+    serves every stage without warnings or ``NotImplementedError`` on an ``nn.Identity``.
+
+    Args:
+        module (nn.Module): the model or one pipeline stage.
+        plan (Dict[str, ParallelStyle]): FQN glob -> style, e.g. ``mistral3_tp_plan()``.
+
+    Returns:
+        Dict[str, ParallelStyle]: concrete FQN -> style.
+    """
+    resolved = {}
+    for name, sub in module.named_modules():
+        if not name or isinstance(sub, _STAND_INS):
+            continue
+        atoms = name.split(".")
+        for pattern, style in plan.items():
+            pattern_atoms = pattern.split(".")
+            if len(pattern_atoms) == len(atoms) and all(fnmatchcase(a, p) for a, p in zip(atoms, pattern_atoms)):
+                resolved[name] = style
+                break
+    return resolved
+
+
+def apply_tensor_parallel(module: nn.Module, tp_mesh: DeviceMesh, plan: Dict[str, ParallelStyle]) -> None:
+    """Shard ``module`` (a model or a pipeline stage) over ``tp_mesh`` following ``plan``.
+
+    Divides the decoder attention head counts by the TP degree (torchtune's ``prepare_mha_for_tp``), then
+    applies the plan resolved against the module. Call it before activation checkpointing and FSDP.
+
+    Args:
+        module (nn.Module): the model or one pipeline stage, on any device (meta included).
+        tp_mesh (DeviceMesh): 1-D tensor parallel mesh (``mesh["tp"]``).
+        plan (Dict[str, ParallelStyle]): FQN glob -> style.
+    """
+    prepare_mha_for_tp(module, tp_mesh)
+    parallelize_module(module, tp_mesh, resolve_tp_plan(module, plan))
+
+
+def uses_loss_parallel(plan: Dict[str, ParallelStyle], output_fqn: str = "decoder.output") -> bool:
+    """Whether the plan leaves the logits sharded on the vocabulary (DTensor ``Shard(-1)``).
+
+    Then the loss (forward and backward) must run under :func:`train_context` ``(True)``.
+
+    Args:
+        plan (Dict[str, ParallelStyle]): FQN glob -> style.
+        output_fqn (str): key of the output head. Default is "decoder.output".
+
+    Returns:
+        bool: True for a ``ColwiseParallel`` head with ``Shard(-1)`` output kept as DTensor.
+    """
+    style = plan.get(output_fqn)
+    return (
+        isinstance(style, ColwiseParallel)
+        and not style.use_local_output
+        and tuple(style.output_layouts) == (Shard(-1),)
+    )
+
+
+def train_context(enable_loss_parallel: bool) -> ContextManager:
+    """Context for forward + loss + backward (or :func:`pipeline_step`): ``loss_parallel()`` when enabled.
+
+    Under it ``F.cross_entropy`` on vocabulary-sharded DTensor logits reduces over the TP group
+    instead of gathering the full-vocabulary logits on every rank.
+
+    Args:
+        enable_loss_parallel (bool): usually ``uses_loss_parallel(plan)`` and TP enabled.
+
+    Returns:
+        ContextManager: ``loss_parallel()`` or a null context.
+    """
+    return loss_parallel() if enable_loss_parallel else contextlib.nullcontext()
