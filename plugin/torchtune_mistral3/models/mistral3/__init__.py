@@ -1,8 +1,34 @@
+from ._component_builders import ministral3_decoder, mistral3, mistral3_projector, pixtral_vision_encoder
 from ._convert_weights import hf_key_to_tune, mistral3_hf_to_tune, mistral3_tune_to_hf, tune_key_to_hf
+from ._fusion import Mistral3FusionModel, Mistral3ImageEncoder
+from ._model_builders import (
+    ministral3_3b,
+    ministral3_8b,
+    ministral3_14b,
+    mistral3_arguments_from_hf_config,
+    mistral3_from_hf_config,
+    mistral3p5_128b,
+)
+from ._position_embeddings import Llama4QueryScale, PixtralRotaryPositionalEmbeddings, YarnRotaryPositionalEmbeddings
 
 __all__ = [
+    "Llama4QueryScale",
+    "Mistral3FusionModel",
+    "Mistral3ImageEncoder",
+    "PixtralRotaryPositionalEmbeddings",
+    "YarnRotaryPositionalEmbeddings",
     "hf_key_to_tune",
+    "ministral3_14b",
+    "ministral3_3b",
+    "ministral3_8b",
+    "ministral3_decoder",
+    "mistral3",
+    "mistral3_arguments_from_hf_config",
+    "mistral3_from_hf_config",
     "mistral3_hf_to_tune",
+    "mistral3_projector",
     "mistral3_tune_to_hf",
+    "mistral3p5_128b",
+    "pixtral_vision_encoder",
     "tune_key_to_hf",
 ]

@@ -1,0 +1,145 @@
+"""The two attention variants of Mistral 3, as :class:`~torchtune.modules.MultiHeadAttention` subclasses.
+
+Staying ``MultiHeadAttention`` instances keeps torchtune's machinery working on them unchanged:
+``training.prepare_mha_for_tp`` rescales their head counts, the layers around them are stock
+``TransformerSelfAttentionLayer`` s (activation checkpointing, FSDP2 per ``layers.N``), and the weights keep
+the ``attn.{q,k,v,output}_proj`` names.
+"""
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchtune.modules import MultiHeadAttention
+
+
+class Mistral3Attention(MultiHeadAttention):
+    """torchtune attention with an optional per-position query scale after RoPE (Ministral-3 text attention).
+
+    Same arguments as :class:`~torchtune.modules.MultiHeadAttention`, plus ``query_scale``. The stock forward
+    offers no place to apply a position-dependent factor to queries only, so this class re-states it with that
+    one step added; the key/value path, KV-cache handling and the attention call are torchtune's. Head counts are
+    explicit in reshapes (never ``-1``), so an empty sequence (a batch without images) passes through.
+
+    Args:
+        query_scale (Optional[nn.Module]): called as ``query_scale(q, input_pos=input_pos)`` on rotated queries
+            of shape ``[b, s, n_h, h_d]``, e.g. :class:`Llama4QueryScale`. None skips it. Default is None.
+        **kwargs: keyword arguments of :class:`~torchtune.modules.MultiHeadAttention`.
+    """
+
+    def __init__(self, *, query_scale: Optional[nn.Module] = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.query_scale = query_scale
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: Optional[torch.Tensor] = None,
+        *,
+        mask: Optional[torch.Tensor] = None,
+        input_pos: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Attend from ``x`` to ``y`` (self-attention: ``y is x``).
+
+        Args:
+            x (torch.Tensor): query input, shape ``[b, s_x, d]``.
+            y (Optional[torch.Tensor]): key/value input, shape ``[b, s_y, d]``; None only while decoding from a
+                KV cache. Default is None.
+            mask (Optional[torch.Tensor]): boolean ``[b, s_x, s_y]`` mask (True attends) or a flex ``BlockMask``;
+                None means causal, computed inside SDPA without materialising a mask. Default is None.
+            input_pos (Optional[torch.Tensor]): positions ``[b, s_x]``; None means ``0..s_x-1``. Default is None.
+
+        Returns:
+            torch.Tensor: shape ``[b, s_x, d]``.
+
+        Raises:
+            ValueError: if ``y`` is None and no KV cache is enabled.
+
+        Notation used for tensor shapes:
+            - b: batch size
+            - s_x, s_y: query and key sequence lengths
+            - d: embed dim
+            - n_h, n_kv: query and key/value heads
+            - h_d: head dim
+        """
+        b, s_x, _ = x.shape
+        # q: [b, s_x, n_h, h_d]
+        q = self.q_proj(x).view(b, s_x, self.num_heads, self.head_dim)
+        if self.pos_embeddings is not None:
+            q = self.pos_embeddings(q, input_pos=input_pos)
+        if self.query_scale is not None:
+            q = self.query_scale(q, input_pos=input_pos)
+        q = q.transpose(1, 2)
+
+        if y is None:
+            if self.kv_cache is None or not self.cache_enabled:
+                raise ValueError("Must provide y input or use kv_cache to enable streaming decoding")
+            k, v = self.kv_cache.k_cache, self.kv_cache.v_cache
+        else:
+            s_y = y.shape[1]
+            # k, v: [b, s_y, n_kv, h_d]
+            k = self.k_proj(y).view(b, s_y, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(y).view(b, s_y, self.num_kv_heads, self.head_dim)
+            if self.pos_embeddings is not None:
+                k = self.pos_embeddings(k, input_pos=input_pos)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            if self.kv_cache is not None and self.cache_enabled:
+                k, v = self.kv_cache.update(k, v)
+
+        if self.num_heads != self.num_kv_heads:
+            q_per_kv = self.num_heads // self.num_kv_heads
+            expand_shape = (b, self.num_kv_heads, q_per_kv, -1, self.head_dim)
+            k = k.unsqueeze(2).expand(expand_shape).flatten(1, 2)
+            v = v.unsqueeze(2).expand(expand_shape).flatten(1, 2)
+
+        output = self._attention_call(
+            q,
+            k,
+            v,
+            mask=mask,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=self.kv_cache is None and mask is None and self.is_causal,
+        )
+        # [b, n_h, s_x, h_d] -> [b, s_x, n_h * h_d]
+        output = output.transpose(1, 2).reshape(b, s_x, self.num_heads * self.head_dim)
+        return self.output_proj(output)
+
+
+def _attend_within_images(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Sequence[int],
+    dropout_p: float,
+    is_causal: bool,
+) -> torch.Tensor:
+    """Block-diagonal attention over packed images: one SDPA call per image, no mask tensor.
+
+    ``mask`` holds the patch count of each image, in sequence order. Mask-free per-image calls keep the
+    flash/memory-efficient kernels available on GPU and avoid an S x S mask over all patches of a batch
+    (tens of GB for a batch of full-resolution images).
+    """
+    if len(mask) == 0:
+        # No image (the encoder still runs so data-parallel ranks issue the same collectives).
+        return v
+    if len(mask) == 1:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    chunks = zip(q.split(mask, dim=2), k.split(mask, dim=2), v.split(mask, dim=2))
+    return torch.cat([F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p) for qi, ki, vi in chunks], dim=2)
+
+
+class ImageBlockAttention(Mistral3Attention):
+    """Non-causal attention over the patches of several images packed into one sequence (Pixtral attention).
+
+    Each patch attends only to patches of its own image: ``mask`` is the tuple of per-image patch counts (in
+    sequence order) instead of a mask tensor.
+
+    Args:
+        **kwargs: keyword arguments of :class:`~torchtune.modules.MultiHeadAttention`; ``is_causal`` is forced to
+            False.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**{**kwargs, "is_causal": False})
+        self._attention_call = _attend_within_images
