@@ -7,7 +7,6 @@ import pytest
 import torch
 from _tiny_checkpoints import dequantized_reference, tiny_hf_model, write_checkpoint
 from safetensors.torch import save_file
-
 from torchtune_mistral3.checkpointing import HFCheckpointReader
 from torchtune_mistral3.models.mistral3 import hf_key_to_tune
 
