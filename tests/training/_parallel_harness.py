@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 from torchtune import training as tt
 from torchtune.models.llama3 import llama3
 from torchtune.modules import TransformerSelfAttentionLayer
@@ -139,6 +139,14 @@ def reference_run(n_samples: int) -> Dict:
     return out
 
 
+def _logits_layout(logits) -> str:
+    chunks = f"{len(logits)}x" if isinstance(logits, (list, tuple)) else ""
+    first = logits[0] if isinstance(logits, (list, tuple)) else logits
+    if isinstance(first, DTensor):
+        return f"{chunks}DTensor{tuple(first.placements)}:{first.to_local().shape[-1]}/{first.shape[-1]}"
+    return f"{chunks}Tensor:{first.shape[-1]}"
+
+
 def _clean(name: str) -> str:
     return name.replace("._checkpoint_wrapped_module", "")
 
@@ -150,8 +158,17 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def _run(world: int, cfg: Dict, result_dir: str) -> None:
     from torchtune_mistral3.models.mistral3._parallelism import mistral3_tp_plan
     from torchtune_mistral3.training import (
-        apply_tensor_parallel, build_pipeline, clip_grad_norm_, ParallelDims, pipeline_step, PipelineLoss,
-        resolve_layer_split, set_fsdp_gradient_sum, train_context, uses_loss_parallel,
+        ParallelDims,
+        PipelineLoss,
+        apply_tensor_parallel,
+        build_pipeline,
+        clip_grad_norm_,
+        is_stage_stand_in,
+        pipeline_step,
+        resolve_layer_split,
+        set_fsdp_gradient_sum,
+        train_context,
+        uses_loss_parallel,
     )
 
     rank = dist.get_rank()
@@ -163,6 +180,14 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
 
     with torch.device("meta"):
         model = build_model()
+    if cfg.get("output_chunks"):
+        model.set_num_output_chunks(cfg["output_chunks"])
+    seen_logits = set()
+
+    class RecordingLoss(PipelineLoss):
+        def __call__(self, logits, labels, num_tokens):
+            seen_logits.add(_logits_layout(logits))
+            return super().__call__(logits, labels, num_tokens)
     plan = mistral3_tp_plan(loss_parallel=cfg.get("loss_parallel", True))
     use_lp = dims.tp_enabled and uses_loss_parallel(plan)
 
@@ -172,7 +197,8 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
             apply_tensor_parallel(m, mesh["tp"], plan)
         tt.set_activation_checkpointing(m, auto_wrap_policy={TransformerSelfAttentionLayer})
         if dims.dp_enabled:
-            tt.shard_model(m, [tt.get_shard_conditions], cpu_offload=False, dp_mesh=mesh["dp"])
+            shard_if = [lambda name, sub: not is_stage_stand_in(sub) and tt.get_shard_conditions(name, sub)]
+            tt.shard_model(m, shard_if, cpu_offload=False, dp_mesh=mesh["dp"])
             set_fsdp_gradient_sum(m)
             m.set_reduce_scatter_unused_params(True)
         with cpu:
@@ -189,7 +215,7 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
     if dims.pp_enabled:
         pipeline = build_pipeline(
             model, mesh["pp"], schedule=cfg["schedule"], n_microbatches=cfg["microbatches"],
-            loss_fn=PipelineLoss(), device=cpu, parallelize_fn=parallelize,
+            loss_fn=RecordingLoss(), device=cpu, parallelize_fn=parallelize,
             stages_per_rank=cfg.get("stages_per_rank"),
         )
         parts = pipeline.model_parts
@@ -241,7 +267,7 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
                 loss = pipeline_step(pipeline, batch, labels, num_tokens.item())
             else:
                 logits = parts[0](batch["tokens"], encoder_input=batch["encoder_input"])
-                loss = PipelineLoss()(logits, labels, num_tokens.item())
+                loss = RecordingLoss()(logits, labels, num_tokens.item())
                 loss.backward()
                 loss = _full(loss).detach()
         loss = torch.zeros(()) if loss is None else loss.reshape(())
@@ -258,7 +284,14 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
         opt.zero_grad()
     for n, p in named:
         diffs["param"] = max(diffs["param"], (_full(p.detach()) - ref["final"][n]).abs().max().item())
-    report.update(diffs=diffs, losses=losses, ref_losses=ref["losses"], ref_norms=ref["norms"])
+    # Loss parallel: the head's logits reach the loss as vocabulary shards, never gathered.
+    if pipeline is None or pipeline.has_last:
+        chunks = f"{cfg['output_chunks']}x" if cfg.get("output_chunks") else ""
+        shard = f"{chunks}DTensor{(Shard(2),)}:{VOCAB // dims.tp}/{VOCAB}" if use_lp else f"{chunks}Tensor:{VOCAB}"
+        assert seen_logits == {shard}, seen_logits
+    report.update(
+        logits=sorted(seen_logits), diffs=diffs, losses=losses, ref_losses=ref["losses"], ref_norms=ref["norms"]
+    )
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
     assert max(ref["norms"]) > MAX_NORM, "clipping never triggered; the test would not check it"

@@ -4,18 +4,19 @@ from ._lr_schedulers import cosine_with_warmup
 from ._metric_logging import prepare_metric_logger_env
 from ._parallel_dims import ParallelDims, validate_pipeline_stages, validate_tensor_parallel
 from ._pipeline import (
+    Pipeline,
+    PipelineLoss,
+    StageImages,
     balanced_layer_split,
     build_pipeline,
     cut_pipeline_stage,
     default_stages_per_rank,
     get_pipeline_schedule_class,
-    Pipeline,
+    is_stage_stand_in,
     pipeline_step,
-    PipelineLoss,
     resolve_layer_split,
     set_fsdp_gradient_sum,
     stage_ids_for_rank,
-    StageImages,
     validate_pipeline_schedule,
 )
 from ._stock import load_stock_recipe, stock_recipe_path
@@ -26,6 +27,7 @@ __all__ = [
     "balanced_layer_split",
     "build_pipeline",
     "check_checkpoint_dir",
+    "check_checkpoint_dir",
     "check_world_size",
     "clip_grad_norm_",
     "cosine_with_warmup",
@@ -33,6 +35,7 @@ __all__ = [
     "default_stages_per_rank",
     "ensure_single_process_env",
     "get_pipeline_schedule_class",
+    "is_stage_stand_in",
     "load_stock_recipe",
     "ParallelDims",
     "Pipeline",

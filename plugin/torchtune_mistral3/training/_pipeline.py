@@ -33,14 +33,14 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 from torch.distributed.pipelining.schedules import (
-    _PipelineSchedule,
-    get_schedule_class,
     PipelineScheduleSingle,
     ScheduleDualPipeV,
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
     ScheduleLoopedBFS,
     ScheduleZBVZeroBubble,
+    _PipelineSchedule,
+    get_schedule_class,
 )
 from torch.distributed.tensor import DTensor
 from torchtune.modules import TiedLinear
@@ -256,6 +256,21 @@ class _SkippedLayer(nn.Module):
 
     def reset_cache(self) -> None:
         pass
+
+
+def is_stage_stand_in(module: nn.Module) -> bool:
+    """Whether ``module`` only stands in for a part owned by another pipeline stage.
+
+    Use it to keep FSDP (and similar per-module wrapping) off the stand-ins, e.g. a shard condition
+    ``lambda name, m: not is_stage_stand_in(m) and training.get_shard_conditions(name, m)``.
+
+    Args:
+        module (nn.Module): any module.
+
+    Returns:
+        bool: True for a skipped decoder layer or an ``nn.Identity``.
+    """
+    return isinstance(module, (_SkippedLayer, nn.Identity))
 
 
 class StageImages:

@@ -7,13 +7,10 @@ from typing import ContextManager, Dict
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, loss_parallel, parallelize_module, ParallelStyle
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, loss_parallel, parallelize_module
 from torchtune.training import prepare_mha_for_tp
 
-from ._pipeline import _SkippedLayer
-
-# Modules that only stand in for parts owned by another pipeline stage.
-_STAND_INS = (nn.Identity, _SkippedLayer)
+from ._pipeline import is_stage_stand_in
 
 
 def resolve_tp_plan(module: nn.Module, plan: Dict[str, ParallelStyle]) -> Dict[str, ParallelStyle]:
@@ -32,7 +29,7 @@ def resolve_tp_plan(module: nn.Module, plan: Dict[str, ParallelStyle]) -> Dict[s
     """
     resolved = {}
     for name, sub in module.named_modules():
-        if not name or isinstance(sub, _STAND_INS):
+        if not name or is_stage_stand_in(sub):
             continue
         atoms = name.split(".")
         for pattern, style in plan.items():

@@ -1,0 +1,56 @@
+"""Tensor parallel plan and helpers; TP=2 and FSDP=2 x TP=2 training equal to one process."""
+
+import pytest
+from _parallel_harness import build_model, run_layout
+from torch import nn
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+from torchtune_mistral3.models.mistral3._parallelism import mistral3_pp_stage_extras, mistral3_tp_plan
+from torchtune_mistral3.training import cut_pipeline_stage, resolve_tp_plan, uses_loss_parallel
+
+
+class TestPlan:
+    def test_plan_styles(self):
+        plan = mistral3_tp_plan()
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            assert isinstance(plan[f"decoder.layers.*.attn.{proj}"], ColwiseParallel)
+        assert isinstance(plan["decoder.layers.*.attn.output_proj"], RowwiseParallel)
+        assert isinstance(plan["decoder.layers.*.mlp.w1"], ColwiseParallel)
+        assert isinstance(plan["decoder.layers.*.mlp.w3"], ColwiseParallel)
+        assert isinstance(plan["decoder.layers.*.mlp.w2"], RowwiseParallel)
+        assert isinstance(plan["tok_embeddings"], RowwiseParallel)
+        assert not any(k.startswith("encoders") for k in plan)  # vision tower + projector replicated
+        assert uses_loss_parallel(plan)
+        gathered = mistral3_tp_plan(loss_parallel=False)
+        assert not uses_loss_parallel(gathered)
+        assert tuple(gathered["decoder.output"].output_layouts) == (Replicate(),)
+        assert tuple(plan["decoder.output"].output_layouts) == (Shard(-1),)
+
+    def test_plan_resolves_to_the_stage_modules_only(self):
+        model = build_model()
+        full = resolve_tp_plan(model, mistral3_tp_plan())
+        assert len(full) == 2 + 4 * 7  # embedding, head, 7 projections per layer
+        middle = resolve_tp_plan(cut_pipeline_stage(model, 1, [1, 2, 1]), mistral3_tp_plan())
+        assert sorted({k.split(".")[2] for k in middle}) == ["1", "2"]
+        assert all(k.startswith("decoder.layers.") for k in middle)  # no Identity embedding / head
+        for name, _ in middle.items():
+            assert isinstance(model.get_submodule(name), nn.Linear)
+
+    def test_pp_stage_extras(self):
+        assert set(mistral3_pp_stage_extras()) == {"first_stage_extra", "last_stage_extra"}
+
+
+@pytest.mark.parametrize("loss_parallel", [True, False], ids=["loss-parallel", "gathered-logits"])
+def test_tp2_matches_single_process(loss_parallel):
+    reports = run_layout(2, pp=1, tp=2, loss_parallel=loss_parallel)
+    for r in reports:
+        print(f"tp2 {r['logits']} rank {r['rank']} holds {r['local_numel']}/{r['full_numel']}", r["diffs"])
+    expected = ["DTensor(Shard(dim=2),):32/64"] if loss_parallel else ["Tensor:64"]
+    assert all(r["logits"] == expected for r in reports)
+
+
+def test_fsdp2_tp2_matches_single_process():
+    reports = run_layout(4, pp=1, tp=2)
+    for r in reports:
+        print(f"fsdp2 x tp2 rank {r['rank']} holds {r['local_numel']}/{r['full_numel']}", r["diffs"])
+        assert r["local_numel"] < 0.4 * r["full_numel"]
