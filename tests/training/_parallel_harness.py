@@ -25,18 +25,20 @@ from torchtune.models.llama3 import llama3
 from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.modules.model_fusion import EarlyFusionModel
 
-VOCAB = 64
-IMAGE_TOKEN = VOCAB - 1
-DIM = 32
-NUM_LAYERS = 4
-PATCH = 4
-SEQ_LEN = 32
-SAMPLES_PER_REPLICA = 4
-IMAGE_SIZES = [(8, 8), (8, 12), (4, 8), (12, 12)]  # 4, 6, 2 and 9 image tokens
 STEPS = 3
 LR = 0.5
 MAX_NORM = 0.5
 ATOL = 1e-5
+SEQ_LEN = 32
+SAMPLES_PER_REPLICA = 4
+NUM_LAYERS = 4
+
+# The toy model: llama3 decoder + a conv image encoder.
+VOCAB = 64
+IMAGE_TOKEN = VOCAB - 1
+DIM = 32
+PATCH = 4
+IMAGE_SIZES = [(8, 8), (8, 12), (4, 8), (12, 12)]  # 4, 6, 2 and 9 image tokens
 
 
 class ToyImageEncoder(nn.Module):
@@ -68,25 +70,54 @@ def build_model() -> EarlyFusionModel:
     )
 
 
-def make_batch(step: int, n: int) -> Dict:
+def build_mistral3() -> EarlyFusionModel:
+    """The plugin's Mistral 3 VLM (YaRN + Llama-4 query scale decoder, Pixtral tower, projector), tiny."""
+    from torchtune_mistral3.models.mistral3 import mistral3
+
+    return mistral3(
+        vocab_size=256, num_layers=NUM_LAYERS, num_heads=4, num_kv_heads=2, head_dim=24, embed_dim=64,
+        intermediate_dim=96, max_seq_len=128, norm_eps=1e-5, rope_base=1e6, rope_scaling_factor=64.0,
+        rope_original_max_seq_len=16, rope_beta_fast=4.0, rope_beta_slow=1.0, rope_mscale=1.0,
+        rope_mscale_all_dim=0.0, llama4_scaling_beta=0.1, vision_num_layers=2, vision_embed_dim=32,
+        vision_num_heads=2, vision_intermediate_dim=48, patch_size=14, image_size=112, spatial_merge_size=2,
+        tie_word_embeddings=False, vision_trainable=True,
+    )
+
+
+# name -> builder, vocab, [IMG] id, pad id, lowest text id, image sizes (px), pixels per image token side.
+MODELS = {
+    "toy": dict(build=build_model, vocab=VOCAB, image_token=IMAGE_TOKEN, pad=0, text_from=0,
+                sizes=IMAGE_SIZES, token_px=PATCH),
+    "mistral3": dict(build=build_mistral3, vocab=256, image_token=10, pad=11, text_from=13,
+                     sizes=[(28, 28), (56, 28), (28, 84), (56, 56)], token_px=28),
+}
+
+
+def make_batch(step: int, n: int, model: str = "toy") -> Dict:
     """Global batch of ``n`` samples with 0-2 images of different sizes each, right padded."""
+    spec = MODELS[model]
     g = torch.Generator().manual_seed(1000 + step)
-    tokens = torch.randint(0, IMAGE_TOKEN, (n, SEQ_LEN), generator=g)
-    labels = torch.randint(0, VOCAB - 1, (n, SEQ_LEN), generator=g)
+    tokens = torch.randint(spec["text_from"], spec["vocab"], (n, SEQ_LEN), generator=g)
+    tokens[tokens == spec["image_token"]] = spec["text_from"]
+    tokens[tokens == spec["pad"]] = spec["text_from"]
+    # Row vocab/2 + pad is the pad row's local index on the second TP shard of a vocab-parallel
+    # embedding: it must still get its gradient (padding_idx is a global row).
+    tokens[:, 0] = spec["vocab"] // 2 + spec["pad"]
+    labels = torch.randint(0, spec["vocab"], (n, SEQ_LEN), generator=g)
     images, counts = [], []
     for b in range(n):
         k = (b + step) % 3
         pos = 1
         for j in range(k):
-            h, w = IMAGE_SIZES[(b + j + step) % len(IMAGE_SIZES)]
-            ntok = (h // PATCH) * (w // PATCH)
-            tokens[b, pos:pos + ntok] = IMAGE_TOKEN
+            h, w = spec["sizes"][(b + j + step) % len(spec["sizes"])]
+            ntok = (h // spec["token_px"]) * (w // spec["token_px"])
+            tokens[b, pos:pos + ntok] = spec["image_token"]
             pos += ntok + 1
             images.append(torch.randn(3, h, w, generator=g))
         labels[b, : pos + 2] = -100  # prompt and image positions
         pad = (b * 3 + step) % 5
         if pad:
-            tokens[b, -pad:] = 0
+            tokens[b, -pad:] = spec["pad"]
             labels[b, -pad:] = -100
         counts.append(k)
     if images:
@@ -95,7 +126,7 @@ def make_batch(step: int, n: int) -> Dict:
         for i, img in enumerate(images):
             pixel_values[i, :, : img.shape[1], : img.shape[2]] = img
     else:
-        pixel_values = torch.zeros(0, 3, PATCH, PATCH)
+        pixel_values = torch.zeros(0, 3, spec["token_px"], spec["token_px"])
     sizes = torch.tensor([list(i.shape[1:]) for i in images], dtype=torch.long).reshape(-1, 2)
     enc = {"pixel_values": pixel_values, "image_sizes": sizes, "images_per_sample": torch.tensor(counts)}
     return {"tokens": tokens, "labels": labels, "encoder_input": {"image": enc}}
@@ -117,17 +148,18 @@ def slice_batch(batch: Dict, start: int, end: int) -> Dict:
     }
 
 
-def reference_run(n_samples: int) -> Dict:
+def reference_run(n_samples: int, model_name: str = "toy") -> Dict:
     """Single-process training: the ground truth."""
+    spec = MODELS[model_name]
     torch.manual_seed(0)
-    model = build_model()
+    model = spec["build"]()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     out = {"state": state, "losses": [], "norms": [], "grads": []}
     for step in range(STEPS):
-        batch = make_batch(step, n_samples)
+        batch = make_batch(step, n_samples, model_name)
         logits = model(batch["tokens"], encoder_input=batch["encoder_input"])
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), batch["labels"].reshape(-1), ignore_index=-100)
+        loss = F.cross_entropy(logits.reshape(-1, spec["vocab"]), batch["labels"].reshape(-1), ignore_index=-100)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
         out["losses"].append(loss.item())
@@ -175,11 +207,13 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
     dims = ParallelDims(world, cfg["pp"], cfg["tp"])
     mesh = dims.build_mesh("cpu")
     dp_rank = mesh["dp"].get_local_rank()
-    ref = reference_run(SAMPLES_PER_REPLICA * dims.dp)
+    model_name = cfg.get("model", "toy")
+    spec = MODELS[model_name]
+    ref = reference_run(SAMPLES_PER_REPLICA * dims.dp, model_name)
     cpu = torch.device("cpu")
 
     with torch.device("meta"):
-        model = build_model()
+        model = spec["build"]()
     if cfg.get("output_chunks"):
         model.set_num_output_chunks(cfg["output_chunks"])
     seen_logits = set()
@@ -256,7 +290,7 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
     losses = []
     for step in range(STEPS):
         batch = slice_batch(
-            make_batch(step, SAMPLES_PER_REPLICA * dims.dp),
+            make_batch(step, SAMPLES_PER_REPLICA * dims.dp, model_name),
             dp_rank * SAMPLES_PER_REPLICA, (dp_rank + 1) * SAMPLES_PER_REPLICA,
         )
         labels = batch.pop("labels")
@@ -287,7 +321,8 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
     # Loss parallel: the head's logits reach the loss as vocabulary shards, never gathered.
     if pipeline is None or pipeline.has_last:
         chunks = f"{cfg['output_chunks']}x" if cfg.get("output_chunks") else ""
-        shard = f"{chunks}DTensor{(Shard(2),)}:{VOCAB // dims.tp}/{VOCAB}" if use_lp else f"{chunks}Tensor:{VOCAB}"
+        shard = f"{chunks}DTensor{(Shard(2),)}:{spec['vocab'] // dims.tp}/{spec['vocab']}"
+        shard = shard if use_lp else f"{chunks}Tensor:{spec['vocab']}"
         assert seen_logits == {shard}, seen_logits
     report.update(
         logits=sorted(seen_logits), diffs=diffs, losses=losses, ref_losses=ref["losses"], ref_norms=ref["norms"]
