@@ -1,5 +1,6 @@
 from ._component_builders import ministral3_decoder, mistral3, mistral3_projector, pixtral_vision_encoder
 from ._convert_weights import hf_key_to_tune, mistral3_hf_to_tune, mistral3_tune_to_hf, tune_key_to_hf
+from ._demo_checkpoint import DEMO_HF_CONFIG, write_demo_checkpoint
 from ._fusion import Mistral3FusionModel, Mistral3ImageEncoder
 from ._model_builders import (
     ministral3_3b,
@@ -9,9 +10,20 @@ from ._model_builders import (
     mistral3_from_hf_config,
     mistral3p5_128b,
 )
+from ._parallelism import mistral3_tp_plan
 from ._position_embeddings import Llama4QueryScale, PixtralRotaryPositionalEmbeddings, YarnRotaryPositionalEmbeddings
+from ._tokenizer import Mistral3Tokenizer
+from ._transform import Mistral3Transform, PixtralImageTransform, medical_image_to_rgb, mistral3_transform
 
 __all__ = [
+    "Mistral3Tokenizer",
+    "Mistral3Transform",
+    "PixtralImageTransform",
+    "medical_image_to_rgb",
+    "mistral3_transform",
+    "mistral3_tp_plan",
+    "DEMO_HF_CONFIG",
+    "write_demo_checkpoint",
     "Llama4QueryScale",
     "Mistral3FusionModel",
     "Mistral3ImageEncoder",
