@@ -35,9 +35,11 @@ from torchtune import config, modules, training, utils
 from torchtune.config._utils import _get_component_from_path
 from tqdm import tqdm
 
+from torchtune_mistral3.checkpointing import load_into_module
 from torchtune_mistral3.training import (
     check_checkpoint_dir,
     check_world_size,
+    clip_grad_norm_,
     ensure_single_process_env,
     load_stock_recipe,
     prepare_metric_logger_env,
@@ -223,7 +225,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             for m in model.modules():
                 if hasattr(m, "rope_init"):
                     m.rope_init()
-        self._checkpointer.load_into_module(model, dtype=self._dtype)
+        load_into_module(model, self._checkpointer.reader, dtype=self._dtype)
         self.activations_handling_ctx = training.get_act_offloading_ctx_manager(model, enable_activation_offloading)
         training.validate_no_params_on_meta_device(model)
         utils.log_rank_zero(
@@ -311,8 +313,10 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         out["input_tokens"] = int(input_tokens)
 
         if self._clip_grad_norm is not None:
-            grad_norm = training_clip_grad_norm(
-                self._model.parameters(), max_norm=float(self._clip_grad_norm)
+            grad_norm = clip_grad_norm_(
+                [p for p in self._model.parameters() if p.requires_grad],
+                max_norm=float(self._clip_grad_norm),
+                pp_group=self._mesh["pp"].get_group() if self.pipeline_parallel_dim > 1 else None,
             )
             out["grad_norm"] = float(grad_norm)
         self._optimizer.step()
@@ -356,7 +360,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             epoch (int): current epoch, for the directory name.
             final (bool): whether this is the end-of-training checkpoint.
         """
-        self._checkpointer.save_module(self._model, epoch=epoch, step=self.global_step, final=final)
+        path = self._checkpointer.save_distributed(self._model, epoch, mesh=self._mesh, pp_dim="pp")
+        utils.log_rank_zero(log, f"Saved the {'final' if final else 'step'} checkpoint (step {self.global_step}) to {path}")
 
     def train(self) -> None:
         """Run the training loop: steps, logging, validation and checkpoints."""
