@@ -1,0 +1,3 @@
+from ._collate import padded_collate_mistral3
+
+__all__ = ["padded_collate_mistral3"]

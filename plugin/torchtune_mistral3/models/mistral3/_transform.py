@@ -87,7 +87,7 @@ def medical_image_to_rgb(image: Image.Image) -> Image.Image:
         return image
     if image.mode in _HIGH_BIT_DEPTH_MODES:
         gray = window_to_uint8(np.asarray(image), _window_from_info(image.info))
-        return Image.fromarray(gray, mode="L").convert("RGB")
+        return Image.fromarray(gray).convert("RGB")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
