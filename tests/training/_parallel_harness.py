@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torchtune import training as tt
 from torchtune.models.llama3 import llama3
 from torchtune.modules import TransformerSelfAttentionLayer
+from torchtune.modules.loss import CEWithChunkedOutputLoss
 from torchtune.modules.model_fusion import EarlyFusionModel
 
 STEPS = 3
@@ -217,6 +218,8 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
     if cfg.get("output_chunks"):
         model.set_num_output_chunks(cfg["output_chunks"])
     seen_logits = set()
+    # With chunked logits, go through torchtune's chunked loss (its sum-CE per chunk) as the recipe would.
+    recipe_loss = CEWithChunkedOutputLoss(cfg["output_chunks"]) if cfg.get("output_chunks") else None
 
     class RecordingLoss(PipelineLoss):
         def __call__(self, logits, labels, num_tokens):
@@ -249,7 +252,7 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
     if dims.pp_enabled:
         pipeline = build_pipeline(
             model, mesh["pp"], schedule=cfg["schedule"], n_microbatches=cfg["microbatches"],
-            loss_fn=RecordingLoss(), device=cpu, parallelize_fn=parallelize,
+            loss_fn=RecordingLoss(recipe_loss), device=cpu, parallelize_fn=parallelize,
             stages_per_rank=cfg.get("stages_per_rank"),
         )
         parts = pipeline.model_parts
@@ -301,7 +304,7 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
                 loss = pipeline_step(pipeline, batch, labels, num_tokens.item())
             else:
                 logits = parts[0](batch["tokens"], encoder_input=batch["encoder_input"])
-                loss = RecordingLoss()(logits, labels, num_tokens.item())
+                loss = RecordingLoss(recipe_loss)(logits, labels, num_tokens.item())
                 loss.backward()
                 loss = _full(loss).detach()
         loss = torch.zeros(()) if loss is None else loss.reshape(())

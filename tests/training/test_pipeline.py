@@ -19,6 +19,7 @@ from torchtune_mistral3.training import (
     balanced_layer_split,
     cut_pipeline_stage,
     get_pipeline_schedule_class,
+    pipeline_step,
     resolve_layer_split,
     stage_ids_for_rank,
     validate_pipeline_schedule,
@@ -193,3 +194,57 @@ def test_pp2_matches_single_process(name):
         assert r["local_numel"] < 0.6 * r["full_numel"]
         print(name, f"rank {r['rank']} holds {r['local_numel']}/{r['full_numel']} parameters", r["diffs"])
     assert NUM_LAYERS == sum(reports[0]["split"])
+
+
+class _RecordingSchedule:
+    def __init__(self):
+        self.calls = []
+
+    def step(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        if "losses" in kwargs:  # what torch does on the last stage: one loss per microbatch
+            kwargs["losses"].extend([torch.tensor(0.25), torch.tensor(0.5)])
+
+
+def _pipeline(stage_ids, n_microbatches=2):
+    from torchtune_mistral3.training import Pipeline
+
+    return Pipeline(_RecordingSchedule(), [], stage_ids, 2, [2, 2], n_microbatches)
+
+
+class TestPipelineStep:
+    def test_first_stage_gets_tokens_images_and_sample_index(self):
+        batch = make_batch(0, 4)
+        labels = batch.pop("labels")
+        first = _pipeline([0])
+        assert pipeline_step(first, batch, labels, 10.0) is None
+        args, kwargs = first.schedule.calls[0]
+        assert args[0] is batch["tokens"]
+        assert isinstance(kwargs["encoder_input"], StageImages)
+        assert kwargs["sample_idx"].tolist() == [0, 1, 2, 3]
+        assert "target" not in kwargs
+
+    def test_last_stage_gets_labels_and_global_token_count(self):
+        batch = make_batch(0, 4)
+        labels = batch.pop("labels")
+        last = _pipeline([1])
+        assert pipeline_step(last, batch, labels, 10.0).item() == 0.75
+        args, kwargs = last.schedule.calls[0]
+        assert args == () and "encoder_input" not in kwargs
+        assert kwargs["target"] is labels and kwargs["loss_kwargs"] == {"num_tokens": 10.0}
+        assert kwargs["return_outputs"] is False
+
+    def test_step_fails_with_changing_shape(self):
+        batch = make_batch(0, 4)
+        labels = batch.pop("labels")
+        pipe = _pipeline([0])
+        pipeline_step(pipe, batch, labels, 10.0)
+        batch["tokens"] = batch["tokens"][:, :-4]
+        with pytest.raises(ValueError, match="pad every batch to the same length"):
+            pipeline_step(pipe, batch, labels, 10.0)
+
+    def test_step_fails_with_indivisible_batch(self):
+        batch = make_batch(0, 3)
+        labels = batch.pop("labels")
+        with pytest.raises(ValueError, match="pipeline_microbatches=2"):
+            pipeline_step(_pipeline([0]), batch, labels, 10.0)

@@ -480,6 +480,7 @@ class Pipeline:
         stage_ids (List[int]): their global stage indices.
         num_stages (int): stages over all pipeline ranks.
         layer_split (List[int]): decoder layers per stage.
+        n_microbatches (int): microbatches per step.
     """
 
     schedule: _PipelineSchedule
@@ -487,6 +488,7 @@ class Pipeline:
     stage_ids: List[int]
     num_stages: int
     layer_split: List[int]
+    n_microbatches: int
 
     @property
     def has_first(self) -> bool:
@@ -558,7 +560,7 @@ def build_pipeline(
         sched = schedule_cls(stages[0], **kwargs)
     else:
         sched = schedule_cls(stages, **kwargs)
-    return Pipeline(sched, parts, stage_ids, num_stages, layer_split)
+    return Pipeline(sched, parts, stage_ids, num_stages, layer_split, n_microbatches)
 
 
 def pipeline_step(
@@ -585,11 +587,17 @@ def pipeline_step(
         i.e. its share of the global loss; None elsewhere.
 
     Raises:
-        ValueError: if the batch shape changed since the first step.
+        ValueError: if the batch size is not divisible by the microbatches, or the batch shape changed since the
+            first step.
     """
     tokens = batch["tokens"]
     shape = tuple(tokens.shape)
     first_shape = getattr(pipeline, "_batch_shape", None)
+    if shape[0] % pipeline.n_microbatches != 0:
+        raise ValueError(
+            f"A batch of {shape[0]} samples does not split into pipeline_microbatches={pipeline.n_microbatches} "
+            "equal microbatches; make batch_size a multiple of it."
+        )
     if first_shape is None:
         pipeline._batch_shape = shape
     elif shape != first_shape:

@@ -10,6 +10,7 @@ from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, loss_parallel, parallelize_module
 from torchtune.training import prepare_mha_for_tp
 
+from ._parallel_dims import validate_tensor_parallel
 from ._pipeline import is_stage_stand_in
 
 
@@ -43,14 +44,16 @@ def resolve_tp_plan(module: nn.Module, plan: Dict[str, ParallelStyle]) -> Dict[s
 def apply_tensor_parallel(module: nn.Module, tp_mesh: DeviceMesh, plan: Dict[str, ParallelStyle]) -> None:
     """Shard ``module`` (a model or a pipeline stage) over ``tp_mesh`` following ``plan``.
 
-    Divides the decoder attention head counts by the TP degree (torchtune's ``prepare_mha_for_tp``), then
-    applies the plan resolved against the module. Call it before activation checkpointing and FSDP.
+    Checks that the TP degree divides the decoder's heads (error naming ``tensor_parallel_dim``), divides the
+    attention head counts by it (torchtune's ``prepare_mha_for_tp``), then applies the plan resolved against
+    the module. Call it before activation checkpointing and FSDP.
 
     Args:
         module (nn.Module): the model or one pipeline stage, on any device (meta included).
         tp_mesh (DeviceMesh): 1-D tensor parallel mesh (``mesh["tp"]``).
         plan (Dict[str, ParallelStyle]): FQN glob -> style.
     """
+    validate_tensor_parallel(module, tp_mesh.size())
     prepare_mha_for_tp(module, tp_mesh)
     parallelize_module(module, tp_mesh, resolve_tp_plan(module, plan))
 
