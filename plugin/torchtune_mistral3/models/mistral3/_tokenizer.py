@@ -174,8 +174,8 @@ class Mistral3Tokenizer(ModelTokenizer, BaseTokenizer):
                 conversation must end with a user turn. Default is False.
 
         Returns:
-            Tuple[List[int], List[bool], List[torch.Tensor]]: tokens, mask (True = not trained on), and the
-            image tensors in token order.
+            Tuple[List[int], List[bool], List[torch.Tensor]]: tokens, mask (True = not trained on; all True for
+            a prompt), and the image tensors in token order.
 
         Raises:
             ValueError: for an unsupported role, an image outside a user turn, an empty assistant turn, or a
@@ -192,6 +192,8 @@ class Mistral3Tokenizer(ModelTokenizer, BaseTokenizer):
         tokens = tokenized.tokens
         images = [torch.from_numpy(a) for a in tokenized.images]
         mask = [True] * len(tokens)
+        if inference:  # a prompt has nothing to train on
+            return tokens, mask, images
         cursor = 0
         for i, m in enumerate(messages):
             if m.role != "assistant":
@@ -236,11 +238,11 @@ class Mistral3Tokenizer(ModelTokenizer, BaseTokenizer):
         has_image = any(c["type"] == "image" for c in message.content)
         if message.role == "system":
             if has_image:
-                raise ValueError(f"message {index}: images are only supported in user messages")
+                raise ValueError(f"message {index}: images go only in user messages")
             return SystemMessage(content="".join(texts))
         if message.role == "assistant":
             if has_image:
-                raise ValueError(f"message {index}: images are only supported in user messages")
+                raise ValueError(f"message {index}: images go only in user messages")
             text = "".join(texts)
             if not text.strip():
                 raise ValueError(f"message {index}: the assistant answer is empty")

@@ -1,0 +1,177 @@
+"""Chat tokens of Mistral3Tokenizer / Mistral3Transform against mistral-common's own encoder (v3 and v15)."""
+
+import numpy as np
+import pytest
+import torch
+from _tekken_files import SHIPPED_TEKKEN, write_tekken
+from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from PIL import Image
+from torchtune.data import Message
+from torchtune_mistral3.models.mistral3._tokenizer import Mistral3Tokenizer
+from torchtune_mistral3.models.mistral3._transform import mistral3_transform
+
+RNG = np.random.default_rng(0)
+
+
+def _noise(width, height):
+    return Image.fromarray(RNG.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+# Images whose sides are multiples of 28 px and below max_image_size need no resizing, so mistral-common (cv2,
+# round) and transformers (Pillow, floor) must agree on both the token layout and the pixels.
+IMG_A, IMG_B, IMG_C = _noise(56, 84), _noise(140, 28), _noise(224, 196)
+
+CONVERSATIONS = {
+    "text_only": [
+        ("system", "You are an expert radiologist."),
+        ("user", ["What is the normal adult resting heart rate?"]),
+        ("assistant", "Between 60 and 100 beats per minute."),
+    ],
+    "one_image": [
+        ("user", [IMG_A, "What imaging modality is this?"]),
+        ("assistant", "This is an axial CT image of the chest."),
+    ],
+    "two_images_one_turn": [
+        ("system", "Answer briefly."),
+        ("user", [IMG_B, IMG_C, "Compare the two images."]),
+        ("assistant", "The second image is larger and shows more of the abdomen."),
+    ],
+    "two_images_two_turns": [
+        ("user", [IMG_C, "Which organ is enlarged?"]),
+        ("assistant", "The liver."),
+        ("user", ["And in this one?", IMG_A]),
+        ("assistant", "The spleen is enlarged here."),
+    ],
+}
+
+
+def _torchtune_messages(spec):
+    out = []
+    for role, content in spec:
+        if role == "user":
+            items = [{"type": "text", "content": c} if isinstance(c, str) else {"type": "image", "content": c}
+                     for c in content]
+            out.append(Message(role="user", content=items, masked=True))
+        else:
+            out.append(Message(role=role, content=content, masked=role != "assistant"))
+    return out
+
+
+def _mistral_request(spec):
+    out = []
+    for role, content in spec:
+        if role == "system":
+            out.append(SystemMessage(content=content))
+        elif role == "assistant":
+            out.append(AssistantMessage(content=content))
+        elif len(content) == 1 and isinstance(content[0], str):
+            out.append(UserMessage(content=content[0]))
+        else:
+            out.append(UserMessage(content=[TextChunk(text=c) if isinstance(c, str) else ImageChunk(image=c)
+                                            for c in content]))
+    return ChatCompletionRequest(messages=out)
+
+
+@pytest.fixture(scope="module", params=["v3", "v15"])
+def tekken_path(request, tmp_path_factory):
+    return write_tekken(tmp_path_factory.mktemp(request.param), request.param)
+
+
+@pytest.fixture(scope="module")
+def reference(tekken_path):
+    return MistralTokenizer.from_file(str(tekken_path), mode=ValidationMode.finetuning)
+
+
+@pytest.fixture(scope="module")
+def transform(tekken_path):
+    return mistral3_transform(str(tekken_path), max_seq_len=None)
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_tokens_and_pixels_match_mistral_common(reference, transform, name):
+    spec = CONVERSATIONS[name]
+    expected = reference.encode_chat_completion(_mistral_request(spec))
+    out = transform({"messages": _torchtune_messages(spec)})
+    assert out["tokens"] == expected.tokens
+    images = out["encoder_input"]["image"]["images"]
+    assert len(images) == len(expected.images)
+    for ours, theirs in zip(images, expected.images):
+        assert tuple(ours.shape) == theirs.shape
+        # mistral-common divides by 255 in float32, transformers multiplies by 1/255 in float64
+        torch.testing.assert_close(ours, torch.from_numpy(theirs), rtol=0, atol=2e-6)
+
+
+def test_v15_encodes_system_prompt_and_model_settings_blocks(tmp_path):
+    tok = Mistral3Tokenizer(str(write_tekken(tmp_path, "v15")))
+    tokens, _, _ = tok.tokenize_conversation(_torchtune_messages(CONVERSATIONS["text_only"]))
+    text = tok.decode(tokens, skip_special_tokens=False)
+    assert text.startswith('<s>[SYSTEM_PROMPT]You are an expert radiologist.[/SYSTEM_PROMPT]'
+                           '[MODEL_SETTINGS]{"reasoning_effort": "none"}[/MODEL_SETTINGS][INST]')
+
+
+def test_text_chat_matches_mistral_common_with_the_shipped_file():
+    spec = CONVERSATIONS["text_only"]
+    expected = MistralTokenizer.from_file(str(SHIPPED_TEKKEN), mode=ValidationMode.finetuning)
+    tokens, mask = Mistral3Tokenizer(str(SHIPPED_TEKKEN)).tokenize_messages(_torchtune_messages(spec))
+    assert tokens == expected.encode_chat_completion(_mistral_request(spec)).tokens
+    assert len(mask) == len(tokens)
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_mask_covers_exactly_the_answers_and_eos(transform, name):
+    spec = CONVERSATIONS[name]
+    tok = transform.tokenizer
+    out = transform({"messages": _torchtune_messages(spec)})
+    trained = [t for t, m in zip(out["tokens"], out["mask"]) if not m]
+    # Hand-derived: each answer's plain tekken encoding followed by </s>, in order, and nothing else.
+    expected = []
+    for role, content in spec:
+        if role == "assistant":
+            expected += tok.encode(content, add_bos=False, add_eos=False) + [2]
+    assert trained == expected
+    # ... and every trained run sits right after an [/INST]
+    starts = [i for i, m in enumerate(out["mask"]) if not m and (i == 0 or out["mask"][i - 1])]
+    assert all(out["tokens"][i - 1] == 4 for i in starts)
+    assert len(starts) == sum(role == "assistant" for role, _ in spec)
+
+
+def test_prompt_for_generation_matches_mistral_common(tekken_path):
+    spec = CONVERSATIONS["two_images_two_turns"][:-1]
+    reference = MistralTokenizer.from_file(str(tekken_path), mode=ValidationMode.test)
+    expected = reference.encode_chat_completion(_mistral_request(spec)).tokens
+    messages = _torchtune_messages(spec) + [Message(role="assistant", content="")]
+    out = mistral3_transform(str(tekken_path))({"messages": messages}, inference=True)  # fresh: max_seq_len set
+    assert out["tokens"] == expected and out["tokens"][-1] == 4
+    assert all(out["mask"])
+
+
+def test_special_ids_and_plain_text(transform):
+    tok = transform.tokenizer
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 11)
+    assert (tok.img_id, tok.img_break_id, tok.img_end_id) == (10, 12, 13)
+    assert tok.special_tokens["[INST]"] == 3 and tok.vocab_size == 131072
+    ids = tok.encode("A lesion in the liver.")
+    assert ids[0] == 1 and ids[-1] == 2
+    assert tok.decode(ids) == "A lesion in the liver."
+
+
+@pytest.mark.parametrize(
+    "messages, match",
+    [
+        ([Message("user", "hi"), Message("assistant", [{"type": "image", "content": IMG_A}])], "go only in user"),
+        ([Message("user", "hi"), Message("assistant", "   ")], "answer is empty"),
+        ([Message("user", "hi"), Message("ipython", "x")], "role 'ipython' is not supported"),
+    ],
+)
+def test_unsupported_conversations_fail_clearly(transform, messages, match):
+    with pytest.raises(ValueError, match=match):
+        transform.tokenizer.tokenize_conversation(messages)
+
+
+def test_missing_file_fails_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tekken.json"):
+        Mistral3Tokenizer(str(tmp_path / "nope.json"))
