@@ -69,9 +69,10 @@ def dequantize(
         ValueError: if ``scale`` has more than one element but ``block_size`` is not given, or its grid does
             not cover the weight.
     """
-    w = weight.to(torch.float32)
+    # In place on the fp32 copy: the largest transient is one fp32 copy of the weight, not two.
+    w = weight.to(torch.float32, copy=True)
     if is_per_tensor_scale(scale.shape):
-        return (w * scale.reshape(()).to(torch.float32)).to(dtype)
+        return w.mul_(scale.reshape(()).to(torch.float32)).to(dtype)
     if block_size is None:
         raise ValueError(
             f"a scale of shape {tuple(scale.shape)} is a block scale, but no weight_block_size was given; "
@@ -90,8 +91,7 @@ def dequantize(
             f"scale grid {tuple(scale.shape)} with blocks {bm}x{bn} does not cover weight rows "
             f"{r0}..{r0 + w.shape[0]} / cols {c0}..{c0 + w.shape[1]}"
         )
-    s = scale.to(torch.float32)[rows][:, cols]
-    return (w * s).to(dtype)
+    return w.mul_(scale.to(torch.float32)[rows][:, cols]).to(dtype)
 
 
 def quantize_per_tensor(

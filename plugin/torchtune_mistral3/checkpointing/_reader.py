@@ -5,13 +5,13 @@ so opening a 128B checkpoint costs a few MB. Values are read on demand with ``sa
 which copies just the requested rows/columns out of the file; FP8 weights are dequantised right after.
 """
 
+import contextlib
 import json
-import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from safetensors import safe_open
@@ -105,6 +105,22 @@ def read_safetensors_header(path: Union[str, Path]) -> Dict[str, dict]:
                 f"holds only {data_size} data bytes; download or copy the file again"
             )
     return header
+
+
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator[Tuple[Any, bool]]:
+    """Open a safetensors file for one read; yield the handle and whether its tensors own their memory.
+
+    safetensors >= 0.8 can ``pread`` the requested bytes into fresh tensors. Older versions serve views of a
+    private mmap (kept alive, and counted as resident, as long as the tensor lives); those get copied.
+    The handle is closed right after the read, so no mapping of a multi-GB shard outlives it.
+    """
+    try:
+        handle, owned = safe_open(path, framework="pt", backend="pread"), True
+    except TypeError:
+        handle, owned = safe_open(path, framework="pt"), False
+    with handle as f:
+        yield f, owned
 
 
 def _checkpoint_files(checkpoint_dir: Path, checkpoint_files: Optional[Sequence[str]]) -> Dict[str, Path]:
@@ -280,8 +296,8 @@ class HFCheckpointReader:
         """
         out = {}
         for key, (hf_key, path) in self._activation_scales.items():
-            with safe_open(path, framework="pt") as f:
-                out[key] = f.get_tensor(hf_key)
+            with _open(path) as (f, _):
+                out[key] = f.get_tensor(hf_key).clone()
         return out
 
     def read(
@@ -322,15 +338,16 @@ class HFCheckpointReader:
                 f"of shape {list(info.shape)}"
             )
         whole = offset == (0,) * ndim and shape == info.shape
-        # Opened per read and closed at once: a long-lived mmap of a multi-GB shard would keep every page
-        # read so far resident in this process.
-        with safe_open(info.path, framework="pt") as f:
+        with _open(info.path) as (f, owned):
             if whole:
                 value = f.get_tensor(info.hf_key)
             else:
                 value = f.get_slice(info.hf_key)[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+        if not owned:
+            # mmap results are (possibly strided) views of a private file mapping: copy into owned memory.
+            value = value.clone(memory_format=torch.contiguous_format)
         if info.is_fp8:
-            with safe_open(info.scale_path, framework="pt") as f:
+            with _open(info.scale_path) as (f, _):
                 scale = f.get_tensor(info.scale_key)
             block = self.block_size if not _fp8.is_per_tensor_scale(scale.shape) else None
             return _fp8.dequantize(value, scale, dtype or torch.float32, block_size=block, offset=offset)
@@ -377,15 +394,3 @@ class LazyStateDict(Mapping):
 
     def __contains__(self, key: object) -> bool:
         return key in self.reader
-
-
-def checkpoint_nbytes(checkpoint_dir: Union[str, Path]) -> int:
-    """Return the total size of the safetensors files in ``checkpoint_dir`` (for logs and benchmarks).
-
-    Args:
-        checkpoint_dir (Union[str, Path]): a checkpoint directory.
-
-    Returns:
-        int: bytes.
-    """
-    return sum(os.path.getsize(p) for p in Path(checkpoint_dir).glob("*.safetensors"))
