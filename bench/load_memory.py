@@ -76,7 +76,6 @@ def _config(layers: int) -> dict:
 def _meta_model(directory: Path):
     import torch
     from torchtune import training
-
     from torchtune_mistral3.models.mistral3 import mistral3_from_hf_config
 
     with training.set_default_dtype(torch.bfloat16), torch.device("meta"):
@@ -87,7 +86,6 @@ def write_checkpoint(directory: Path, layers: int) -> None:
     """Write the synthetic checkpoint shard by shard (bounded memory)."""
     import torch
     from safetensors.torch import save_file
-
     from torchtune_mistral3.checkpointing import default_fp8_keys, quantize_per_tensor
     from torchtune_mistral3.models.mistral3 import tune_key_to_hf
 
@@ -134,8 +132,7 @@ def measure(directory: Path, method: str) -> dict:
     import torch
     from safetensors.torch import load_file
     from torchtune import training
-
-    from torchtune_mistral3.checkpointing import HFCheckpointReader, load_into_module, Mistral3HFCheckpointer
+    from torchtune_mistral3.checkpointing import HFCheckpointReader, Mistral3HFCheckpointer, load_into_module
     from torchtune_mistral3.models.mistral3 import hf_key_to_tune
 
     model = _meta_model(directory)
