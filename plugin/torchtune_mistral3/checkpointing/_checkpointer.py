@@ -3,7 +3,7 @@
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -192,12 +192,17 @@ class Mistral3HFCheckpointer:
             logger.info(f"Recipe state saved to {target}")
 
     def save_distributed(
-        self, module: nn.Module, epoch: int, *, mesh: Optional[Any] = None, pp_dim: str = "pp"
+        self,
+        module: Union[nn.Module, Sequence[nn.Module]],
+        epoch: int,
+        *,
+        mesh: Optional[Any] = None,
+        pp_dim: str = "pp",
     ) -> Path:
         """Save a parallelised model to ``<output_dir>/epoch_<epoch>`` from every rank; see :func:`save_distributed`.
 
         Args:
-            module (nn.Module): the model or this rank's pipeline stage.
+            module (Union[nn.Module, Sequence[nn.Module]]): the model, or this rank's pipeline stage(s).
             epoch (int): names the output directory.
             mesh (Optional[DeviceMesh]): the world mesh. Default is None (one stage, rank 0 writes).
             pp_dim (str): name of the pipeline dimension of ``mesh``. Default is "pp".

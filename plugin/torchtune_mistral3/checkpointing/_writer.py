@@ -272,7 +272,7 @@ def write_hf_checkpoint(
 
 
 def save_distributed(
-    module: nn.Module,
+    module: Union[nn.Module, Sequence[nn.Module]],
     checkpoint_dir: Union[str, Path],
     *,
     config: dict,
@@ -294,7 +294,8 @@ def save_distributed(
     ``config.json`` and tokenizer files and renames the directory into place.
 
     Args:
-        module (nn.Module): the model or this rank's pipeline stage, plugin key names.
+        module (Union[nn.Module, Sequence[nn.Module]]): the model, or this rank's pipeline stage(s) (a list
+            when a rank holds several virtual stages), plugin key names.
         checkpoint_dir (Union[str, Path]): the directory to create (replaced if it exists); must be on a
             file system every writer sees.
         config (dict): the source ``config.json``.
@@ -315,7 +316,10 @@ def save_distributed(
     rank = dist.get_rank() if distributed else 0
     stage, is_writer = _stage_role(mesh, pp_dim, rank)
     converter = _HFTensorConverter(dtype, fp8_keys or (), activation_scales)
-    state = module.state_dict()
+    state: Dict[str, torch.Tensor] = {}
+    for part in [module] if isinstance(module, nn.Module) else module:
+        for key, value in part.state_dict().items():
+            state.setdefault(key, value)
     plan = ShardPlan([(k, converter.nbytes(k, v.shape, v.dtype)) for k, v in state.items()], max_shard_bytes)
 
     # Every stage must know how many files the earlier stages write, to number its own.
