@@ -52,8 +52,24 @@ PLUGIN_PACKAGE = "torchtune_mistral3"
 
 
 def _config_name() -> str:
+    """The config as the user named it: ``tune run`` hands the recipe the resolved path of a registered name."""
+    from torchtune._recipe_registry import get_all_recipes
+
     argv = sys.argv
-    return argv[argv.index("--config") + 1] if "--config" in argv else "<config>"
+    given = argv[argv.index("--config") + 1] if "--config" in argv else "<config>"
+    if not os.path.isfile(given):
+        return given
+    for recipe in get_all_recipes():
+        for c in recipe.configs:
+            if os.path.isabs(c.file_path) and os.path.samefile(c.file_path, given):
+                return c.name
+    return given
+
+
+def _prepare_checkpoint(cfg: DictConfig) -> Optional[DictConfig]:
+    """The ``prepare_checkpoint`` component, or None when absent or switched off (``prepare_checkpoint=null``)."""
+    node = cfg.get("prepare_checkpoint", None)
+    return node if node is not None and node.get("_component_", None) is not None else None
 
 
 def is_plugin_config(cfg: DictConfig) -> bool:
@@ -76,7 +92,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        if cfg.get("prepare_checkpoint", None) is None:
+        if _prepare_checkpoint(cfg) is None:
             check_checkpoint_dir(cfg.checkpointer.get("checkpoint_dir", None), cfg.get("hf_repo", None))
         ensure_single_process_env()
         self.pipeline_parallel_dim = int(cfg.get("pipeline_parallel_dim", 1))
@@ -105,10 +121,10 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             self._metric_logger = config.instantiate(cfg.metric_logger)
             self._metric_logger.log_config(cfg)
 
-        if cfg.get("prepare_checkpoint", None) is not None:
+        if _prepare_checkpoint(cfg) is not None:
             # e.g. the demo's tiny FP8 checkpoint, written once by rank 0 while the others wait
             if self._is_rank_zero:
-                config.instantiate(cfg.prepare_checkpoint)
+                config.instantiate(_prepare_checkpoint(cfg))
             torch.distributed.barrier()
         self._checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
         self._compile = cfg.get("compile", False)

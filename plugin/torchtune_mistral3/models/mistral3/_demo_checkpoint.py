@@ -38,7 +38,7 @@ DEMO_HF_CONFIG: Dict[str, Any] = {
         "num_key_value_heads": 2,
         "head_dim": 24,
         "hidden_act": "silu",
-        "max_position_embeddings": 4096,
+        "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-5,
         "pad_token_id": 11,
         "bos_token_id": 1,
@@ -123,7 +123,7 @@ def write_demo_checkpoint(
     config = copy.deepcopy(hf_config or DEMO_HF_CONFIG)
     target = Path(checkpoint_dir)
     existing = target / "config.json"
-    marker = {"seed": seed, "config": config}
+    marker = {"seed": seed, "config": config, "format": 2}
     if not overwrite and (target / "demo_checkpoint.json").is_file() and existing.is_file():
         if json.loads((target / "demo_checkpoint.json").read_text()) == marker:
             return target
@@ -135,7 +135,14 @@ def write_demo_checkpoint(
 
     staging = target.parent / f".{target.name}.source"
     staging.mkdir(parents=True, exist_ok=True)
-    (staging / "tekken.json").write_bytes(Path(tokenizer_file).read_bytes())
+    tekken = json.loads(Path(tokenizer_file).read_text())
+    # The shipped file is Pixtral-12B's (16 px patches, no merge); declare this model's image geometry.
+    tekken["image"] = {
+        "image_patch_size": config["vision_config"]["patch_size"],
+        "max_image_size": config["vision_config"]["image_size"],
+        "spatial_merge_size": config["spatial_merge_size"],
+    }
+    (staging / "tekken.json").write_text(json.dumps(tekken, ensure_ascii=False))
 
     generator_state = torch.random.get_rng_state()
     try:

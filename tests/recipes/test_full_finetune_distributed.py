@@ -1,0 +1,105 @@
+"""The plugin recipe through the real `tune run` command (CPU, gloo), against transformers' loss.
+
+Every run uses the demo config (tiny model of the Mistral Medium 3.5 architecture, FP8 checkpoint in the
+real format, real tekken tokenizer, the bundled real-image MedPix sample) with overrides.
+"""
+
+import copy
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from torchtune_mistral3.models.mistral3 import DEMO_HF_CONFIG, write_demo_checkpoint
+
+pytestmark = pytest.mark.integration
+
+FP32_FIRST_BATCH = ["dtype=fp32", "shuffle=False", "run_val_every_n_steps=null"]
+
+
+def _losses(output_dir):
+    (log,) = (output_dir / "logs").glob("*.txt")
+    return {int(m[1]): float(m[2]) for m in re.finditer(r"Step (\d+) \| .*?loss:([-+0-9.eE]+)", log.read_text())}
+
+
+def _reference_check(config, overrides, data_parallel=1):
+    proc = subprocess.run(
+        [sys.executable, "-m", "torchtune_mistral3.reference_check", "--config", config,
+         "--data-parallel", str(data_parallel), *overrides],
+        capture_output=True, text=True, timeout=600,
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return proc.returncode, result
+
+
+def _other_dims_checkpoint(path):
+    """A second tiny checkpoint: other widths, head_dim = hidden / heads, mscale_all_dim 1, 3 layers, 3 vision heads."""
+    cfg = copy.deepcopy(DEMO_HF_CONFIG)
+    cfg["text_config"].update(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=6,
+                              num_key_value_heads=3, head_dim=8)
+    cfg["text_config"]["rope_parameters"].update(mscale_all_dim=1.0, beta_fast=32.0, llama_4_scaling_beta=0.3,
+                                                 original_max_position_embeddings=16, factor=16.0)
+    cfg["text_config"]["max_position_embeddings"] = 256
+    cfg["vision_config"].update(hidden_size=48, intermediate_size=80, num_attention_heads=3, num_hidden_layers=1)
+    return write_demo_checkpoint(str(path), seed=7, hf_config=cfg)
+
+
+@pytest.mark.parametrize("checkpoint", ["demo", "other_dims"])
+@pytest.mark.parametrize("batch", [["batch_size=1", "gradient_accumulation_steps=1"],
+                                   ["batch_size=2", "gradient_accumulation_steps=2"]], ids=["bs1", "bs2x2"])
+def test_first_logged_loss_equals_transformers(tune, tmp_path, checkpoint, batch):
+    overrides = [f"output_dir={tmp_path / 'run'}", *FP32_FIRST_BATCH, "max_steps_per_epoch=1", *batch]
+    if checkpoint == "other_dims":
+        ckpt = _other_dims_checkpoint(tmp_path / "other")
+        overrides += [f"checkpoint_dir={ckpt}", "prepare_checkpoint=null"]
+    tune("run", "full_finetune_distributed", "--config", "mistral3p5_medpix_demo", *overrides)
+    code, result = _reference_check("mistral3p5_medpix_demo", overrides)
+    assert result["label_tokens"] > 0
+    assert result["rel_diff"] <= 1e-5, result
+    assert code == 0
+
+
+def test_one_and_two_processes_train_the_same_and_save_what_transformers_loads(tune, tmp_path):
+    common = [*FP32_FIRST_BATCH, "max_steps_per_epoch=3"]
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    # the same global batch of 2 samples per step: one process with batch 2, or two data-parallel ranks with 1 each
+    tune("run", "full_finetune_distributed", "--config", "mistral3p5_medpix_demo", f"output_dir={one}", "batch_size=2",
+         *common)
+    tune("run", "--nproc_per_node", "2", "full_finetune_distributed", "--config", "mistral3p5_medpix_demo",
+         f"output_dir={two}", "batch_size=1", *common)
+    l1, l2 = _losses(one), _losses(two)
+    assert sorted(l1) == sorted(l2) == [1, 2, 3]
+    for step in l1:
+        assert torch.isfinite(torch.tensor(l1[step]))
+        assert l1[step] == pytest.approx(l2[step], rel=1e-5, abs=1e-6), step
+
+    from transformers import Mistral3ForConditionalGeneration
+
+    saved_one = Mistral3ForConditionalGeneration.from_pretrained(one / "epoch_0", dtype=torch.float32)
+    saved_two = Mistral3ForConditionalGeneration.from_pretrained(two / "epoch_0", dtype=torch.float32)
+    sd1, sd2 = saved_one.state_dict(), saved_two.state_dict()
+    assert sd1.keys() == sd2.keys()
+    for k in sd1:
+        torch.testing.assert_close(sd1[k], sd2[k], rtol=0, atol=2e-2 if sd1[k].abs().max() > 1 else 4e-3, msg=k)
+
+
+def test_missing_checkpoint_stops_at_once_with_the_download_command(tune, tmp_path):
+    start = time.monotonic()
+    proc = tune("run", "full_finetune_distributed", "--config", "mistral3p5_medpix",
+                f"checkpoint_dir={tmp_path / 'nowhere'}", f"output_dir={tmp_path / 'out'}", check=False)
+    assert proc.returncode != 0
+    assert f"tune download mistralai/Mistral-Medium-3.5-128B --output-dir {tmp_path / 'nowhere'}" in proc.stderr
+    assert "Instantiating" not in proc.stdout + proc.stderr  # nothing was built before the check
+    assert time.monotonic() - start < 120
+
+
+def test_layout_larger_than_the_launch_names_the_flags(tune, tmp_path):
+    proc = tune("run", "full_finetune_distributed", "--config", "mistral3p5_medpix_demo", f"output_dir={tmp_path}",
+                "tensor_parallel_dim=2", check=False)
+    assert proc.returncode != 0
+    assert "tune run --nproc_per_node 2 full_finetune_distributed --config mistral3p5_medpix_demo" in proc.stderr
