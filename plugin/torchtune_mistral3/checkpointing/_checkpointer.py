@@ -2,6 +2,7 @@
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -104,10 +105,10 @@ class Mistral3HFCheckpointer:
         self._save_dtype = _DTYPES[save_dtype] if save_dtype is not None else None
         self._max_shard_bytes = int(max_shard_size_gb * 1024**3)
 
-        if isinstance(checkpoint_files, dict) or (
-            checkpoint_files is not None and not isinstance(checkpoint_files, (list, tuple))
-        ):
+        if isinstance(checkpoint_files, Mapping):
             checkpoint_files = FormattedCheckpointFiles.from_dict(dict(checkpoint_files)).build_checkpoint_filenames()
+        elif checkpoint_files is not None:
+            checkpoint_files = [str(f) for f in checkpoint_files]
         self._recipe_checkpoint = get_recipe_checkpoint_path(
             self._output_dir, recipe_checkpoint, should_load_recipe_state=self._should_load_recipe_state
         )
