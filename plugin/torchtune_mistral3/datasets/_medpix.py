@@ -293,11 +293,12 @@ def medpix_dataset(
     case_id    text (optional)                                    metadata; the unit of the split
     ========== ================================================== =====================================
 
-    Splits: if the source has the requested split (the hub data set has ``train`` 17,420 and ``validation``
-    3,080 rows) it is used, slices such as ``"train[:1000]"`` included. If it does not (one local file, one
-    ``train`` split), or ``split_by_case=True``, all source splits are pooled and divided by ``case_id`` with
-    :func:`validation_cases`: ``split="validation"`` gets the chosen cases, ``split="train"`` the others, so no case
-    is on both sides and the result is the same on every run and every rank.
+    Splits: if the source has several splits including the requested one (the hub data set has ``train`` 17,420
+    and ``validation`` 3,080 rows) it is used, slices such as ``"train[:1000]"`` included. If the source has one
+    split only (e.g. one local file) or lacks the requested one, or ``split_by_case=True``, all source splits are
+    pooled and divided by ``case_id`` with :func:`validation_cases`: ``split="validation"`` gets the chosen cases,
+    ``split="train"`` the others, so no case is on both sides and the result is the same on every run and every
+    rank. ``split_by_case=False`` uses a single-split source as it is.
 
     Bad rows (empty question or answer, null image) are found when the dataset is built: a ``ValueError`` names
     the split, row and column, or with ``skip_bad_rows=True`` they are dropped and their count logged;
@@ -314,8 +315,8 @@ def medpix_dataset(
         image_dir (Optional[str]): directory for relative image paths. Default is None.
         data_files (Optional[Any]): passed to ``load_dataset``. Default is None.
         val_fraction (float): fraction of the cases for validation when splitting by case. Default is 0.15.
-        split_by_case (Optional[bool]): None: only when the source lacks ``split``; True: always (pooling the
-            source's splits); False: never. Default is None.
+        split_by_case (Optional[bool]): None: when the source has one split only or lacks ``split``; True:
+            always (pooling the source's splits); False: never. Default is None.
         split_seed (int): seed of the case split. Default is 0.
         skip_bad_rows (bool): drop bad rows (logged) instead of raising. Default is False.
         new_system_prompt (Optional[str]): system prompt for every sample. Default is None.
@@ -348,9 +349,12 @@ def medpix_dataset(
     columns = _resolve_columns(column_map)
     splits = _load_splits(source, data_files, load_dataset_kwargs)
     base = split.split("[")[0].split("+")[0]
-    pool = split_by_case if split_by_case is not None else base not in splits
-    if pool and split_by_case is None:
-        log.info("%s has no split %r (has %s): splitting by case_id", source, split, list(splits))
+    if split_by_case is None:  # one split only (e.g. one local file), or not the one asked for: split by case
+        pool = base not in splits or (len(splits) == 1 and base in ("train", "validation"))
+        if pool:
+            log.info("%s has split(s) %s: splitting by case_id for %r", source, list(splits), split)
+    else:
+        pool = split_by_case
     if not pool and base not in splits:
         raise ValueError(f"{source} has no split {split!r} (has {list(splits)}); set split_by_case=True")
 
@@ -361,7 +365,7 @@ def medpix_dataset(
             raise ValueError(
                 f"{source} split {name!r} has no column(s) {missing} (columns: {part.column_names}); "
                 "map them with column_map, e.g. column_map={'image_id': 'image', 'question': 'input'}"
-                + (" (case_id is needed to split by case)" if pool else "")
+                + (" (case_id is needed to split by case; split_by_case=False uses the split as it is)" if pool else "")
             )
 
     if not pool:

@@ -1,0 +1,246 @@
+"""medpix_dataset / medpix_sample_dataset: sources, case split, metadata, bad rows; the shipped sample."""
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mistral_common
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from datasets import load_dataset
+from PIL import Image
+from torchtune_mistral3.data import padded_collate_mistral3
+from torchtune_mistral3.datasets import (
+    MEDPIX_SAMPLE_DIR,
+    _medpix,
+    medpix_dataset,
+    medpix_sample_dataset,
+    validation_cases,
+)
+from torchtune_mistral3.models.mistral3._transform import mistral3_transform
+
+TEKKEN = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
+REPO = Path(__file__).resolve().parents[2]
+COLUMNS = ["image_id", "mode", "case_id", "question", "answer"]
+
+
+@pytest.fixture(scope="module")
+def transform():
+    return mistral3_transform(str(TEKKEN), max_seq_len=2048, max_image_size=224)
+
+
+def _sample_table() -> pa.Table:
+    """Both shipped parquet files as one Arrow table (keeps the HF ``Image`` feature metadata)."""
+    return pa.concat_tables([pq.read_table(MEDPIX_SAMPLE_DIR / f"{s}.parquet") for s in ("train", "validation")])
+
+
+def _write(table: pa.Table, path: Path) -> str:
+    pq.write_table(table, path)
+    return str(path)
+
+
+def _set(table: pa.Table, column: str, row: int, value) -> pa.Table:
+    values = table.column(column).to_pylist()
+    values[row] = value
+    index = table.schema.get_field_index(column)
+    return table.set_column(index, table.schema.field(index), pa.array(values, type=table.schema.field(index).type))
+
+
+def test_shipped_sample(transform):
+    train, val = medpix_sample_dataset(transform), medpix_sample_dataset(transform, split="validation")
+    assert (len(train), len(val)) == (24, 9)
+    for split in ("train", "validation"):
+        assert pq.read_schema(MEDPIX_SAMPLE_DIR / f"{split}.parquet").names == COLUMNS
+    rows = _sample_table().to_pylist()
+    cases = {}
+    for r in rows:
+        cases.setdefault(r["case_id"], []).append(r)
+    assert len(cases) >= 6 and all(len(v) >= 2 for v in cases.values())
+    assert {r["mode"] for r in rows} == {"CT", "MR", "CR", "NM", "US"}
+    image_modes = {Image.open(io.BytesIO(r["image_id"]["bytes"])).mode for r in rows}
+    assert {"I;16", "L", "RGB", "P"} <= image_modes
+    assert not {train[i]["case_id"] for i in range(len(train))} & {val[i]["case_id"] for i in range(len(val))}
+    total_bytes = sum((MEDPIX_SAMPLE_DIR / f"{s}.parquet").stat().st_size for s in ("train", "validation"))
+    assert total_bytes < 4_000_000
+    for ds in (train, val):
+        for i in range(len(ds)):
+            s = ds[i]
+            assert set(s) == {"tokens", "mask", "labels", "encoder_input", "mode", "case_id"}
+            answer = [t for t, lab in zip(s["tokens"], s["labels"]) if lab != -100]
+            assert answer[-1] == 2 and transform.decode(answer) == ds._data[i]["answer"]
+    batch = padded_collate_mistral3([train[0], train[1], val[0]])
+    assert batch["encoder_input"]["image"]["images_per_sample"].tolist() == [1, 1, 1]
+
+
+def test_sample_build_script_reproduces_the_shipped_sample(tmp_path):
+    pytest.importorskip("data_store", reason="pydicom-data is needed to rebuild the sample")
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "make_medpix_sample.py"), "--out", str(tmp_path)],
+        check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO / "plugin")},
+    )
+    for split in ("train", "validation"):
+        ours, shipped = (pq.read_table(d / f"{split}.parquet").to_pylist() for d in (tmp_path, MEDPIX_SAMPLE_DIR))
+        assert len(ours) == len(shipped)
+        for a, b in zip(ours, shipped):
+            assert [a[k] for k in COLUMNS[1:]] == [b[k] for k in COLUMNS[1:]]
+            ia, ib = (Image.open(io.BytesIO(r["image_id"]["bytes"])) for r in (a, b))
+            assert ia.mode == ib.mode and np.array_equal(np.asarray(ia), np.asarray(ib))
+
+
+def test_single_file_is_split_by_case_without_leakage(transform, tmp_path):
+    table = _sample_table()
+    path = _write(table, tmp_path / "all.parquet")
+    train = medpix_dataset(transform, source="parquet", data_files=path, split="train")
+    val = medpix_dataset(transform, source="parquet", data_files=path, split="validation")
+    train_cases, val_cases = set(train._data["case_id"]), set(val._data["case_id"])
+    all_cases = set(table.column("case_id").to_pylist())
+    assert not train_cases & val_cases and train_cases | val_cases == all_cases
+    assert len(train) + len(val) == table.num_rows
+    assert len(val_cases) == round(0.15 * len(all_cases))
+    # deterministic, and independent of the row order of the source
+    shuffled = _write(table.take(np.random.default_rng(1).permutation(table.num_rows)), tmp_path / "shuf.parquet")
+    again = medpix_dataset(transform, source="parquet", data_files=shuffled, split="validation")
+    assert set(again._data["case_id"]) == val_cases
+    other_seed = medpix_dataset(transform, source="parquet", data_files=path, split="validation", split_seed=3)
+    assert not set(other_seed._data["case_id"]) & set(
+        medpix_dataset(transform, source="parquet", data_files=path, split="train", split_seed=3)._data["case_id"]
+    )
+
+
+def test_validation_cases_rule():
+    ids = [f"case{i}" for i in range(20)]
+    chosen = validation_cases(ids * 3, 0.25)
+    assert len(chosen) == 5 and chosen == validation_cases(list(reversed(ids)), 0.25)
+    assert validation_cases(ids, 0.0) == set() and len(validation_cases(["a", "b"], 0.9)) == 1
+    with pytest.raises(ValueError, match="val_fraction"):
+        validation_cases(ids, 1.0)
+
+
+def _images_equal(a, b):
+    return all(x.equal(y) for x, y in zip(a["encoder_input"]["image"]["images"], b["encoder_input"]["image"]["images"]))
+
+
+def test_json_with_image_paths_and_torchtune_column_names(transform, tmp_path):
+    rows = pq.read_table(MEDPIX_SAMPLE_DIR / "train.parquet").to_pylist()[:4]
+    (tmp_path / "imgs").mkdir()
+    with open(tmp_path / "data.jsonl", "w") as f:
+        for i, r in enumerate(rows):
+            (tmp_path / "imgs" / f"{i}.png").write_bytes(r["image_id"]["bytes"])
+            f.write(json.dumps({"picture": f"imgs/{i}.png", "input": r["question"], "output": r["answer"],
+                                "case_id": r["case_id"], "mode": r["mode"]}) + "\n")
+    ds = medpix_dataset(
+        transform, source="json", data_files=str(tmp_path / "data.jsonl"), image_dir=str(tmp_path),
+        column_map={"image": "picture", "input": "input", "output": "output"}, split_by_case=False,
+    )
+    reference = medpix_sample_dataset(transform)
+    assert len(ds) == 4
+    for i in range(4):
+        assert ds[i]["tokens"] == reference[i]["tokens"] and _images_equal(ds[i], reference[i])
+        assert ds[i]["mode"] == rows[i]["mode"]
+
+
+def test_image_folder_and_arrow_sources(transform, tmp_path):
+    rows = pq.read_table(MEDPIX_SAMPLE_DIR / "train.parquet").to_pylist()[:3]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i, r in enumerate(rows):
+            (folder / f"{i}.png").write_bytes(r["image_id"]["bytes"])
+            f.write(json.dumps({"file_name": f"{i}.png", "question": r["question"], "answer": r["answer"]}) + "\n")
+    from_folder = medpix_dataset(transform, source="imagefolder", data_dir=str(folder),
+                                 column_map={"image_id": "image"}, split_by_case=False)
+    table = pa.table({
+        "image_id": pa.array([{"bytes": r["image_id"]["bytes"], "path": None} for r in rows]),
+        "question": [r["question"] for r in rows], "answer": [r["answer"] for r in rows],
+    })
+    with pa.OSFile(str(tmp_path / "data.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    from_arrow = medpix_dataset(transform, source="arrow", data_files=str(tmp_path / "data.arrow"),
+                                split_by_case=False)
+    reference = medpix_sample_dataset(transform)
+    for ds in (from_folder, from_arrow):
+        assert len(ds) == 3
+        for i in range(3):
+            assert ds[i]["tokens"] == reference[i]["tokens"] and _images_equal(ds[i], reference[i])
+            assert ds[i]["mode"] is None
+
+
+def test_hub_source_uses_its_own_splits_and_slices(transform, monkeypatch):
+    calls = []
+    files = {s: str(MEDPIX_SAMPLE_DIR / f"{s}.parquet") for s in ("train", "validation")}
+
+    def fake_load_dataset(source, **kwargs):  # stands in for the 3 GB download
+        calls.append((source, kwargs))
+        return load_dataset("parquet", data_files=files)
+
+    monkeypatch.setattr(_medpix, "load_dataset", fake_load_dataset)
+    val = medpix_dataset(transform, split="validation")
+    assert calls[0][0] == "mmoukouba/MedPix-VQA" and len(val) == 9
+    assert len(medpix_dataset(transform, split="train[:5]")) == 5
+    assert medpix_dataset(transform, split="train[-2:]")._data["__medpix_row__"] == [22, 23]
+    resplit = medpix_dataset(transform, split="validation", split_by_case=True, val_fraction=0.5)
+    assert len(set(resplit._data["case_id"])) == 6
+    with pytest.raises(ValueError, match="no split 'test'"):
+        medpix_dataset(transform, split="test", split_by_case=False)
+
+
+def test_bad_rows_raise_naming_row_and_column_or_are_skipped(transform, tmp_path, caplog):
+    table = _set(pq.read_table(MEDPIX_SAMPLE_DIR / "train.parquet"), "answer", 3, "  ")
+    path = _write(table, tmp_path / "empty_answer.parquet")
+    with pytest.raises(ValueError, match=r"split 'train' row 3: column 'answer' is empty"):
+        medpix_dataset(transform, source="parquet", data_files=path, split_by_case=False)
+    with caplog.at_level(logging.WARNING):
+        ds = medpix_dataset(transform, source="parquet", data_files=path, split_by_case=False, skip_bad_rows=True)
+    assert len(ds) == 23 and "skipped 1 bad row(s)" in caplog.text
+    assert 3 not in ds._data["__medpix_row__"]
+
+    table = _set(pq.read_table(MEDPIX_SAMPLE_DIR / "train.parquet"), "image_id", 5, {"bytes": b"no png", "path": None})
+    path = _write(table, tmp_path / "bad_image.parquet")
+    ds = medpix_dataset(transform, source="parquet", data_files=path, split_by_case=False)
+    with pytest.raises(ValueError, match=r"row 5: column 'image_id': cannot decode the image"):
+        ds[5]
+    ds = medpix_dataset(transform, source="parquet", data_files=path, split_by_case=False, skip_bad_rows=True)
+    assert len(ds) == 23 and 5 not in ds._data["__medpix_row__"]
+
+    table = _set(pq.read_table(MEDPIX_SAMPLE_DIR / "train.parquet"), "image_id", 7, None)
+    path = _write(table, tmp_path / "null_image.parquet")
+    with pytest.raises(ValueError, match=r"row 7: column 'image_id' is empty"):
+        medpix_dataset(transform, source="parquet", data_files=path, split_by_case=False)
+
+    path = _write(pq.read_table(MEDPIX_SAMPLE_DIR / "train.parquet").drop(["answer"]), tmp_path / "no_answer.parquet")
+    with pytest.raises(ValueError, match=r"no column\(s\) \['answer'\]"):
+        medpix_dataset(transform, source="parquet", data_files=path, split_by_case=False)
+
+
+def test_row_ids_survive_filtering_and_packed_is_refused(transform, tmp_path):
+    table = _set(pq.read_table(MEDPIX_SAMPLE_DIR / "train.parquet"), "image_id", 20, {"bytes": b"xx", "path": None})
+    path = _write(table, tmp_path / "t.parquet")
+    modes = table.column("mode").to_pylist()
+    ds = medpix_dataset(transform, source="parquet", data_files=path, split_by_case=False,
+                        filter_fn=lambda row: row["mode"] == modes[20])
+    assert len(ds) == modes.count(modes[20])
+    bad = ds._data["__medpix_row__"].index(20)
+    with pytest.raises(ValueError, match="row 20:"):
+        ds[bad]
+    with pytest.raises(ValueError, match="packing"):
+        medpix_dataset(transform, source="parquet", data_files=path, packed=True)
+
+
+def test_split_by_case_needs_case_id(transform, tmp_path):
+    path = _write(pq.read_table(MEDPIX_SAMPLE_DIR / "train.parquet").drop(["case_id"]), tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match="case_id is needed"):
+        medpix_dataset(transform, source="parquet", data_files=path, split="validation")
+
+
+def test_single_dataset_source_counts_as_train(transform, monkeypatch):
+    # a source returning a single Dataset (e.g. load_dataset with split) is treated as its 'train' split
+    single = load_dataset("parquet", data_files=str(MEDPIX_SAMPLE_DIR / "validation.parquet"), split="train")
+    monkeypatch.setattr(_medpix, "load_dataset", lambda source, **kw: single)
+    ds = medpix_dataset(transform, source="x", split="train", split_by_case=False)
+    assert len(ds) == 9 and ds._data["__medpix_split__"][0] == "train"
