@@ -18,6 +18,7 @@ What the subclass adds to the stock recipe:
   checkpoints every N steps and at the end, written by the checkpointer (atomically).
 """
 
+import contextlib
 import gc
 import os
 import sys
@@ -26,6 +27,7 @@ from functools import partial
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig
 from torch import nn
 from torch.utils.data import ConcatDataset
@@ -33,17 +35,25 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
 from torchtune.config._utils import _get_component_from_path
-from tqdm import tqdm
-
 from torchtune_mistral3.checkpointing import load_into_module
+from torchtune_mistral3.models.mistral3 import mistral3_pp_stage_extras
 from torchtune_mistral3.training import (
+    ParallelDims,
+    PipelineLoss,
+    apply_tensor_parallel,
+    build_pipeline,
     check_checkpoint_dir,
     check_world_size,
     clip_grad_norm_,
     ensure_single_process_env,
     load_stock_recipe,
+    pipeline_step,
     prepare_metric_logger_env,
+    set_fsdp_gradient_sum,
+    train_context,
+    uses_loss_parallel,
 )
+from tqdm import tqdm
 
 stock = load_stock_recipe("full_finetune_distributed")
 log = utils.get_logger("INFO")
@@ -102,7 +112,11 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             pipeline_parallel_dim=self.pipeline_parallel_dim,
         )
         super().__init__(cfg)
-        self.data_parallel_dim = self.world_size // (self.tensor_parallel_dim * self.pipeline_parallel_dim)
+        self._dims = ParallelDims(self.world_size, pp=self.pipeline_parallel_dim, tp=self.tensor_parallel_dim)
+        self.data_parallel_dim = self._dims.dp
+        self._loss_parallel = self._dims.tp_enabled and uses_loss_parallel(self.tensor_parallel_plan or {})
+        if self._dims.pp_enabled and self._enable_activation_offloading:
+            raise ValueError("enable_activation_offloading is not supported with pipeline_parallel_dim > 1")
         self._run_val_every_n_steps = cfg.get("run_val_every_n_steps", None)
         self._max_val_steps = cfg.get("max_val_steps", None)
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)
@@ -128,6 +142,9 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             torch.distributed.barrier()
         self._checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
         self._compile = cfg.get("compile", False)
+        self._loss_fn = config.instantiate(cfg.loss)
+        if self._compile:
+            training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
         self._model = self._setup_model(
             cfg_model=cfg.model,
             enable_activation_checkpointing=self._enable_activation_checkpointing,
@@ -140,18 +157,16 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             ac_option=cfg.get("ac_option", None),
         )
         self._tokenizer = config.instantiate(cfg.tokenizer)
+        if hasattr(self._loss_fn, "num_output_chunks"):
+            for part in self._model_parts:
+                if self._pipeline is None or part is self._model_parts[-1] and self._pipeline.has_last:
+                    part.set_num_output_chunks(self._loss_fn.num_output_chunks)
 
-        trainable = [p for p in self._model.parameters() if p.requires_grad]
+        trainable = [p for part in self._model_parts for p in part.parameters() if p.requires_grad]
         self._optimizer = config.instantiate(cfg.optimizer, trainable)
         utils.log_rank_zero(
-            log, f"Optimizer is initialized over {sum(p.numel() for p in trainable):,} trainable parameters."
+            log, f"Optimizer is initialized over {sum(p.numel() for p in trainable):,} trainable parameters on rank 0."
         )
-
-        self._loss_fn = config.instantiate(cfg.loss)
-        if self._compile:
-            training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
-        if hasattr(self._loss_fn, "num_output_chunks"):
-            self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
 
         collate_name = cfg.get("collate_fn", "torchtune.data.padded_collate_sft")
         self._dataloader = self._setup_data(
@@ -198,59 +213,83 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         ac_mode: Optional[str] = None,
         ac_option: Optional[int] = None,
     ) -> nn.Module:
-        """Meta-device model -> TP -> activation checkpointing -> FSDP2 -> RoPE init -> lazy weight load.
+        """Meta-device model -> (pipeline stages) -> TP -> activation checkpointing -> FSDP2 -> lazy weight load.
+
+        Sets ``self._model_parts`` (this rank's pipeline stages, or the whole model) and ``self._pipeline``.
 
         Returns:
-            nn.Module: the model, parallelised and loaded.
+            nn.Module: this rank's first model part (the whole model without pipeline parallelism).
         """
         init_start = time.perf_counter()
         with training.set_default_dtype(self._dtype), torch.device("meta"):
             model = config.instantiate(cfg_model)
-        if self._compile:
-            training.compile_model(model, verbose=self._is_rank_zero)
+        self._mesh = self._dims.build_mesh(self._device.type)
+        self.dp_size = self._mesh["dp"].size()
+        self.dp_rank = self._mesh["dp"].get_local_rank()
 
-        mesh = torch.distributed.device_mesh.init_device_mesh(
-            self._device.type,
-            mesh_shape=(self.pipeline_parallel_dim, self.data_parallel_dim, self.tensor_parallel_dim),
-            mesh_dim_names=("pp", "dp", "tp"),
-        )
-        self._mesh = mesh
-        self.dp_size = mesh["dp"].size()
-        self.dp_rank = mesh["dp"].get_local_rank()
+        def parallelize(part: nn.Module) -> nn.Module:
+            if self._compile:
+                training.compile_model(part, verbose=self._is_rank_zero)
+            if self._dims.tp_enabled:
+                apply_tensor_parallel(part, self._mesh["tp"], self.tensor_parallel_plan)
+            if enable_activation_checkpointing and ac_mode is None:
+                training.set_activation_checkpointing(part, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+            elif ac_mode is not None:
+                stock.apply_selective_activation_checkpointing(part, ac_mode, ac_option)
+            if self._dims.dp_enabled:
+                training.shard_model(
+                    model=part,
+                    shard_conditions=[partial(training.get_shard_conditions, names_to_match=custom_sharded_layers)],
+                    cpu_offload=fsdp_cpu_offload,
+                    reshard_after_forward=reshard_after_forward,
+                    dp_mesh=self._mesh["dp"],
+                )
+                # The loss is divided by the global token count already: FSDP must sum, not average.
+                set_fsdp_gradient_sum(part)
+            part.to_empty(device=self._device)
+            with training.set_default_dtype(self._dtype), self._device:
+                for m in part.modules():
+                    if hasattr(m, "rope_init"):
+                        m.rope_init()
+            load_into_module(part, self._checkpointer.reader, dtype=self._dtype)
+            training.validate_no_params_on_meta_device(part)
+            return part
 
-        if self.tensor_parallel_dim > 1:
-            model = training.prepare_mha_for_tp(model, mesh["tp"])
-            torch.distributed.tensor.parallel.parallelize_module(
-                model, mesh["tp"], parallelize_plan=self.tensor_parallel_plan
+        self._pipeline = None
+        if self._dims.pp_enabled:
+            cfg = self._cfg
+            split = cfg.get("pipeline_split", None)
+            self._pipeline = build_pipeline(
+                model,
+                self._mesh["pp"],
+                schedule=cfg.get("pipeline_schedule", "1F1B"),
+                n_microbatches=int(cfg.get("pipeline_microbatches", self._dims.pp)),
+                loss_fn=PipelineLoss(self._loss_fn),
+                device=self._device,
+                split=list(split) if split is not None else None,
+                stages_per_rank=cfg.get("pipeline_stages_per_rank", None),
+                parallelize_fn=parallelize,
+                **mistral3_pp_stage_extras(),
             )
-        if enable_activation_checkpointing and ac_mode is None:
-            training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
-        elif ac_mode is not None:
-            stock.apply_selective_activation_checkpointing(model, ac_mode, ac_option)
-        if self.data_parallel_dim > 1:
-            training.shard_model(
-                model=model,
-                shard_conditions=[partial(training.get_shard_conditions, names_to_match=custom_sharded_layers)],
-                cpu_offload=fsdp_cpu_offload,
-                reshard_after_forward=reshard_after_forward,
-                dp_mesh=mesh["dp"],
+            self._model_parts = self._pipeline.model_parts
+            self.activations_handling_ctx = contextlib.nullcontext()
+            utils.log_rank_zero(
+                log,
+                f"Pipeline: {self._pipeline.num_stages} stages with {self._pipeline.layer_split} decoder layers, "
+                f"schedule {cfg.get('pipeline_schedule', '1F1B')}, {self._pipeline.n_microbatches} micro-batches",
             )
-
-        model.to_empty(device=self._device)
-        with training.set_default_dtype(self._dtype), self._device:
-            for m in model.modules():
-                if hasattr(m, "rope_init"):
-                    m.rope_init()
-        load_into_module(model, self._checkpointer.reader, dtype=self._dtype)
-        self.activations_handling_ctx = training.get_act_offloading_ctx_manager(model, enable_activation_offloading)
-        training.validate_no_params_on_meta_device(model)
+        else:
+            self._model_parts = [parallelize(model)]
+            self.activations_handling_ctx = training.get_act_offloading_ctx_manager(
+                model, enable_activation_offloading
+            )
         utils.log_rank_zero(
             log, f"Instantiating the model and loading its weights took {time.perf_counter() - init_start:.2f} s"
         )
         if self._is_rank_zero and self._device.type == "cuda":
             training.log_memory_stats(training.get_memory_stats(device=self._device))
         torch.distributed.barrier()
-        return model
+        return self._model_parts[0]
 
     def _setup_data(
         self,
@@ -283,58 +322,89 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
 
     # ------------------------------------------------------------------ step
 
-    def _loss_sum(self, batch: Dict[str, Any]) -> torch.Tensor:
-        """Forward one micro-batch and return the summed (not averaged) cross-entropy of its label tokens."""
+    def _shifted_labels(self, batch: Dict[str, Any]) -> torch.Tensor:
+        """Pop the labels and align them with the logits (position t predicts token t + 1)."""
         labels = batch.pop("labels")
-        with self.activations_handling_ctx:
-            logits = self._model(**batch)
-        ignore = torch.full_like(labels[:, :1], self._loss_fn.ignore_index)
-        labels = torch.hstack((labels[:, 1:], ignore))
-        if not isinstance(logits, list):
-            labels = labels.reshape(-1)
-            logits = logits.reshape(-1, logits.size(-1))
-        num_tokens = (labels != self._loss_fn.ignore_index).sum()
-        # The loss module averages over its label tokens; undo it so micro-batches and ranks add up exactly.
-        return self._loss_fn(logits, labels) * num_tokens
+        return torch.hstack((labels[:, 1:], torch.full_like(labels[:, :1], self._loss_fn.ignore_index)))
+
+    def _pad_for_pipeline(self, batch: Dict[str, Any]) -> None:
+        """Pipeline stages are shaped once: pad every batch to the tokenizer's ``max_seq_len``."""
+        length = self._tokenizer.max_seq_len
+        if length is None:
+            raise ValueError("pipeline_parallel_dim > 1 needs a fixed sequence length: set tokenizer.max_seq_len")
+        extra = length - batch["tokens"].shape[1]
+        if extra > 0:
+            batch["tokens"] = F.pad(batch["tokens"], (0, extra), value=self._tokenizer.pad_id)
+            batch["labels"] = F.pad(batch["labels"], (0, extra), value=self._loss_fn.ignore_index)
+
+    def _loss_share(self, batch: Dict[str, Any], num_tokens: torch.Tensor, forward_only: bool = False):
+        """Forward (and backward) one micro-batch; return its summed cross-entropy divided by ``num_tokens``.
+
+        ``num_tokens`` counts the label tokens of the whole global step, so the shares of all micro-batches
+        and data-parallel ranks add up to the token-mean loss, and so do their gradients. Under pipeline
+        parallelism the share lives on the last stage (None on other ranks).
+        """
+        if self._pipeline is not None:
+            self._pad_for_pipeline(batch)
+            labels = self._shifted_labels(batch)
+            with train_context(self._loss_parallel):
+                return pipeline_step(self._pipeline, batch, labels, num_tokens, forward_only=forward_only)
+        labels = self._shifted_labels(batch)
+        with train_context(self._loss_parallel):
+            with self.activations_handling_ctx:
+                logits = self._model(**batch)
+            if not isinstance(logits, list):
+                labels = labels.reshape(-1)
+                logits = logits.reshape(-1, logits.size(-1))
+            n = (labels != self._loss_fn.ignore_index).sum()
+            # The loss module averages over this micro-batch's label tokens; undo that, then divide globally.
+            share = self._loss_fn(logits, labels) * n / num_tokens
+            del logits
+            if not forward_only:
+                share.backward()
+        return share.detach()
 
     def _count_label_tokens(self, batches: List[Dict[str, Any]]) -> torch.Tensor:
-        """Label tokens (after the shift) of the whole optimizer step, summed over data-parallel ranks."""
+        """Label tokens (after the shift) of ``batches``, summed over data-parallel ranks."""
         n = sum((b["labels"][:, 1:] != self._loss_fn.ignore_index).sum() for b in batches)
         n = torch.as_tensor(n, device=self._device)
         torch.distributed.all_reduce(n, group=self._mesh["dp"].get_group())
         return n
 
+    def _reduce_loss(self, local: torch.Tensor) -> float:
+        """Sum a loss share over data-parallel replicas and pipeline stages (non-last stages hold 0)."""
+        torch.distributed.all_reduce(local, group=self._mesh["dp"].get_group())
+        if self._pipeline is not None:
+            torch.distributed.all_reduce(local, group=self._mesh["pp"].get_group())
+        return local.item()
+
     def _train_step(self, batches: List[Dict[str, Any]]) -> Dict[str, float]:
         """One optimizer step over ``batches`` (the gradient-accumulation micro-batches of this rank).
 
         Returns:
-            Dict[str, float]: loss (token mean over the global batch), grad norm (if computed), token counts.
+            Dict[str, float]: loss (token mean over the global batch), grad norm (if clipping), token counts.
         """
         for b in batches:
             utils.batch_to_device(b, self._device)
-        num_label_tokens = self._count_label_tokens(batches)
-        input_tokens = sum((b["tokens"] != self._tokenizer.pad_id).sum() for b in batches)
-        # FSDP averages gradients over data-parallel ranks; the dp factor turns that average into a sum.
-        grad_scale = self.dp_size / num_label_tokens.clamp(min=1)
-        loss_sum = torch.zeros((), device=self._device)
-        for b in batches:
-            micro = self._loss_sum(b)
-            (micro * grad_scale).backward()
-            loss_sum += micro.detach()
-
-        torch.distributed.all_reduce(loss_sum, group=self._mesh["dp"].get_group())
-        out = {"loss": (loss_sum / num_label_tokens.clamp(min=1)).item(), "label_tokens": int(num_label_tokens)}
-        input_tokens = torch.as_tensor(input_tokens, device=self._device)
+        num_tokens = self._count_label_tokens(batches).clamp(min=1)
+        input_tokens = torch.as_tensor(
+            sum((b["tokens"] != self._tokenizer.pad_id).sum() for b in batches), device=self._device
+        )
         torch.distributed.all_reduce(input_tokens, group=self._mesh["dp"].get_group())
-        out["input_tokens"] = int(input_tokens)
-
+        loss = torch.zeros((), device=self._device)
+        for b in batches:
+            share = self._loss_share(b, num_tokens)
+            if share is not None:
+                loss += share
+        out = {"loss": self._reduce_loss(loss), "label_tokens": int(num_tokens), "input_tokens": int(input_tokens)}
         if self._clip_grad_norm is not None:
-            grad_norm = clip_grad_norm_(
-                [p for p in self._model.parameters() if p.requires_grad],
-                max_norm=float(self._clip_grad_norm),
-                pp_group=self._mesh["pp"].get_group() if self.pipeline_parallel_dim > 1 else None,
+            out["grad_norm"] = float(
+                clip_grad_norm_(
+                    [p for part in self._model_parts for p in part.parameters() if p.requires_grad],
+                    max_norm=float(self._clip_grad_norm),
+                    pp_group=self._mesh["pp"].get_group() if self._pipeline is not None else None,
+                )
             )
-            out["grad_norm"] = float(grad_norm)
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
         if self._lr_scheduler is not None:
@@ -344,20 +414,22 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
     @torch.no_grad()
     def _validate(self) -> float:
         """Token-mean loss over the validation data (at most ``max_val_steps`` batches per rank)."""
-        self._model.eval()
+        for part in self._model_parts:
+            part.eval()
         loss_sum = torch.zeros((), device=self._device)
         tokens = torch.zeros((), device=self._device, dtype=torch.long)
         for i, batch in enumerate(self._val_dataloader):
             if self._max_val_steps is not None and i >= self._max_val_steps:
                 break
             utils.batch_to_device(batch, self._device)
-            tokens += (batch["labels"][:, 1:] != self._loss_fn.ignore_index).sum()
-            loss_sum += self._loss_sum(batch)
-        self._model.train()
-        group = self._mesh["dp"].get_group()
-        torch.distributed.all_reduce(loss_sum, group=group)
-        torch.distributed.all_reduce(tokens, group=group)
-        return (loss_sum / tokens.clamp(min=1)).item()
+            n = self._count_label_tokens([batch])
+            share = self._loss_share(batch, n.clamp(min=1), forward_only=True)
+            if share is not None:
+                loss_sum += share * n
+            tokens += n
+        for part in self._model_parts:
+            part.train()
+        return self._reduce_loss(loss_sum) / max(int(tokens), 1)
 
     def _batches(self, epoch: int) -> Iterator[List[Dict[str, Any]]]:
         """Group the epoch's batches into optimizer steps of ``gradient_accumulation_steps`` micro-batches."""
@@ -376,8 +448,10 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             epoch (int): current epoch, for the directory name.
             final (bool): whether this is the end-of-training checkpoint.
         """
-        path = self._checkpointer.save_distributed(self._model, epoch, mesh=self._mesh, pp_dim="pp")
-        utils.log_rank_zero(log, f"Saved the {'final' if final else 'step'} checkpoint (step {self.global_step}) to {path}")
+        parts = self._model_parts if self._pipeline is not None else self._model
+        path = self._checkpointer.save_distributed(parts, epoch, mesh=self._mesh, pp_dim="pp")
+        kind = "final" if final else "intermediate"
+        utils.log_rank_zero(log, f"Saved the {kind} checkpoint (step {self.global_step}) to {path}")
 
     def train(self) -> None:
         """Run the training loop: steps, logging, validation and checkpoints."""

@@ -10,7 +10,7 @@ from ._model_builders import (
     mistral3_from_hf_config,
     mistral3p5_128b,
 )
-from ._parallelism import mistral3_tp_plan
+from ._parallelism import mistral3_pp_stage_extras, mistral3_tp_plan
 from ._position_embeddings import Llama4QueryScale, PixtralRotaryPositionalEmbeddings, YarnRotaryPositionalEmbeddings
 from ._tokenizer import Mistral3Tokenizer
 from ._transform import Mistral3Transform, PixtralImageTransform, medical_image_to_rgb, mistral3_transform
@@ -21,6 +21,7 @@ __all__ = [
     "PixtralImageTransform",
     "medical_image_to_rgb",
     "mistral3_transform",
+    "mistral3_pp_stage_extras",
     "mistral3_tp_plan",
     "DEMO_HF_CONFIG",
     "write_demo_checkpoint",
