@@ -1,0 +1,175 @@
+r"""Print the per-GPU memory a config's layout needs, before booking GPUs.
+
+    python -m torchtune_mistral3.plan --config mistral3p5_medpix plan.gpu_gib=79.6
+    python -m torchtune_mistral3.plan --config my.yaml tensor_parallel_dim=4 pipeline_parallel_dim=4 \
+        plan.world_size=32 enable_activation_checkpointing=False
+
+``--config`` takes a registered config name or a YAML path; ``key=value`` overrides use the recipe's keys
+(``tensor_parallel_dim``, ``pipeline_parallel_dim``, ``pipeline_schedule``, ``pipeline_microbatches``,
+``pipeline_split``, ``batch_size``, ``gradient_accumulation_steps``, ``tokenizer.max_seq_len``,
+``enable_activation_checkpointing``, ``compile``, ``dtype``, ``optimizer.*``, ``loss.num_output_chunks``,
+``model.*_trainable``). Keys under ``plan.`` are the planner's own:
+
+- ``plan.world_size``: GPUs in all (data parallel = world / (TP x PP)); default TP x PP.
+- ``plan.gpu_gib``: memory of one GPU in GiB; default 80 (an H100-80GB reports 79.6).
+- ``plan.size``: a named size (mistral3p5_128b, ministral3_3b/8b/14b) when ``checkpoint_dir`` holds no
+  config.json; default from the config's ``hf_repo``.
+- ``plan.image_px`` (default 532, a 512 px MedPix image after Pixtral resizing), ``plan.images_per_sample``
+  (default 1), ``plan.allocator_margin`` (default 0.10), ``plan.reserve_gib`` (default 2), ``plan.json``
+  (print JSON instead of the table).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+
+from torchtune_mistral3.training._memory_plan import (
+    HF_REPO_TO_SIZE,
+    NAMED_SIZES,
+    Layout,
+    MemoryPlan,
+    build_meta_model,
+    format_plan,
+    plan_memory,
+    plan_to_json,
+)
+
+_TRAINABLE_FLAGS = ("vision_trainable", "projector_trainable", "embeddings_trainable", "output_trainable",
+                    "decoder_trainable")
+
+
+def load_config(config: str, overrides: List[str]) -> DictConfig:
+    """Load a registered config (by name) or a YAML file, then apply ``key=value`` overrides.
+
+    Args:
+        config (str): config name from the plugin's manifest, or a path.
+        overrides (List[str]): ``key=value`` strings.
+
+    Returns:
+        DictConfig: the merged config.
+
+    Raises:
+        FileNotFoundError: if ``config`` is neither a file nor a registered name.
+    """
+    import json
+
+    from torchtune_mistral3._registry import CONFIGS_DIR, MANIFEST
+
+    path = Path(config)
+    if not path.is_file():
+        names = {c["name"]: c["file"] for c in json.loads(MANIFEST.read_text())["configs"]}
+        if config not in names:
+            raise FileNotFoundError(f"--config {config!r} is neither a file nor one of {sorted(names)}")
+        path = CONFIGS_DIR / names[config]
+    cfg = OmegaConf.load(path)
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+
+
+def layout_from_config(cfg: DictConfig) -> Tuple[Layout, dict]:
+    """Translate recipe keys (and ``plan.*``) into a :class:`Layout` and the planner's own options.
+
+    Args:
+        cfg (DictConfig): the merged config.
+
+    Returns:
+        Tuple[Layout, dict]: the layout, and ``{"gpu_gib", "allocator_margin", "reserve_gib", "json"}``.
+
+    Raises:
+        ValueError: if ``plan.world_size`` is not a multiple of TP x PP, or the optimizer is not modelled.
+    """
+    plan = cfg.get("plan", {}) or {}
+    tp = int(cfg.get("tensor_parallel_dim", 1))
+    pp = int(cfg.get("pipeline_parallel_dim", 1))
+    world = int(plan.get("world_size", tp * pp))
+    if world % (tp * pp):
+        raise ValueError(f"plan.world_size={world} is not a multiple of TP x PP = {tp * pp}")
+    opt = cfg.get("optimizer", {}) or {}
+    component = str(opt.get("_component_", "torch.optim.AdamW")).rsplit(".", 1)[-1].lower()
+    if component in ("adam", "adamw"):
+        optimizer = component
+    elif component == "sgd":
+        optimizer = "sgd_momentum" if float(opt.get("momentum", 0.0)) else "sgd"
+    else:
+        raise ValueError(f"optimizer {opt.get('_component_')} is not modelled (Adam, AdamW or SGD)")
+    loss = cfg.get("loss", {}) or {}
+    chunks = int(loss.get("num_output_chunks", 8)) if "Chunked" in str(loss.get("_component_", "")) else 1
+    tokenizer = cfg.get("tokenizer", {}) or {}
+    split = cfg.get("pipeline_split", None)
+    layout = Layout(
+        tp=tp,
+        pp=pp,
+        dp=world // (tp * pp),
+        microbatches=int(cfg.get("pipeline_microbatches", pp) if pp > 1 else 1),
+        schedule=str(cfg.get("pipeline_schedule", "1F1B")),
+        layer_split=list(split) if split is not None else None,
+        seq_len=int(plan.get("seq_len", tokenizer.get("max_seq_len", 2048))),
+        batch_size=int(cfg.get("batch_size", 1)),
+        grad_accum=int(cfg.get("gradient_accumulation_steps", 1)),
+        activation_checkpointing=bool(cfg.get("enable_activation_checkpointing", False)),
+        compile=bool(cfg.get("compile", False)),
+        dtype_bytes=4 if str(cfg.get("dtype", "bf16")) in ("fp32", "float32") else 2,
+        optimizer=optimizer,
+        optimizer_fused=bool(opt.get("fused", False)),
+        num_output_chunks=chunks,
+        images_per_sample=int(plan.get("images_per_sample", 1)),
+        image_px=int(plan.get("image_px", 532)),
+    )
+    options = {
+        "gpu_gib": float(plan.get("gpu_gib", 80.0)),
+        "allocator_margin": float(plan.get("allocator_margin", 0.10)),
+        "reserve_gib": float(plan.get("reserve_gib", 2.0)),
+        "json": bool(plan.get("json", False)),
+    }
+    return layout, options
+
+
+def plan_config(cfg: DictConfig) -> Tuple[MemoryPlan, dict]:
+    """Build the config's model on the meta device and plan its layout.
+
+    Args:
+        cfg (DictConfig): the merged config.
+
+    Returns:
+        Tuple[MemoryPlan, dict]: the plan and the planner options.
+    """
+    layout, options = layout_from_config(cfg)
+    model_cfg = cfg.get("model", {}) or {}
+    flags = {k: bool(model_cfg[k]) for k in _TRAINABLE_FLAGS if k in model_cfg}
+    flags["max_seq_len"] = layout.seq_len
+    component = str(model_cfg.get("_component_", "")).rsplit(".", 1)[-1]
+    plan = cfg.get("plan", {}) or {}
+    size = plan.get("size") or (component if component in NAMED_SIZES else HF_REPO_TO_SIZE.get(cfg.get("hf_repo")))
+    model = build_meta_model(model_cfg.get("checkpoint_dir", cfg.get("checkpoint_dir")), size=size, **flags)
+    return (
+        plan_memory(model, layout, options["gpu_gib"], options["allocator_margin"], options["reserve_gib"]),
+        options,
+    )
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """CLI entry point; see the module docstring.
+
+    Args:
+        argv (Optional[List[str]]): arguments; None for ``sys.argv[1:]``. Default is None.
+
+    Returns:
+        int: 0 when the layout fits, 1 when it does not.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m torchtune_mistral3.plan", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="registered config name or YAML path")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (recipe keys and plan.*)")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    plan, options = plan_config(cfg)
+    print(plan_to_json(plan) if options["json"] else format_plan(plan))
+    return 0 if plan.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

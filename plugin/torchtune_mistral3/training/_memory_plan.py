@@ -1,0 +1,619 @@
+"""Per-GPU memory plan of a Mistral 3 fine-tuning layout, before booking the GPUs.
+
+The model is built on the meta device (from a checkpoint's ``config.json`` or a named size), so parameter counts,
+trainable flags and tensor-parallel sharding come from the real modules and the real TP plan
+(:func:`~torchtune_mistral3.models.mistral3.mistral3_tp_plan`); the pipeline split is the recipe's
+(:func:`~torchtune_mistral3.training.resolve_layer_split`). Activations follow a per-token byte count per
+decoder layer, checked against peak memory measured on one H200 (``bench/step_speed.py``; see
+``docs/performance.md``):
+
+- compiled layer (``compile: True``), no activation checkpointing: ``8 h + (8 n_h d + 6 F + 4 n_h) / tp`` bytes
+  per token. Four h-wide bf16 tensors (layer input, attention-norm output, mid residual, MLP-norm output) stay
+  whole under TP; queries, the GQA-expanded keys and values, the attention output (``n_h d`` each, bf16), the
+  gate, up and product of the SwiGLU (``F`` each, bf16) and the fp32 log-sum-exp per head are sharded.
+  Measured at h=12288, F=28672, n_h=96: 369,031 B/token/layer against 369,024 predicted.
+- eager layer: ``EAGER_LAYER_FACTOR`` times the compiled one (eager RMSNorm keeps fp32 copies; measured 1.378).
+- activation checkpointing: the layer input only (``2 h``), plus one layer's full activations while it is
+  recomputed in backward.
+- head (last stage): the eager final norm (``10 h``: fp32 input and normalised copy, bf16 output), bf16 logits
+  kept by the chunked loss (``2 V / tp``), and with an eager loss the fp32 log-probabilities (``4 V / tp``).
+
+Peak = parameters + optimizer state + the largest of (a) gradients held across micro-batches + activations of
+the micro-batches in flight + head/loss workspace, (b) all gradients + the embedding backward workspace, and
+(c) all gradients + the optimizer's temporaries (a foreach Adam allocates one state-sized list; fused none).
+"""
+
+import fnmatch
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+GIB = 1024**3
+
+# Eager / compiled bytes per token of one decoder layer, measured on the H200 slice (bench/step_speed.py:
+# plugin_eager vs plugin_compile_c1, 4 layers, 4096 tokens, with the head's share removed).
+EAGER_LAYER_FACTOR = 1.378
+
+# Named sizes for configs whose checkpoint is not on this machine, keyed by builder name and by HF repo id.
+NAMED_SIZES = ("mistral3p5_128b", "ministral3_3b", "ministral3_8b", "ministral3_14b")
+HF_REPO_TO_SIZE = {
+    "mistralai/Mistral-Medium-3.5-128B": "mistral3p5_128b",
+    "mistralai/Ministral-3-3B-Instruct-2512": "ministral3_3b",
+    "mistralai/Ministral-3-8B-Instruct-2512": "ministral3_8b",
+    "mistralai/Ministral-3-14B-Instruct-2512": "ministral3_14b",
+}
+
+# Pipeline schedules the activation count models, by ``pipeline_schedule`` name (lower case).
+_SCHEDULES = {
+    "gpipe": "gpipe",
+    "1f1b": "1f1b",
+    "interleaved1f1b": "interleaved",
+    "interleavedzerobubble": "interleaved",
+    "loopedbfs": "gpipe",
+    "zbvzerobubble": "1f1b",
+}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Widths the activation count needs (parameter counts come from the modules themselves).
+
+    Args:
+        vocab_size (int): vocabulary size V.
+        hidden (int): text hidden size h.
+        ffn (int): text SwiGLU hidden size F.
+        num_heads (int): query heads n_h.
+        num_kv_heads (int): key/value heads.
+        head_dim (int): head dimension d.
+        num_layers (int): decoder layers.
+        vision_hidden (int): vision hidden size.
+        vision_ffn (int): vision SwiGLU hidden size.
+        vision_heads (int): vision heads.
+        vision_layers (int): vision layers.
+        patch_size (int): patch side in pixels.
+        merge (int): spatial merge size.
+    """
+
+    vocab_size: int
+    hidden: int
+    ffn: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_layers: int
+    vision_hidden: int
+    vision_ffn: int
+    vision_heads: int
+    vision_layers: int
+    patch_size: int
+    merge: int
+
+
+@dataclass
+class PartParams:
+    """Parameter elements of one part of the model, whole and per tensor-parallel rank.
+
+    Args:
+        total (int): elements in the unsharded model.
+        per_tp_rank (float): elements one TP rank holds.
+        trainable_per_tp_rank (float): trainable elements one TP rank holds.
+    """
+
+    total: int = 0
+    per_tp_rank: float = 0.0
+    trainable_per_tp_rank: float = 0.0
+
+
+@dataclass
+class Layout:
+    """A training layout, in the recipe's terms.
+
+    Args:
+        tp (int): ``tensor_parallel_dim``. Default is 1.
+        pp (int): ``pipeline_parallel_dim``. Default is 1.
+        dp (int): data-parallel degree (FSDP2 shards parameters, gradients and optimizer state over it when > 1).
+            Default is 1.
+        microbatches (int): ``pipeline_microbatches``; each splits ``batch_size``. Default is 1.
+        schedule (str): ``pipeline_schedule`` (GPipe, 1F1B, Interleaved1F1B, InterleavedZeroBubble, LoopedBFS,
+            ZBVZeroBubble). Default is "1F1B".
+        stages_per_rank (Optional[int]): virtual stages per pipeline rank; None for the schedule's default
+            (1 for single-stage schedules, else 2). Default is None.
+        layer_split (Optional[Sequence[int]]): ``pipeline_split``; None for the balanced default. Default is None.
+        seq_len (int): tokens per sample (the longest a batch pads to). Default is 2048.
+        batch_size (int): ``batch_size`` (samples per data-parallel rank per forward). Default is 1.
+        grad_accum (int): ``gradient_accumulation_steps``. Default is 1.
+        activation_checkpointing (bool): ``enable_activation_checkpointing``. Default is False.
+        compile (bool): ``compile`` (per-layer torch.compile and compiled loss). Default is False.
+        dtype_bytes (int): bytes per parameter/activation element (bf16: 2, fp32: 4). Default is 2.
+        optimizer (str): "adam"/"adamw" (2 states), "sgd_momentum" (1) or "sgd" (0). Default is "adam".
+        optimizer_fused (bool): fused optimizer step (no temporaries); False means foreach. Default is False.
+        optimizer_state_bytes (Optional[int]): bytes per state element; None means ``dtype_bytes`` (torch keeps
+            Adam states in the parameter dtype). Default is None.
+        num_output_chunks (int): ``CEWithChunkedOutputLoss.num_output_chunks``. Default is 8.
+        images_per_sample (int): images per sample. Default is 1.
+        image_px (int): side of a square image after Pixtral resizing (a multiple of patch x merge). Default is 532.
+    """
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    microbatches: int = 1
+    schedule: str = "1F1B"
+    stages_per_rank: Optional[int] = None
+    layer_split: Optional[Sequence[int]] = None
+    seq_len: int = 2048
+    batch_size: int = 1
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
+    compile: bool = False
+    dtype_bytes: int = 2
+    optimizer: str = "adam"
+    optimizer_fused: bool = False
+    optimizer_state_bytes: Optional[int] = None
+    num_output_chunks: int = 8
+    images_per_sample: int = 1
+    image_px: int = 532
+
+
+@dataclass
+class RankMemory:
+    """Memory of one pipeline rank (every TP/DP rank of it holds the same), in bytes.
+
+    Args:
+        pp_rank (int): pipeline rank.
+        stages (List[int]): global stage indices it holds.
+        layers (int): decoder layers it holds.
+        parameters (float): parameters (trainable and frozen).
+        gradients (float): gradients of its trainable parameters.
+        optimizer_state (float): optimizer state.
+        activations_per_microbatch (float): activations one micro-batch leaves for backward on this rank.
+        microbatches_in_flight (int): micro-batches whose activations are held at the worst moment.
+        activations (float): ``activations_per_microbatch * microbatches_in_flight`` plus stage-boundary tensors.
+        logits_and_loss (float): head and loss tensors of one micro-batch (last stage), plus their backward
+            workspace.
+        transient (float): the largest short-lived buffer (recompute of a checkpointed layer, vision tower
+            forward, FSDP all-gather, embedding backward or optimizer temporaries) at its own phase.
+        peak (float): the peak over the step's phases.
+        phases (Dict[str, float]): the candidates the peak is the largest of.
+    """
+
+    pp_rank: int
+    stages: List[int]
+    layers: int
+    parameters: float
+    gradients: float
+    optimizer_state: float
+    activations_per_microbatch: float
+    microbatches_in_flight: int
+    activations: float
+    logits_and_loss: float
+    transient: float
+    peak: float
+    phases: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MemoryPlan:
+    """Memory of every pipeline rank of a layout, and whether the worst one fits a GPU.
+
+    Args:
+        layout (Layout): the layout planned.
+        dims (ModelDims): the model's widths.
+        ranks (List[RankMemory]): one entry per pipeline rank.
+        gpu_gib (float): GPU memory, GiB.
+        allocator_margin (float): fraction added to the peak for the caching allocator's fragmentation.
+        reserve_gib (float): GiB set aside for the CUDA context and communication buffers.
+    """
+
+    layout: Layout
+    dims: ModelDims
+    ranks: List[RankMemory]
+    gpu_gib: float
+    allocator_margin: float
+    reserve_gib: float
+
+    @property
+    def worst(self) -> RankMemory:
+        """RankMemory: the pipeline rank with the highest peak."""
+        return max(self.ranks, key=lambda r: r.peak)
+
+    @property
+    def needed_gib(self) -> float:
+        """float: the worst peak with the allocator margin and the reserve, GiB."""
+        return self.worst.peak / GIB * (1 + self.allocator_margin) + self.reserve_gib
+
+    @property
+    def fits(self) -> bool:
+        """bool: whether :attr:`needed_gib` fits ``gpu_gib``."""
+        return self.needed_gib <= self.gpu_gib
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Dict[str, Any]: everything, JSON-serialisable (bytes as GiB)."""
+        ranks = []
+        for r in self.ranks:
+            d = asdict(r)
+            for k, v in list(d.items()):
+                if isinstance(v, float):
+                    d[k] = v / GIB
+            d["phases"] = {k: v / GIB for k, v in r.phases.items()}
+            ranks.append(d)
+        layout = asdict(self.layout)
+        return {"layout": layout, "dims": asdict(self.dims), "ranks_gib": ranks, "gpu_gib": self.gpu_gib,
+                "needed_gib": self.needed_gib, "fits": self.fits}
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def build_meta_model(checkpoint_dir: Optional[str] = None, size: Optional[str] = None, **flags: Any):
+    """Build the model on the meta device from ``checkpoint_dir/config.json`` or a named size.
+
+    Args:
+        checkpoint_dir (Optional[str]): HF checkpoint directory with config.json. Default is None.
+        size (Optional[str]): one of :data:`NAMED_SIZES`, used when ``checkpoint_dir`` has no config.json.
+            Default is None.
+        **flags (Any): builder overrides (``vision_trainable``, ``max_seq_len``, ...).
+
+    Returns:
+        Mistral3FusionModel: the model, parameters on the meta device.
+
+    Raises:
+        ValueError: if neither a config.json nor a known size is given.
+    """
+    import torch
+
+    from torchtune_mistral3.models import mistral3 as family
+
+    with torch.device("meta"):
+        if checkpoint_dir is not None and (Path(checkpoint_dir) / "config.json").is_file():
+            return family.mistral3_from_hf_config(checkpoint_dir, **flags)
+        if size in NAMED_SIZES:
+            return getattr(family, size)(**flags)
+    raise ValueError(
+        f"no {Path(str(checkpoint_dir)) / 'config.json'} and no named size ({size!r}): give the checkpoint "
+        f"directory, or plan.size= one of {', '.join(NAMED_SIZES)}"
+    )
+
+
+def model_dims(model) -> ModelDims:
+    """Read the widths the activation count needs from a built model.
+
+    Args:
+        model (Mistral3FusionModel): the model (any device).
+
+    Returns:
+        ModelDims: its widths.
+    """
+    layer = model.decoder.layers[0]
+    vision = model.encoders["image"].vision
+    vlayer = vision.layers[0]
+    return ModelDims(
+        vocab_size=model.tok_embeddings.num_embeddings,
+        hidden=model.tok_embeddings.embedding_dim,
+        ffn=layer.mlp.w1.out_features,
+        num_heads=layer.attn.num_heads,
+        num_kv_heads=layer.attn.num_kv_heads,
+        head_dim=layer.attn.head_dim,
+        num_layers=len(model.decoder.layers),
+        vision_hidden=vlayer.attn.embed_dim,
+        vision_ffn=vlayer.mlp.w1.out_features,
+        vision_heads=vlayer.attn.num_heads,
+        vision_layers=len(vision.layers),
+        patch_size=vision.patch_size,
+        merge=model.encoders["image"].projector.spatial_merge_size,
+    )
+
+
+def part_of(name: str) -> str:
+    """Which part a parameter belongs to: ``layer.N``, ``embeddings``, ``vision``, ``projector``, ``norm``, ``output``.
+
+    Args:
+        name (str): parameter FQN of the fused model.
+
+    Returns:
+        str: the part.
+    """
+    if name.startswith("decoder.layers."):
+        return "layer." + name.split(".")[2]
+    for prefix, part in (("tok_embeddings.", "embeddings"), ("decoder.tok_embeddings.", "embeddings"),
+                         ("encoders.image.vision.", "vision"), ("encoders.image.projector.", "projector"),
+                         ("decoder.norm.", "norm"), ("decoder.output.", "output")):
+        if name.startswith(prefix):
+            return part
+    return "other"
+
+
+def count_parts(model, tp: int, tp_plan: Optional[Dict[str, Any]] = None) -> Dict[str, PartParams]:
+    """Parameter elements per part, sharded by the modules a TP plan names.
+
+    Args:
+        model (Mistral3FusionModel): the model (meta device is fine).
+        tp (int): tensor parallel degree.
+        tp_plan (Optional[Dict[str, Any]]): FQN glob -> style; None for ``mistral3_tp_plan()``. Default is None.
+
+    Returns:
+        Dict[str, PartParams]: per part.
+    """
+    if tp_plan is None:
+        from torchtune_mistral3.models.mistral3._parallelism import mistral3_tp_plan
+
+        tp_plan = mistral3_tp_plan()
+    patterns = [p.split(".") for p in tp_plan]
+    parts: Dict[str, PartParams] = {}
+    for name, p in model.named_parameters():
+        module_atoms = name.split(".")[:-1]
+        sharded = tp > 1 and any(
+            len(pat) == len(module_atoms) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(module_atoms, pat))
+            for pat in patterns
+        )
+        local = p.numel() / tp if sharded else p.numel()
+        part = parts.setdefault(part_of(name), PartParams())
+        part.total += p.numel()
+        part.per_tp_rank += local
+        if p.requires_grad:
+            part.trainable_per_tp_rank += local
+    return parts
+
+
+# --------------------------------------------------------------------------------------------- activations
+
+
+def layer_activation_bytes_per_token(dims: ModelDims, tp: int, compiled: bool) -> float:
+    """Bytes one decoder layer keeps for backward per token (no activation checkpointing), per TP rank.
+
+    Args:
+        dims (ModelDims): model widths.
+        tp (int): tensor parallel degree.
+        compiled (bool): per-layer torch.compile (else eager).
+
+    Returns:
+        float: bytes per token.
+    """
+    q = dims.num_heads * dims.head_dim
+    b = 8 * dims.hidden + (8 * q + 6 * dims.ffn + 4 * dims.num_heads) / tp
+    return b if compiled else b * EAGER_LAYER_FACTOR
+
+
+def head_bytes_per_token(dims: ModelDims, tp: int, compiled_loss: bool) -> float:
+    """Bytes the final norm, the output head and the chunked loss keep for backward per token (last stage).
+
+    Args:
+        dims (ModelDims): model widths.
+        tp (int): tensor parallel degree (the head is vocabulary-sharded, the loss vocabulary-parallel).
+        compiled_loss (bool): compiled cross-entropy (no fp32 log-probabilities kept).
+
+    Returns:
+        float: bytes per token.
+    """
+    v = dims.vocab_size / tp
+    return 10 * dims.hidden + 2 * v + (0 if compiled_loss else 4 * v)
+
+
+def projector_bytes_per_image_token(dims: ModelDims) -> float:
+    """Bytes the (trainable) projector keeps for backward per merged image token.
+
+    Its eager fp32 norm (input and normalised copy), the merged patches, and the inputs of the two linears.
+
+    Args:
+        dims (ModelDims): model widths.
+
+    Returns:
+        float: bytes per image token.
+    """
+    m2 = dims.merge**2
+    return 4 * dims.hidden + 2 * dims.vision_hidden + 2 * m2 * dims.vision_hidden + 8 * m2 * dims.vision_hidden
+
+
+def microbatches_in_flight(schedule: str, pp: int, pp_rank: int, microbatches: int, stages_per_rank: int) -> int:
+    """Micro-batches (per stage of the rank) whose activations a pipeline rank holds at its worst moment.
+
+    GPipe: all of them. 1F1B: ``pp - pp_rank`` (warm-up forwards plus one). Interleaved 1F1B, counting
+    chunk-forwards: ``(v - 1) * pp + 2 * (pp - 1 - pp_rank) + 1``, as torch's schedule warms up, divided by the
+    ``v`` stages of the rank (rounded up). Never more than the micro-batches there are.
+
+    Args:
+        schedule (str): ``pipeline_schedule``.
+        pp (int): pipeline degree.
+        pp_rank (int): pipeline rank.
+        microbatches (int): micro-batches per batch.
+        stages_per_rank (int): stages per rank v.
+
+    Returns:
+        int: micro-batches in flight per stage of the rank.
+
+    Raises:
+        ValueError: for a schedule not modelled.
+    """
+    kind = _SCHEDULES.get(schedule.lower())
+    if kind is None:
+        raise ValueError(f"pipeline_schedule={schedule!r} is not modelled; use one of {sorted(_SCHEDULES)}")
+    if pp == 1:
+        return 1
+    if kind == "gpipe":
+        return microbatches
+    if kind == "1f1b":
+        return min(pp - pp_rank, microbatches)
+    chunks = (stages_per_rank - 1) * pp + 2 * (pp - 1 - pp_rank) + 1
+    return min(math.ceil(chunks / stages_per_rank), microbatches)
+
+
+# --------------------------------------------------------------------------------------------- plan
+
+
+def _stages(layout: Layout, num_layers: int) -> tuple:
+    from torchtune_mistral3.models.mistral3._parallelism import mistral3_pp_stage_extras
+    from torchtune_mistral3.training._pipeline import (
+        default_stages_per_rank,
+        get_pipeline_schedule_class,
+        resolve_layer_split,
+        stage_ids_for_rank,
+    )
+
+    if layout.pp == 1:
+        return 1, [num_layers], [[0]]
+    cls = get_pipeline_schedule_class(layout.schedule)
+    v = layout.stages_per_rank or default_stages_per_rank(cls)
+    split = resolve_layer_split(num_layers, layout.pp * v, layout.layer_split, **mistral3_pp_stage_extras())
+    return v, split, [stage_ids_for_rank(cls, r, layout.pp, v) for r in range(layout.pp)]
+
+
+def plan_memory(
+    model,
+    layout: Layout,
+    gpu_gib: float = 80.0,
+    allocator_margin: float = 0.10,
+    reserve_gib: float = 2.0,
+    tp_plan: Optional[Dict[str, Any]] = None,
+) -> MemoryPlan:
+    """Per-GPU memory of ``model`` trained with ``layout``.
+
+    Args:
+        model (Mistral3FusionModel): the model with its trainable flags set (meta device is fine).
+        layout (Layout): the layout.
+        gpu_gib (float): memory of one GPU, GiB (an H100-80GB reports 79.1 GiB). Default is 80.0.
+        allocator_margin (float): fraction added to the peak for the caching allocator (measured on the H200:
+            reserved was 5-14% above allocated). Default is 0.10.
+        reserve_gib (float): GiB for the CUDA context and NCCL buffers. Default is 2.0.
+        tp_plan (Optional[Dict[str, Any]]): TP plan; None for ``mistral3_tp_plan()``. Default is None.
+
+    Returns:
+        MemoryPlan: the plan.
+
+    Raises:
+        ValueError: if the batch does not split into the micro-batches, or the image does not fit the sequence.
+    """
+    lo = layout
+    dims = model_dims(model)
+    if lo.batch_size % lo.microbatches:
+        raise ValueError(f"batch_size={lo.batch_size} does not split into pipeline_microbatches={lo.microbatches}")
+    mb = lo.batch_size // lo.microbatches
+    tokens = mb * lo.seq_len
+    side = lo.image_px // (dims.patch_size * dims.merge)
+    image_tokens = mb * lo.images_per_sample * side * side
+    patches = image_tokens * dims.merge**2
+    if side * (side + 1) * lo.images_per_sample > lo.seq_len:
+        raise ValueError(f"{lo.images_per_sample} image(s) of {lo.image_px} px need more than seq_len={lo.seq_len}")
+
+    parts = count_parts(model, lo.tp, tp_plan)
+    v, split, rank_stages = _stages(lo, dims.num_layers)
+    starts = [sum(split[:i]) for i in range(len(split))]
+    last_stage = len(split) - 1
+    shard = lo.dp if lo.dp > 1 else 1
+    state_bytes = lo.optimizer_state_bytes or lo.dtype_bytes
+    n_states = {"adam": 2, "adamw": 2, "sgd_momentum": 1, "sgd": 0}[lo.optimizer]
+    holds_grads_across = lo.microbatches * lo.grad_accum > 1
+    layer_act = (
+        2 * dims.hidden if lo.activation_checkpointing
+        else layer_activation_bytes_per_token(dims, lo.tp, lo.compile)
+    )
+    full_layer_act = layer_activation_bytes_per_token(dims, lo.tp, lo.compile)
+
+    ranks = []
+    for r, stages in enumerate(rank_stages):
+        names = []
+        for s in stages:
+            names += [f"layer.{i}" for i in range(starts[s], starts[s] + split[s])]
+            if s == 0:
+                names += ["embeddings", "vision", "projector"]
+            if s == last_stage:
+                names += ["norm", "output"]
+        held = [parts[n] for n in names if n in parts]
+        params = sum(p.per_tp_rank for p in held) * lo.dtype_bytes / shard
+        trainable = sum(p.trainable_per_tp_rank for p in held) / shard
+        grads = trainable * lo.dtype_bytes
+        opt = trainable * state_bytes * n_states
+        n_layers = sum(split[s] for s in stages)
+
+        # activations of one micro-batch through all of this rank's stages
+        act_mb = n_layers * layer_act * tokens
+        first = 0 in stages
+        last = last_stage in stages
+        if first and parts.get("projector") and parts["projector"].trainable_per_tp_rank:
+            act_mb += projector_bytes_per_image_token(dims) * image_tokens
+        boundary = 0.0 if (last and len(stages) == 1) else 2 * dims.hidden * tokens  # stage output kept for backward
+        in_flight = microbatches_in_flight(lo.schedule, lo.pp, r, lo.microbatches, v)
+        activations = in_flight * (act_mb + boundary)
+
+        head = 0.0
+        if last:
+            head = head_bytes_per_token(dims, lo.tp, lo.compile) * tokens
+            v_local = dims.vocab_size / lo.tp
+            # backward of the loss: bf16 grad of one chunk of logits (+ fp32 upcast and softmax if eager)
+            head += tokens / lo.num_output_chunks * v_local * (2 if lo.compile else 10)
+            out_grad = parts["output"].trainable_per_tp_rank * lo.dtype_bytes / shard if "output" in parts else 0.0
+            if not holds_grads_across:
+                head += out_grad  # the head's gradient is the first to appear
+            if lo.num_output_chunks > 1:
+                head += out_grad  # each chunk's head gradient exists beside the sum before it is added
+        transients = {"none": 0.0}
+        if lo.activation_checkpointing:
+            transients["recompute"] = full_layer_act * tokens
+        if first:
+            # frozen tower forward, one layer alive at a time: input, norm, q/k/v/out and the SwiGLU tensors
+            transients["vision_forward"] = patches * (8 * dims.vision_hidden + 3 * dims.vision_ffn) * lo.dtype_bytes
+        if shard > 1:
+            biggest = max((parts[n].per_tp_rank for n in names if n.startswith("layer.")), default=0.0)
+            transients["fsdp_all_gather"] = 2 * biggest * lo.dtype_bytes
+        fb_transient = max(transients.values())
+        embed_bwd = 6 * dims.hidden * tokens if first and parts["embeddings"].trainable_per_tp_rank else 0.0
+        opt_temp = 0.0 if lo.optimizer_fused or n_states == 0 else trainable * state_bytes
+        phases = {
+            "forward_backward": params + opt + (grads if holds_grads_across else 0.0) + activations + head
+            + fb_transient,
+            "end_of_backward": params + opt + grads + embed_bwd,
+            "optimizer_step": params + opt + grads + opt_temp,
+        }
+        ranks.append(RankMemory(
+            pp_rank=r, stages=list(stages), layers=n_layers, parameters=params, gradients=grads,
+            optimizer_state=opt, activations_per_microbatch=act_mb, microbatches_in_flight=in_flight,
+            activations=activations, logits_and_loss=head,
+            transient=max(fb_transient, embed_bwd, opt_temp), peak=max(phases.values()), phases=phases,
+        ))
+    return MemoryPlan(lo, dims, ranks, gpu_gib, allocator_margin, reserve_gib)
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """Human-readable table of a plan (GiB per GPU, one row per pipeline rank).
+
+    Args:
+        plan (MemoryPlan): the plan.
+
+    Returns:
+        str: the table and the verdict.
+    """
+    lo = plan.layout
+    lines = [
+        f"layout: TP={lo.tp} PP={lo.pp} DP={lo.dp} ({lo.tp * lo.pp * lo.dp} GPUs), schedule {lo.schedule}, "
+        f"{lo.microbatches} micro-batch(es) of {lo.batch_size // lo.microbatches} x {lo.seq_len} tokens, "
+        f"grad accumulation {lo.grad_accum}, activation checkpointing {'on' if lo.activation_checkpointing else 'off'},"
+        f" compile {'on' if lo.compile else 'off'}, optimizer {lo.optimizer}{' (fused)' if lo.optimizer_fused else ''}",
+        f"{'pp rank':>7} {'layers':>6} {'params':>7} {'grads':>7} {'optim':>7} {'act/mb':>7} {'x mb':>4} "
+        f"{'act':>7} {'logits':>7} {'transnt':>7} {'peak':>7}   (GiB per GPU)",
+    ]
+    for r in plan.ranks:
+        lines.append(
+            f"{r.pp_rank:>7} {r.layers:>6} {r.parameters / GIB:7.2f} {r.gradients / GIB:7.2f} "
+            f"{r.optimizer_state / GIB:7.2f} {r.activations_per_microbatch / GIB:7.2f} {r.microbatches_in_flight:>4} "
+            f"{r.activations / GIB:7.2f} {r.logits_and_loss / GIB:7.2f} {r.transient / GIB:7.2f} {r.peak / GIB:7.2f}"
+        )
+    w = plan.worst
+    verdict = "FITS" if plan.fits else "DOES NOT FIT"
+    lines.append(
+        f"worst: pp rank {w.pp_rank}, peak {w.peak / GIB:.2f} GiB; with {plan.allocator_margin:.0%} allocator margin "
+        f"and {plan.reserve_gib:.1f} GiB reserve: {plan.needed_gib:.2f} GiB of {plan.gpu_gib:.1f} GiB -> {verdict}"
+    )
+    return "\n".join(lines)
+
+
+def plan_to_json(plan: MemoryPlan) -> str:
+    """JSON text of :meth:`MemoryPlan.to_dict`.
+
+    Args:
+        plan (MemoryPlan): the plan.
+
+    Returns:
+        str: JSON.
+    """
+    return json.dumps(plan.to_dict(), indent=1)

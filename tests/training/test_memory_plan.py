@@ -1,0 +1,207 @@
+"""The memory planner's arithmetic against hand-derived counts, published parameter counts and H200 measurements."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from torchtune_mistral3.training._memory_plan import (
+    GIB,
+    Layout,
+    build_meta_model,
+    count_parts,
+    head_bytes_per_token,
+    microbatches_in_flight,
+    plan_memory,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "bench" / "results"
+
+# Tiny model: text h=64, F=128, 4 q heads / 2 kv heads of 16, vocab 256, 3 layers; vision 32 wide, 2 layers.
+H, F, NH, NKV, HD, V, L = 64, 128, 4, 2, 16, 256, 3
+DV, FV, LV, P = 32, 64, 2, 14
+
+
+def _tiny_config():
+    return {
+        "model_type": "mistral3", "image_token_index": 10, "projector_hidden_act": "gelu",
+        "vision_feature_layer": -1, "multimodal_projector_bias": False, "spatial_merge_size": 2,
+        "tie_word_embeddings": False,
+        "text_config": {
+            "model_type": "ministral3", "vocab_size": V, "hidden_size": H, "intermediate_size": F,
+            "num_hidden_layers": L, "num_attention_heads": NH, "num_key_value_heads": NKV, "head_dim": HD,
+            "hidden_act": "silu", "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+            "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                                "original_max_position_embeddings": 1024, "beta_fast": 32.0, "beta_slow": 1.0,
+                                "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1},
+        },
+        "vision_config": {
+            "model_type": "pixtral", "hidden_size": DV, "intermediate_size": FV, "num_hidden_layers": LV,
+            "num_attention_heads": 2, "num_channels": 3, "image_size": 224, "patch_size": P, "hidden_act": "silu",
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_ckpt")
+    (d / "config.json").write_text(json.dumps(_tiny_config()))
+    return build_meta_model(str(d), max_seq_len=256)
+
+
+# Hand counts of the tiny model, from the dims above.
+LAYER_MATMUL = H * NH * HD + 2 * H * NKV * HD + NH * HD * H + 3 * H * F  # q, k, v, o, w1, w2, w3
+LAYER = LAYER_MATMUL + 2 * H  # two RMSNorm scales
+VISION = 3 * P * P * DV + DV + LV * (4 * DV * DV + 3 * DV * FV + 2 * DV)  # conv, ln_pre, layers
+PROJECTOR = DV + 4 * DV * DV + DV * H + H * H  # norm, patch merger, linear_1, linear_2
+
+
+def test_part_counts_match_hand_derived(tiny_model):
+    parts = count_parts(tiny_model, tp=1)
+    assert parts["layer.0"].total == LAYER
+    assert parts["embeddings"].total == V * H
+    assert parts["output"].total == V * H
+    assert parts["norm"].total == H
+    assert parts["vision"].total == VISION
+    assert parts["projector"].total == PROJECTOR
+    # frozen tower by default: nothing of it is trainable
+    assert parts["vision"].trainable_per_tp_rank == 0
+    assert parts["projector"].trainable_per_tp_rank == PROJECTOR
+
+
+def test_tensor_parallel_shards_what_the_plan_names(tiny_model):
+    parts = count_parts(tiny_model, tp=2)
+    assert parts["layer.1"].per_tp_rank == LAYER_MATMUL / 2 + 2 * H  # norms replicated
+    assert parts["embeddings"].per_tp_rank == V * H / 2  # vocabulary-parallel embedding
+    assert parts["output"].per_tp_rank == V * H / 2  # column-wise head
+    assert parts["vision"].per_tp_rank == VISION  # tower and projector replicated
+    assert parts["projector"].per_tp_rank == PROJECTOR
+
+
+def test_single_gpu_plan_hand_derived(tiny_model):
+    # 1 GPU, batch 2 x 64 tokens, compiled, no checkpointing, fused Adam, 1 output chunk, one 56 px image/sample
+    lo = Layout(seq_len=64, batch_size=2, compile=True, optimizer="adam", optimizer_fused=True, num_output_chunks=1,
+                image_px=56)
+    plan = plan_memory(tiny_model, lo, gpu_gib=1.0)
+    (r,) = plan.ranks
+    trainable = L * LAYER + 2 * V * H + H + PROJECTOR
+    params = trainable + VISION
+    assert r.parameters == 2 * params
+    assert r.gradients == 2 * trainable
+    assert r.optimizer_state == 2 * 2 * trainable
+    tokens = 128
+    per_layer = 8 * H + 8 * NH * HD + 6 * F + 4 * NH  # bytes per token, compiled, tp=1
+    image_tokens = 2 * 4  # two 56 px images: 4x4 patches -> 2x2 merged tokens each
+    projector = 4 * H + 2 * DV + 2 * 4 * DV + 8 * 4 * DV
+    assert r.activations_per_microbatch == L * per_layer * tokens + projector * image_tokens
+    assert r.microbatches_in_flight == 1
+    head = (10 * H + 2 * V) * tokens + tokens * V * 2 + V * H * 2  # saved, loss backward, head gradient
+    assert r.logits_and_loss == head
+    static = 2 * params + 4 * trainable
+    vision_forward = 2 * 16 * (8 * DV + 3 * FV) * 2  # 32 patches, one layer's tensors, bf16
+    assert r.phases["forward_backward"] == static + r.activations_per_microbatch + head + vision_forward
+    assert r.phases["end_of_backward"] == static + 2 * trainable + 6 * H * tokens
+    assert r.peak == max(r.phases.values())
+    assert plan.fits == (r.peak / GIB * 1.1 + 2.0 <= 1.0)
+
+
+def test_activation_checkpointing_keeps_layer_inputs_only(tiny_model):
+    lo = Layout(seq_len=64, batch_size=1, activation_checkpointing=True, compile=True, image_px=56)
+    (r,) = plan_memory(tiny_model, lo).ranks
+    projector = (4 * H + 2 * DV + 2 * 4 * DV + 8 * 4 * DV) * 4  # 4 merged tokens
+    assert r.activations_per_microbatch == L * 2 * H * 64 + projector
+
+
+@pytest.mark.parametrize(
+    "schedule, p, m, v, expected",
+    [
+        ("1F1B", 4, 8, 1, [4, 3, 2, 1]),  # warm-up p - 1 - r forwards, then one more before the first backward
+        ("1F1B", 4, 2, 1, [2, 2, 2, 1]),  # never more than the micro-batches there are
+        ("GPipe", 4, 8, 1, [8, 8, 8, 8]),  # all forwards before any backward
+        ("Interleaved1F1B", 4, 8, 2, [6, 5, 4, 3]),  # ceil(((v-1)p + 2(p-1-r) + 1) / v)
+    ],
+)
+def test_microbatches_in_flight(schedule, p, m, v, expected):
+    assert [microbatches_in_flight(schedule, p, r, m, v) for r in range(p)] == expected
+
+
+def test_pipeline_ranks_take_the_recipe_split(tiny_model):
+    lo = Layout(tp=1, pp=3, microbatches=3, batch_size=3, seq_len=64, image_px=56)
+    plan = plan_memory(tiny_model, lo)
+    assert [r.layers for r in plan.ranks] == [1, 1, 1]
+    first, last = plan.ranks[0], plan.ranks[-1]
+    assert first.logits_and_loss == 0 and last.logits_and_loss > 0
+    # gradients persist across micro-batches in a pipeline
+    assert first.phases["forward_backward"] >= first.parameters + first.optimizer_state + first.gradients
+
+
+def test_mm35_parameter_counts_match_published():
+    # mistral-medium-3.5 reference, section 0: total 127.70B, language model 123.42B incl. embedding 1.61B,
+    # lm_head 1.61B, vision 2.4957B (434 tensors), projector 182.5M.
+    model = build_meta_model(size="mistral3p5_128b", max_seq_len=2048)
+    parts = count_parts(model, tp=8)
+    total = sum(p.total for p in parts.values())
+    assert round(total / 1e9, 2) == 127.70
+    assert parts["vision"].total == 2_495_702_144
+    assert round(parts["projector"].total / 1e6, 1) == 182.5
+    language = sum(p.total for k, p in parts.items() if k.startswith("layer.") or k in ("embeddings", "norm"))
+    assert round(language / 1e9, 2) == 123.42
+    assert round(parts["output"].total / 1e9, 2) == 1.61
+
+
+def _measured_runs():
+    runs = []
+    for name in ("step_speed_h200.json", "step_speed_h200_8layers.json"):
+        path = RESULTS / name
+        if path.is_file():
+            runs.append(json.loads(path.read_text()))
+    return runs
+
+
+@pytest.mark.skipif(not _measured_runs(), reason="no H200 results in bench/results")
+def test_prediction_within_10_percent_of_h200_peak(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    from _slice import slice_hf_config
+
+    checked = 0
+    for run in _measured_runs():
+        d = tmp_path / f"slice{run['layers']}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(slice_hf_config(run["layers"])))
+        model = build_meta_model(str(d), max_seq_len=4096)
+        for case in run["cases"]:
+            for name, r in case["variants"].items():
+                if not name.startswith("plugin") or "peak_allocated_gib" not in r:
+                    continue
+                switches = name.split("_")[1:]
+                lo = Layout(seq_len=case["seq_len"], batch_size=case["batch_size"], compile="compile" in switches,
+                            activation_checkpointing="ac" in switches, optimizer="adamw", optimizer_fused=True,
+                            num_output_chunks=1 if "c1" in switches else 8, image_px=run["image_px"])
+                (rank,) = plan_memory(model, lo).ranks
+                assert rank.peak / GIB == pytest.approx(r["peak_allocated_gib"], rel=0.10), name
+                # what the forward leaves for backward: activations + head/loss tensors
+                tokens = case["seq_len"] * case["batch_size"]
+                held = rank.activations + head_bytes_per_token(rank_dims(model), 1, lo.compile) * tokens
+                assert held / GIB == pytest.approx(r["memory_gib"]["forward_held"], rel=0.10), name
+                checked += 1
+    assert checked >= 6
+
+
+def rank_dims(model):
+    from torchtune_mistral3.training._memory_plan import model_dims
+
+    return model_dims(model)
+
+
+def test_cli_mistral3p5_medpix_on_64_h100(capsys):
+    from torchtune_mistral3.plan import main
+
+    assert main(["--config", "mistral3p5_medpix", "plan.world_size=64", "plan.gpu_gib=79.6"]) == 0
+    out = capsys.readouterr().out
+    assert "TP=8 PP=8 DP=1 (64 GPUs)" in out and "FITS" in out
+    # 10 + 12 + 11 + 11 + 11 + 12 + 11 + 10 layers: the recipe's balanced split of 88 over 8 stages
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(row[1]) for row in rows] == [10, 12, 11, 11, 11, 12, 11, 10]
+    assert main(["--config", "mistral3p5_medpix", "plan.world_size=64", "plan.gpu_gib=16"]) == 1
