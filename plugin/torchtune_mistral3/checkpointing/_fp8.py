@@ -110,8 +110,8 @@ def quantize_per_tensor(
         Tuple[torch.Tensor, torch.Tensor]: the ``float8_e4m3fn`` weight and its 0-d ``weight_scale_inv``.
     """
     w = weight.detach().to(torch.float32)
-    amax = w.abs().amax() if w.numel() else torch.zeros(())
+    amax = w.abs().amax() if w.numel() else torch.zeros((), device=w.device)
     # An all-zero tensor gets scale 1 rather than 0, so dequantising stays finite.
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones(())).to(scale_dtype)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones((), device=w.device)).to(scale_dtype)
     q = (w / scale.to(torch.float32)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale

@@ -145,11 +145,12 @@ class _HFTensorConverter:
 
     def convert(self, key: str, tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
         hf_key = tune_key_to_hf(key)
-        tensor = tensor.detach().to("cpu")
+        # Cast / quantise where the tensor lives (a GPU does it faster), then move the smaller result.
+        tensor = tensor.detach()
         if key not in self.fp8_keys:
-            return {hf_key: tensor.to(self.dtype or tensor.dtype).contiguous()}
+            return {hf_key: tensor.to(self.dtype or tensor.dtype).to("cpu").contiguous()}
         q, scale = _fp8.quantize_per_tensor(tensor)
-        out = {hf_key: q, _fp8.scale_key(hf_key): scale}
+        out = {hf_key: q.to("cpu"), _fp8.scale_key(hf_key): scale.to("cpu")}
         if key in self.activation_scales:
             out[_fp8.activation_scale_key(hf_key)] = self.activation_scales[key].clone()
         return out
