@@ -14,6 +14,7 @@ import tempfile
 from datetime import timedelta
 from typing import Dict, List, Optional
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -169,6 +170,12 @@ def reference_run(n_samples: int, model_name: str = "toy") -> Dict:
         opt.step()
         opt.zero_grad()
     out["final"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        batch = make_batch(STEPS, n_samples, model_name)
+        logits = model(batch["tokens"], encoder_input=batch["encoder_input"])
+        out["eval_loss"] = F.cross_entropy(
+            logits.reshape(-1, spec["vocab"]), batch["labels"].reshape(-1), ignore_index=-100
+        ).item()
     return out
 
 
@@ -321,6 +328,40 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
         opt.zero_grad()
     for n, p in named:
         diffs["param"] = max(diffs["param"], (_full(p.detach()) - ref["final"][n]).abs().max().item())
+
+    # Evaluation (forward only) with the trained weights.
+    batch = slice_batch(
+        make_batch(STEPS, SAMPLES_PER_REPLICA * dims.dp, model_name),
+        dp_rank * SAMPLES_PER_REPLICA, (dp_rank + 1) * SAMPLES_PER_REPLICA,
+    )
+    labels = batch.pop("labels")
+    num_tokens = (labels != -100).sum()
+    dist.all_reduce(num_tokens, group=mesh["dp"].get_group())
+    if pipeline is not None and cfg["schedule"] in ("ZBVZeroBubble", "DualPipeV"):
+        with pytest.raises(NotImplementedError, match="cannot run forward-only"):
+            pipeline_step(pipeline, batch, labels, num_tokens.item(), forward_only=True)
+        ref["eval_loss"] = None
+    with train_context(use_lp), torch.no_grad():
+        if ref["eval_loss"] is None:
+            loss = None
+        elif pipeline is not None:
+            loss = pipeline_step(pipeline, batch, labels, num_tokens.item(), forward_only=True)
+        else:
+            logits = parts[0](batch["tokens"], encoder_input=batch["encoder_input"])
+            loss = _full(RecordingLoss(recipe_loss)(logits, labels, num_tokens.item()))
+    loss = torch.zeros(()) if loss is None else loss.reshape(())
+    if pp_group is not None:
+        dist.all_reduce(loss, group=pp_group)
+    dist.all_reduce(loss, group=mesh["dp"].get_group())
+    if ref["eval_loss"] is not None:
+        diffs["eval_loss"] = abs(loss.item() - ref["eval_loss"])
+    # FSDP's reduce-scatter of unused parameters may leave zero gradients; nothing else may appear.
+    bad = [n for n, p in named if p.grad is not None and _full(p.grad).abs().max().item() != 0]
+    assert not bad, f"evaluation produced gradients: {bad}"
+    parts_checkpointed = all(
+        any("_checkpoint_wrapped_module" in n for n, _ in part.named_parameters()) for part in parts
+    )
+    assert parts_checkpointed, "activation checkpointing was not applied to every stage"
     # Loss parallel: the head's logits reach the loss as vocabulary shards, never gathered.
     if pipeline is None or pipeline.has_last:
         chunks = f"{cfg['output_chunks']}x" if cfg.get("output_chunks") else ""

@@ -568,8 +568,9 @@ def pipeline_step(
     batch: Dict[str, Any],
     labels: Optional[torch.Tensor],
     num_tokens: float,
+    forward_only: bool = False,
 ) -> Optional[torch.Tensor]:
-    """Run forward and backward of one (data-parallel-local) batch through the pipeline.
+    """Run forward and backward (or forward only) of one (data-parallel-local) batch through the pipeline.
 
     Every rank of the pipeline group calls it with the same batch (all ranks of a data-parallel
     replica load the same batch). Microbatch shapes are frozen at the first call: keep the batch size
@@ -581,6 +582,7 @@ def pipeline_step(
             (the collate output without ``labels``).
         labels (Optional[torch.Tensor]): ``[b, s]`` labels aligned with the logits (already shifted).
         num_tokens (float): valid labels of the global batch (summed over data-parallel ranks).
+        forward_only (bool): evaluation: forward and loss, no backward (``schedule.eval``). Default is False.
 
     Returns:
         Optional[torch.Tensor]: on the last-stage rank the summed (detached) loss of this rank's microbatches,
@@ -589,7 +591,14 @@ def pipeline_step(
     Raises:
         ValueError: if the batch size is not divisible by the microbatches, or the batch shape changed since the
             first step.
+        NotImplementedError: for ``forward_only`` with a "v" schedule (ZBVZeroBubble, DualPipeV): torch runs
+            their backward actions in ``eval`` too.
     """
+    if forward_only and isinstance(pipeline.schedule, _V_SCHEDULES):
+        raise NotImplementedError(
+            f"{type(pipeline.schedule).__name__} cannot run forward-only in torch (its eval still runs backward "
+            "actions). Use pipeline_schedule Interleaved1F1B, InterleavedZeroBubble, 1F1B or GPipe to evaluate."
+        )
     tokens = batch["tokens"]
     shape = tuple(tokens.shape)
     first_shape = getattr(pipeline, "_batch_shape", None)
@@ -613,11 +622,12 @@ def pipeline_step(
         if batch.get("encoder_input"):
             kwargs["encoder_input"] = StageImages(batch["encoder_input"])
             kwargs["sample_idx"] = torch.arange(shape[0])
+    run = pipeline.schedule.eval if forward_only else pipeline.schedule.step
     if not pipeline.has_last:
-        pipeline.schedule.step(*args, return_outputs=False, **kwargs)
+        run(*args, return_outputs=False, **kwargs)
         return None
     losses: List[torch.Tensor] = []
-    pipeline.schedule.step(
+    run(
         *args, target=labels, losses=losses, loss_kwargs={"num_tokens": num_tokens}, return_outputs=False, **kwargs
     )
     losses = [x.full_tensor() if isinstance(x, DTensor) else x for x in losses]
