@@ -8,7 +8,6 @@ from typing import Optional
 from torch import nn
 from torchtune.modules import (
     FeedForward,
-    RMSNorm,
     TiedLinear,
     TransformerDecoder,
     TransformerSelfAttentionLayer,
@@ -19,6 +18,7 @@ from ._attention import ImageBlockAttention, Mistral3Attention
 from ._fusion import Mistral3FusionModel, Mistral3ImageEncoder
 from ._position_embeddings import Llama4QueryScale, PixtralRotaryPositionalEmbeddings, YarnRotaryPositionalEmbeddings
 from ._projector import Mistral3Projector
+from ._rms_norm import Mistral3RMSNorm
 from ._vision_encoder import PixtralVisionEncoder
 
 # Pixtral hard-codes its norms' eps (it is not a config field).
@@ -138,8 +138,8 @@ def ministral3_decoder(
             TransformerSelfAttentionLayer(
                 attn=attn,
                 mlp=_swiglu(embed_dim, intermediate_dim, hidden_act, "text_config.hidden_act"),
-                sa_norm=RMSNorm(embed_dim, eps=norm_eps),
-                mlp_norm=RMSNorm(embed_dim, eps=norm_eps),
+                sa_norm=Mistral3RMSNorm(embed_dim, eps=norm_eps),
+                mlp_norm=Mistral3RMSNorm(embed_dim, eps=norm_eps),
             )
         )
     tok_embeddings = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
@@ -150,7 +150,7 @@ def ministral3_decoder(
         max_seq_len=max_seq_len,
         num_heads=num_heads,
         head_dim=head_dim,
-        norm=RMSNorm(embed_dim, eps=norm_eps),
+        norm=Mistral3RMSNorm(embed_dim, eps=norm_eps),
         output=output,
     )
 
@@ -204,14 +204,14 @@ def pixtral_vision_encoder(
             TransformerSelfAttentionLayer(
                 attn=attn,
                 mlp=_swiglu(embed_dim, intermediate_dim, hidden_act, "vision_config.hidden_act"),
-                sa_norm=RMSNorm(embed_dim, eps=PIXTRAL_NORM_EPS),
-                mlp_norm=RMSNorm(embed_dim, eps=PIXTRAL_NORM_EPS),
+                sa_norm=Mistral3RMSNorm(embed_dim, eps=PIXTRAL_NORM_EPS),
+                mlp_norm=Mistral3RMSNorm(embed_dim, eps=PIXTRAL_NORM_EPS),
             )
         )
     return PixtralVisionEncoder(
         patch_size=patch_size,
         patch_conv=nn.Conv2d(num_channels, embed_dim, kernel_size=patch_size, stride=patch_size, bias=False),
-        ln_pre=RMSNorm(embed_dim, eps=PIXTRAL_NORM_EPS),
+        ln_pre=Mistral3RMSNorm(embed_dim, eps=PIXTRAL_NORM_EPS),
         layers=layers,
         max_patches_per_side=max_patches_per_side,
     )
@@ -240,7 +240,7 @@ def mistral3_projector(
         Mistral3Projector: the projector; ``fusion_trainable`` (``projector_trainable``) governs its parameters.
     """
     projector = Mistral3Projector(
-        norm=RMSNorm(vision_dim, eps=norm_eps),
+        norm=Mistral3RMSNorm(vision_dim, eps=norm_eps),
         patch_merger=nn.Linear(vision_dim * spatial_merge_size**2, vision_dim, bias=False),
         linear_1=nn.Linear(vision_dim, text_dim, bias=bias),
         activation=_activation(hidden_act, "projector_hidden_act"),
