@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.data import ConcatDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
@@ -283,6 +284,13 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             self.activations_handling_ctx = training.get_act_offloading_ctx_manager(
                 model, enable_activation_offloading
             )
+        total = sum(p.numel() for p in model.parameters())
+        local = sum(p.numel() for part in self._model_parts for p in part.parameters())
+        stages = self._pipeline.stage_ids if self._pipeline is not None else "all"
+        log.info(
+            f"Rank {self.rank} (pp/dp/tp coordinate {self._mesh.get_coordinate()}) holds stages {stages}: "
+            f"{local:,} of the model's {total:,} parameters"
+        )
         utils.log_rank_zero(
             log, f"Instantiating the model and loading its weights took {time.perf_counter() - init_start:.2f} s"
         )
@@ -362,7 +370,9 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             del logits
             if not forward_only:
                 share.backward()
-        return share.detach()
+        share = share.detach()
+        # under loss parallel the loss is a replicated DTensor
+        return share.full_tensor() if isinstance(share, DTensor) else share
 
     def _count_label_tokens(self, batches: List[Dict[str, Any]]) -> torch.Tensor:
         """Label tokens (after the shift) of ``batches``, summed over data-parallel ranks."""
