@@ -308,10 +308,10 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
         dist.all_reduce(num_tokens, group=mesh["dp"].get_group())
         with train_context(use_lp):
             if pipeline is not None:
-                loss = pipeline_step(pipeline, batch, labels, num_tokens.item())
+                loss = pipeline_step(pipeline, batch, labels, num_tokens)
             else:
                 logits = parts[0](batch["tokens"], encoder_input=batch["encoder_input"])
-                loss = RecordingLoss(recipe_loss)(logits, labels, num_tokens.item())
+                loss = RecordingLoss(recipe_loss)(logits, labels, num_tokens)
                 loss.backward()
                 loss = _full(loss).detach()
         loss = torch.zeros(()) if loss is None else loss.reshape(())
@@ -339,16 +339,16 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
     dist.all_reduce(num_tokens, group=mesh["dp"].get_group())
     if pipeline is not None and cfg["schedule"] in ("ZBVZeroBubble", "DualPipeV"):
         with pytest.raises(NotImplementedError, match="cannot run forward-only"):
-            pipeline_step(pipeline, batch, labels, num_tokens.item(), forward_only=True)
+            pipeline_step(pipeline, batch, labels, num_tokens, forward_only=True)
         ref["eval_loss"] = None
     with train_context(use_lp), torch.no_grad():
         if ref["eval_loss"] is None:
             loss = None
         elif pipeline is not None:
-            loss = pipeline_step(pipeline, batch, labels, num_tokens.item(), forward_only=True)
+            loss = pipeline_step(pipeline, batch, labels, num_tokens, forward_only=True)
         else:
             logits = parts[0](batch["tokens"], encoder_input=batch["encoder_input"])
-            loss = _full(RecordingLoss(recipe_loss)(logits, labels, num_tokens.item()))
+            loss = _full(RecordingLoss(recipe_loss)(logits, labels, num_tokens))
     loss = torch.zeros(()) if loss is None else loss.reshape(())
     if pp_group is not None:
         dist.all_reduce(loss, group=pp_group)

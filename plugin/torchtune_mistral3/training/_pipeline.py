@@ -23,7 +23,7 @@ import copy
 import math
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -434,13 +434,14 @@ class PipelineLoss:
             return self.loss_fn.compute_cross_entropy(logits, labels)
         return F.cross_entropy(logits.float(), labels, ignore_index=self.ignore_index, reduction="sum")
 
-    def __call__(self, logits: Any, labels: torch.Tensor, num_tokens: float) -> torch.Tensor:
+    def __call__(self, logits: Any, labels: torch.Tensor, num_tokens: Union[float, torch.Tensor]) -> torch.Tensor:
         """Sum-CE of the microbatch / ``num_tokens``.
 
         Args:
             logits (Any): ``[b, s, v]`` tensor, or a list/tuple of ``[b, s_i, v]`` chunks.
             labels (torch.Tensor): ``[b, s]``, already aligned with the logits (shifted).
-            num_tokens (float): valid labels in the whole global batch (all microbatches, all dp ranks).
+            num_tokens (Union[float, torch.Tensor]): valid labels in the whole global batch (all microbatches,
+                all dp ranks); a number or a 0-dim tensor.
 
         Returns:
             torch.Tensor: scalar loss.
@@ -567,7 +568,7 @@ def pipeline_step(
     pipeline: Pipeline,
     batch: Dict[str, Any],
     labels: Optional[torch.Tensor],
-    num_tokens: float,
+    num_tokens: Union[float, torch.Tensor],
     forward_only: bool = False,
 ) -> Optional[torch.Tensor]:
     """Run forward and backward (or forward only) of one (data-parallel-local) batch through the pipeline.
@@ -581,7 +582,8 @@ def pipeline_step(
         batch (Dict[str, Any]): ``tokens [b, s]`` and optionally ``encoder_input``, ``mask``, ``input_pos``
             (the collate output without ``labels``).
         labels (Optional[torch.Tensor]): ``[b, s]`` labels aligned with the logits (already shifted).
-        num_tokens (float): valid labels of the global batch (summed over data-parallel ranks).
+        num_tokens (Union[float, torch.Tensor]): valid labels of the global batch (summed over data-parallel
+            ranks); a number or a 0-dim tensor on the device.
         forward_only (bool): evaluation: forward and loss, no backward (``schedule.eval``). Default is False.
 
     Returns:
