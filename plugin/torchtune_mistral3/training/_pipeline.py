@@ -31,124 +31,19 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
-from torch.distributed.pipelining.schedules import (
-    PipelineScheduleSingle,
-    ScheduleDualPipeV,
-    ScheduleInterleaved1F1B,
-    ScheduleInterleavedZeroBubble,
-    ScheduleLoopedBFS,
-    ScheduleZBVZeroBubble,
-    _PipelineSchedule,
-    get_schedule_class,
-)
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle, _PipelineSchedule
 from torch.distributed.tensor import DTensor
 from torchtune.modules import TiedLinear
 from torchtune.modules.model_fusion import EarlyFusionModel
 
-from ._parallel_dims import validate_pipeline_stages
-
-# Schedules that place their stages in a "v" (rank 0 holds the first and the last stage).
-_V_SCHEDULES = (ScheduleZBVZeroBubble, ScheduleDualPipeV)
-# Schedules whose rounds need n_microbatches % max(1, n_microbatches // pp) == 0.
-_ROUND_SCHEDULES = (ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble, ScheduleLoopedBFS)
-
-
-def get_pipeline_schedule_class(name: str) -> type:
-    """Map a ``pipeline_schedule`` config value to a torch schedule class (case-insensitive).
-
-    Args:
-        name (str): one of ``1F1B``, ``GPipe``, ``Interleaved1F1B``, ``LoopedBFS``,
-            ``InterleavedZeroBubble``, ``ZBVZeroBubble``, ``DualPipeV``.
-
-    Returns:
-        type: the schedule class.
-
-    Raises:
-        ValueError: for an unknown name, listing the valid ones.
-    """
-    try:
-        cls = get_schedule_class(name)
-    except ValueError as e:
-        raise ValueError(f"pipeline_schedule={name!r} is not a torch pipeline schedule: {e}") from None
-    if cls.__name__ in ("PipelineScheduleSingle", "PipelineScheduleMulti"):
-        raise ValueError(f"pipeline_schedule={name!r} is an abstract base; pick a concrete schedule.")
-    return cls
-
-
-def default_stages_per_rank(schedule_cls: type) -> int:
-    """Stages per pipeline rank a schedule is built for: 1 for single-stage schedules, else 2.
-
-    Args:
-        schedule_cls (type): a torch schedule class.
-
-    Returns:
-        int: number of (virtual) stages each pipeline rank holds.
-    """
-    return 1 if issubclass(schedule_cls, PipelineScheduleSingle) else 2
-
-
-def stage_ids_for_rank(schedule_cls: type, pp_rank: int, pp_size: int, stages_per_rank: int) -> List[int]:
-    """Global stage indices held by one pipeline rank ("loop" placement, or "v" for ZBV / DualPipeV).
-
-    Args:
-        schedule_cls (type): a torch schedule class.
-        pp_rank (int): rank in the pipeline group.
-        pp_size (int): pipeline parallel degree.
-        stages_per_rank (int): stages each rank holds.
-
-    Returns:
-        List[int]: the stage indices, ascending.
-    """
-    num_stages = pp_size * stages_per_rank
-    style = "v" if issubclass(schedule_cls, _V_SCHEDULES) else "loop"
-    mapping = generate_stage_to_rank_mapping(pp_size, num_stages, style=style)
-    return sorted(s for s, r in mapping.items() if r == pp_rank)
-
-
-def validate_pipeline_schedule(
-    schedule_cls: type, n_microbatches: int, pp_size: int, stages_per_rank: int, batch_size: Optional[int] = None
-) -> None:
-    """Check the microbatch count and stages per rank against the schedule's constraints.
-
-    Args:
-        schedule_cls (type): a torch schedule class.
-        n_microbatches (int): config key ``pipeline_microbatches``.
-        pp_size (int): config key ``pipeline_parallel_dim``.
-        stages_per_rank (int): stages each pipeline rank holds.
-        batch_size (Optional[int]): per data-parallel-replica batch size, checked for divisibility. Default is None.
-
-    Raises:
-        ValueError: naming the constraint and the config key to change.
-    """
-    name = schedule_cls.__name__
-    num_stages = pp_size * stages_per_rank
-    if n_microbatches < 1:
-        raise ValueError(f"pipeline_microbatches must be >= 1, got {n_microbatches}.")
-    if issubclass(schedule_cls, PipelineScheduleSingle) and stages_per_rank != 1:
-        raise ValueError(f"{name} runs one stage per rank; got {stages_per_rank}. Use an interleaved schedule.")
-    if issubclass(schedule_cls, _V_SCHEDULES) and stages_per_rank != 2:
-        raise ValueError(f"{name} needs exactly 2 stages per rank; got {stages_per_rank}.")
-    if name == "Schedule1F1B" and n_microbatches < num_stages:
-        raise ValueError(
-            f"1F1B needs pipeline_microbatches >= pipeline stages ({num_stages}); got {n_microbatches}."
-        )
-    if issubclass(schedule_cls, ScheduleDualPipeV) and n_microbatches < num_stages:
-        raise ValueError(
-            f"DualPipeV needs pipeline_microbatches >= pipeline stages ({num_stages}); got {n_microbatches}."
-        )
-    if issubclass(schedule_cls, _ROUND_SCHEDULES):
-        rounds = max(1, n_microbatches // pp_size)
-        if n_microbatches % rounds != 0:
-            raise ValueError(
-                f"{name} needs pipeline_microbatches to be a multiple of max(1, pipeline_microbatches // "
-                f"pipeline_parallel_dim) = {rounds}; got {n_microbatches}. Use a multiple of {pp_size}."
-            )
-    if batch_size is not None and batch_size % n_microbatches != 0:
-        raise ValueError(
-            f"batch_size={batch_size} is not divisible by pipeline_microbatches={n_microbatches}: every "
-            "microbatch must have the same shape. Change one of them."
-        )
+from ._parallel_dims import (
+    _V_SCHEDULES,
+    default_stages_per_rank,
+    get_pipeline_schedule_class,
+    stage_ids_for_rank,
+    validate_pipeline_schedule,
+    validate_pipeline_stages,
+)
 
 
 def balanced_layer_split(
