@@ -14,6 +14,7 @@ Variants (``--variants``), names made of ``_``-separated switches:
     plugin_compile      + per-layer torch.compile (``training.compile_model``) and compiled CE (``compile_loss``)
     ..._ac              + activation checkpointing of every ``TransformerSelfAttentionLayer``
     ..._cN              N output chunks instead of 8 (``loss.num_output_chunks=N``; ``set_num_output_chunks``)
+    ..._optc            AdamW step under torch.compile (foreach, fused by inductor) instead of fused=True
     ..._fullrope        RoPE tables for the config's 262144 positions instead of ``max_seq_len`` = the
                         sequence length (the builder's ``max_seq_len`` override)
     hf_sdpa / hf_eager  transformers ``Mistral3ForConditionalGeneration``, attn_implementation sdpa / eager,
@@ -159,7 +160,17 @@ def run_variant(name: str, cfg: Dict, batch: Dict, device: str, steps: int, warm
         forward_loss = plugin_step_fn(model, batch, compile_loss=compiled, chunks=chunks)
     trainable = [p for p in model.parameters() if p.requires_grad]
     frozen = [p for p in model.parameters() if not p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-5, fused=(device == "cuda"))
+    if "optc" in name.split("_"):
+        # torch.compile'd optimizer step: inductor fuses the foreach AdamW into a few kernels. (With an LR
+        # scheduler, pass lr as a tensor with capturable=True so that a new lr does not recompile.)
+        opt = torch.optim.AdamW(trainable, lr=1e-5, foreach=True)
+
+        @torch.compile(fullgraph=False)
+        def opt_step():
+            opt.step()
+    else:
+        opt = torch.optim.AdamW(trainable, lr=1e-5, fused=(device == "cuda"))
+        opt_step = opt.step
     res = {
         "variant": name,
         "trainable_params": sum(p.numel() for p in trainable),
@@ -181,7 +192,7 @@ def run_variant(name: str, cfg: Dict, batch: Dict, device: str, steps: int, warm
         if record_memory and cuda:
             torch.cuda.synchronize()
             mem["after_backward"] = torch.cuda.memory_allocated()
-        opt.step()
+        opt_step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 

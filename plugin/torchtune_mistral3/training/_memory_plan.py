@@ -18,9 +18,13 @@ decoder layer, checked against peak memory measured on one H200 (``bench/step_sp
 - head (last stage): the eager final norm (``10 h``: fp32 input and normalised copy, bf16 output), bf16 logits
   kept by the chunked loss (``2 V / tp``), and with an eager loss the fp32 log-probabilities (``4 V / tp``).
 
-Peak = parameters + optimizer state + the largest of (a) gradients held across micro-batches + activations of
-the micro-batches in flight + head/loss workspace, (b) all gradients + the embedding backward workspace, and
-(c) all gradients + the optimizer's temporaries (a foreach Adam allocates one state-sized list; fused none).
+Peak = parameters + optimizer state + the largest of four phases: (a) forward/backward: gradients held across
+micro-batches + activations of the micro-batches in flight + the head and loss tensors at their backward (last
+stage); (b) late backward: all gradients but the embedding's + the first layer's full activations (recomputed
+under checkpointing) + hidden-state gradients; (c) end of backward: all gradients + the embedding backward
+workspace; (d) optimizer step: all gradients + the optimizer's temporaries (a foreach Adam allocates one
+state-sized list; a fused or compiled step none). On the H200 slice (bench/results/step_speed_h200*.json) the
+predicted peaks are within -0.3%..+2.7% of ``torch.cuda.max_memory_allocated``.
 """
 
 import fnmatch
@@ -536,40 +540,47 @@ def plan_memory(
         in_flight = microbatches_in_flight(lo.schedule, lo.pp, r, lo.microbatches, v)
         activations = in_flight * (act_mb + boundary)
 
-        head = 0.0
+        head = 0.0  # what the head and loss add at their backward (last stage), beside the activations
         if last:
-            head = head_bytes_per_token(dims, lo.tp, lo.compile) * tokens
+            saved = head_bytes_per_token(dims, lo.tp, lo.compile) * tokens
             v_local = dims.vocab_size / lo.tp
-            # backward of the loss: bf16 grad of one chunk of logits (+ fp32 upcast and softmax if eager)
-            head += tokens / lo.num_output_chunks * v_local * (2 if lo.compile else 10)
+            # loss backward: bf16 grad of one chunk of logits (+ fp32 upcast and softmax when eager)
+            loss_bwd = tokens / lo.num_output_chunks * v_local * (2 if lo.compile else 10)
             out_grad = parts["output"].trainable_per_tp_rank * lo.dtype_bytes / shard if "output" in parts else 0.0
-            if not holds_grads_across:
-                head += out_grad  # the head's gradient is the first to appear
-            if lo.num_output_chunks > 1:
-                head += out_grad  # each chunk's head gradient exists beside the sum before it is added
-        transients = {"none": 0.0}
-        if lo.activation_checkpointing:
-            transients["recompute"] = full_layer_act * tokens
+            if lo.num_output_chunks == 1:
+                # the logits are freed before the head's matmul backward makes its weight gradient
+                head = max(saved + loss_bwd, saved - 2 * v_local * tokens + loss_bwd + out_grad)
+            else:
+                # per chunk: the summed head gradient, the chunk's gradient and their sum (3 copies on the H200)
+                head = saved + loss_bwd + (2 if holds_grads_across else 3) * out_grad
+        forward_transients = {"none": 0.0}
         if first:
             # frozen tower forward, one layer alive at a time: input, norm, q/k/v/out and the SwiGLU tensors
-            transients["vision_forward"] = patches * (8 * dims.vision_hidden + 3 * dims.vision_ffn) * lo.dtype_bytes
+            forward_transients["vision_forward"] = (
+                patches * (8 * dims.vision_hidden + 3 * dims.vision_ffn) * lo.dtype_bytes
+            )
         if shard > 1:
             biggest = max((parts[n].per_tp_rank for n in names if n.startswith("layer.")), default=0.0)
-            transients["fsdp_all_gather"] = 2 * biggest * lo.dtype_bytes
-        fb_transient = max(transients.values())
-        embed_bwd = 6 * dims.hidden * tokens if first and parts["embeddings"].trainable_per_tp_rank else 0.0
+            forward_transients["fsdp_all_gather"] = 2 * biggest * lo.dtype_bytes
+        fb_transient = max(forward_transients.values())
+        embed_grad = parts["embeddings"].trainable_per_tp_rank * lo.dtype_bytes / shard if first else 0.0
+        embed_bwd = 6 * dims.hidden * tokens if first and embed_grad else 0.0
+        # late in backward: nearly all gradients exist while the first layer's activations (recomputed, under
+        # activation checkpointing) and the hidden-state gradients are still alive
+        late = full_layer_act * tokens + 4 * dims.hidden * tokens if n_layers else 0.0
         opt_temp = 0.0 if lo.optimizer_fused or n_states == 0 else trainable * state_bytes
+        static = params + opt
         phases = {
-            "forward_backward": params + opt + (grads if holds_grads_across else 0.0) + activations + head
-            + fb_transient,
-            "end_of_backward": params + opt + grads + embed_bwd,
-            "optimizer_step": params + opt + grads + opt_temp,
+            "forward_backward": static + (grads if holds_grads_across else 0.0) + activations + head + fb_transient,
+            "late_backward": static + grads - embed_grad + late,
+            "end_of_backward": static + grads + embed_bwd,
+            "optimizer_step": static + grads + opt_temp,
         }
         ranks.append(RankMemory(
             pp_rank=r, stages=list(stages), layers=n_layers, parameters=params, gradients=grads,
             optimizer_state=opt, activations_per_microbatch=act_mb, microbatches_in_flight=in_flight,
             activations=activations, logits_and_loss=head,
-            transient=max(fb_transient, embed_bwd, opt_temp), peak=max(phases.values()), phases=phases,
+            transient=max(fb_transient, late, embed_bwd, opt_temp), peak=max(phases.values()), phases=phases,
         ))
     return MemoryPlan(lo, dims, ranks, gpu_gib, allocator_margin, reserve_gib)
 
