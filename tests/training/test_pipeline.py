@@ -180,6 +180,7 @@ PP_LAYOUTS = {
     "Interleaved1F1B": dict(schedule="Interleaved1F1B", microbatches=4, stages=[[0, 2], [1, 3]]),
     "InterleavedZeroBubble": dict(schedule="InterleavedZeroBubble", microbatches=4, stages=[[0, 2], [1, 3]]),
     "ZBVZeroBubble": dict(schedule="ZBVZeroBubble", microbatches=2, stages=[[0, 3], [1, 2]]),
+    "DualPipeV": dict(schedule="DualPipeV", microbatches=4, stages=[[0, 3], [1, 2]]),
 }
 
 
