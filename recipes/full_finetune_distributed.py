@@ -47,9 +47,12 @@ from torchtune_mistral3.training import (
     check_world_size,
     clip_grad_norm_,
     ensure_single_process_env,
+    latest_training_state,
     load_stock_recipe,
+    load_training_state,
     pipeline_step,
     prepare_metric_logger_env,
+    save_training_state,
     set_fsdp_gradient_sum,
     train_context,
     uses_loss_parallel,
@@ -121,6 +124,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         self._run_val_every_n_steps = cfg.get("run_val_every_n_steps", None)
         self._max_val_steps = cfg.get("max_val_steps", None)
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)
+        self._last_saved_step = None
         self._cfg = cfg
 
     # ------------------------------------------------------------------ setup
@@ -201,6 +205,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             last_epoch=self.global_step - 1,
         )
         self._profiler = self._setup_profiler(cfg.get(stock.PROFILER_KEY, None))
+        if self._resume_from_checkpoint:
+            self._resume()
 
     def _setup_model(
         self,
@@ -451,17 +457,55 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 yield step
                 step = []
 
+    def _layout(self) -> Dict[str, int]:
+        return {"world_size": self.world_size, "pp": self._dims.pp, "dp": self._dims.dp, "tp": self._dims.tp}
+
     def save_checkpoint(self, epoch: int, final: bool) -> None:
-        """Write an HF checkpoint of the current weights (every rank writes what it owns).
+        """Write the HF checkpoint (portable weights) and this rank's training state (exact resume).
 
         Args:
             epoch (int): current epoch, for the directory name.
             final (bool): whether this is the end-of-training checkpoint.
         """
+        self._last_saved_step = self.global_step
         parts = self._model_parts if self._pipeline is not None else self._model
         path = self._checkpointer.save_distributed(parts, epoch, mesh=self._mesh, pp_dim="pp")
+        epoch_done = self.global_step >= (epoch + 1) * self._steps_per_epoch
+        state = save_training_state(
+            self._output_dir,
+            self.global_step,
+            layout=self._layout(),
+            model_parts=self._model_parts,
+            optimizer=self._optimizer,
+            extra={
+                "global_step": self.global_step,
+                "epochs_run": epoch + 1 if epoch_done else epoch,
+                "dataloader": None if epoch_done else self._dataloader.state_dict(),
+                "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler is not None else None,
+            },
+        )
         kind = "final" if final else "intermediate"
-        utils.log_rank_zero(log, f"Saved the {kind} checkpoint (step {self.global_step}) to {path}")
+        utils.log_rank_zero(
+            log, f"Saved the {kind} checkpoint (step {self.global_step}) to {path}, training state to {state}"
+        )
+
+    def _resume(self) -> None:
+        """Continue from the newest training state in ``output_dir`` (``resume_from_checkpoint: True``)."""
+        directory = latest_training_state(self._output_dir)
+        if directory is None:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint is True but {self._output_dir}/training_state holds no saved step: "
+                "run with save_every_n_steps=N to write resumable states, or set resume_from_checkpoint=False"
+            )
+        extra = load_training_state(
+            directory, layout=self._layout(), model_parts=self._model_parts, optimizer=self._optimizer
+        )
+        self.global_step, self.epochs_run = extra["global_step"], extra["epochs_run"]
+        if extra["dataloader"] is not None:
+            self._dataloader.load_state_dict(extra["dataloader"])
+        if self._lr_scheduler is not None and extra["lr_scheduler"] is not None:
+            self._lr_scheduler.load_state_dict(extra["lr_scheduler"])
+        utils.log_rank_zero(log, f"Resumed from {directory}: step {self.global_step}, epoch {self.epochs_run + 1}")
 
     def train(self) -> None:
         """Run the training loop: steps, logging, validation and checkpoints."""
@@ -471,13 +515,15 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         self._optimizer.zero_grad(set_to_none=True)
         self._profiler.start()
         for epoch in range(self.epochs_run, self.total_epochs):
-            pbar = tqdm(total=self._steps_per_epoch, disable=not self._is_rank_zero, dynamic_ncols=True)
+            done = self.global_step - epoch * self._steps_per_epoch
+            pbar = tqdm(total=self._steps_per_epoch, initial=done, disable=not self._is_rank_zero, dynamic_ncols=True)
             t0 = time.perf_counter()
-            for i, batches in enumerate(self._batches(epoch)):
-                if i >= self._steps_per_epoch:
+            for batches in self._batches(epoch):
+                if done >= self._steps_per_epoch:
                     break
                 metrics = self._train_step(batches)
                 self.global_step += 1
+                done += 1
                 elapsed = time.perf_counter() - t0
                 metrics["lr"] = training.get_lr(self._optimizer)
                 metrics["tokens_per_second_per_gpu"] = metrics["input_tokens"] / (elapsed * self.world_size)
@@ -492,7 +538,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             pbar.close()
             self.epochs_run += 1
         self._profiler.stop()
-        self.save_checkpoint(self.epochs_run - 1, final=True)
+        if self._last_saved_step != self.global_step:
+            self.save_checkpoint(self.epochs_run - 1, final=True)
 
     def _log_step(self, pbar: tqdm, epoch: int, metrics: Dict[str, float]) -> None:
         if not self._is_rank_zero:

@@ -103,3 +103,38 @@ def test_layout_larger_than_the_launch_names_the_flags(tune, tmp_path):
                 "tensor_parallel_dim=2", check=False)
     assert proc.returncode != 0
     assert "tune run --nproc_per_node 2 full_finetune_distributed --config mistral3p5_medpix_demo" in proc.stderr
+
+
+def test_resume_continues_bit_for_bit_under_fsdp(tune, tmp_path):
+    common = ["dtype=fp32", "run_val_every_n_steps=null", "max_steps_per_epoch=4", "save_every_n_steps=2",
+              "batch_size=1", "checkpointer.save_dtype=fp32"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch = ["run", "--nproc_per_node", "2", "full_finetune_distributed", "--config", "mistral3p5_medpix_demo"]
+    tune(*launch, f"output_dir={straight}", *common)
+    assert sorted(p.name for p in (straight / "training_state").iterdir()) == ["step_2", "step_4"]
+    # a run that stopped after step 2: only its first training state exists
+    (resumed / "training_state").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(straight / "training_state" / "step_2", resumed / "training_state" / "step_2")
+    proc = tune(*launch, f"output_dir={resumed}", *common, "resume_from_checkpoint=True")
+    assert "Resumed from" in proc.stdout + proc.stderr
+    a, b = _losses(straight), _losses(resumed)
+    assert sorted(b) == [3, 4]
+    assert a[3] == b[3] and a[4] == b[4]
+
+    from safetensors.torch import load_file
+
+    (fa,) = (straight / "epoch_0").glob("*.safetensors")
+    (fb,) = (resumed / "epoch_0").glob("*.safetensors")
+    wa, wb = load_file(fa), load_file(fb)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_with_another_layout_is_refused_with_the_way_out(tune, tmp_path):
+    common = ["run_val_every_n_steps=null", "max_steps_per_epoch=2", "save_every_n_steps=1", f"output_dir={tmp_path}"]
+    tune("run", "full_finetune_distributed", "--config", "mistral3p5_medpix_demo", *common)
+    proc = tune("run", "--nproc_per_node", "2", "full_finetune_distributed", "--config", "mistral3p5_medpix_demo",
+                *common, "resume_from_checkpoint=True", check=False)
+    assert proc.returncode != 0
+    assert "was saved with layout" in proc.stderr and "checkpoint_dir=<output_dir>/epoch_<N>" in proc.stderr

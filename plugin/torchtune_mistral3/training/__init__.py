@@ -21,6 +21,7 @@ from ._pipeline import (
 )
 from ._stock import load_stock_recipe, stock_recipe_path
 from ._tp import apply_tensor_parallel, resolve_tp_plan, train_context, uses_loss_parallel
+from ._training_state import latest_training_state, load_training_state, save_training_state
 
 __all__ = [
     "apply_tensor_parallel",
@@ -49,6 +50,9 @@ __all__ = [
     "StageImages",
     "stock_recipe_path",
     "train_context",
+    "latest_training_state",
+    "load_training_state",
+    "save_training_state",
     "uses_loss_parallel",
     "validate_pipeline_schedule",
     "validate_pipeline_stages",
