@@ -47,6 +47,7 @@ from torchtune_mistral3.training import (
     check_world_size,
     clip_grad_norm_,
     ensure_single_process_env,
+    is_stage_stand_in,
     latest_training_state,
     load_stock_recipe,
     load_training_state,
@@ -84,6 +85,11 @@ def _prepare_checkpoint(cfg: DictConfig) -> Optional[DictConfig]:
     """The ``prepare_checkpoint`` component, or None when absent or switched off (``prepare_checkpoint=null``)."""
     node = cfg.get("prepare_checkpoint", None)
     return node if node is not None and node.get("_component_", None) is not None else None
+
+
+def _shard_condition(name: str, module: nn.Module, names_to_match: Optional[List[str]] = None) -> bool:
+    """Torchtune's FSDP wrapping rule (``layers.N``), minus the parameter-free stand-ins of pipeline stages."""
+    return not is_stage_stand_in(module) and training.get_shard_conditions(name, module, names_to_match)
 
 
 def is_plugin_config(cfg: DictConfig) -> bool:
@@ -150,6 +156,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         self._loss_fn = config.instantiate(cfg.loss)
         if self._compile:
             training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
+        # summed cross-entropy / global label-token count; 0 (not NaN) for a micro-batch without labels
+        self._step_loss = PipelineLoss(self._loss_fn)
         self._model = self._setup_model(
             cfg_model=cfg.model,
             enable_activation_checkpointing=self._enable_activation_checkpointing,
@@ -246,13 +254,15 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             if self._dims.dp_enabled:
                 training.shard_model(
                     model=part,
-                    shard_conditions=[partial(training.get_shard_conditions, names_to_match=custom_sharded_layers)],
+                    shard_conditions=[partial(_shard_condition, names_to_match=custom_sharded_layers)],
                     cpu_offload=fsdp_cpu_offload,
                     reshard_after_forward=reshard_after_forward,
                     dp_mesh=self._mesh["dp"],
                 )
                 # The loss is divided by the global token count already: FSDP must sum, not average.
                 set_fsdp_gradient_sum(part)
+                # A replica whose batch has no image must still take part in the vision layers' reduce-scatter.
+                part.set_reduce_scatter_unused_params(True)
             part.to_empty(device=self._device)
             with training.set_default_dtype(self._dtype), self._device:
                 for m in part.modules():
@@ -271,7 +281,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 self._mesh["pp"],
                 schedule=cfg.get("pipeline_schedule", "1F1B"),
                 n_microbatches=int(cfg.get("pipeline_microbatches", self._dims.pp)),
-                loss_fn=PipelineLoss(self._loss_fn),
+                loss_fn=self._step_loss,
                 device=self._device,
                 split=list(split) if split is not None else None,
                 stages_per_rank=cfg.get("pipeline_stages_per_rank", None),
@@ -367,12 +377,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         with train_context(self._loss_parallel):
             with self.activations_handling_ctx:
                 logits = self._model(**batch)
-            if not isinstance(logits, list):
-                labels = labels.reshape(-1)
-                logits = logits.reshape(-1, logits.size(-1))
-            n = (labels != self._loss_fn.ignore_index).sum()
-            # The loss module averages over this micro-batch's label tokens; undo that, then divide globally.
-            share = self._loss_fn(logits, labels) * n / num_tokens
+            share = self._step_loss(logits, labels, num_tokens)
             del logits
             if not forward_only:
                 share.backward()
