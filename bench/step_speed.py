@@ -263,8 +263,10 @@ def profile_step(step: Callable) -> Dict:
         "top": [{"kernel": k[:160], "ms": round(ms, 3), "calls": c} for k, ms, c in rows[:25]],
         "attention_kernels": [{"kernel": k[:160], "ms": round(ms, 3), "calls": c} for k, ms, c in rows
                               if any(w in k.lower() for w in attn_words)][:12],
+        # matmul kernels (cuBLAS nvjet/cutlass/xmma names); cuDNN's attention kernels also carry "sm90"
         "gemm_ms": round(sum(ms for k, ms, _ in rows if any(w in k.lower() for w in ("gemm", "sm90", "cutlass",
-                                                                                        "nvjet", "xmma"))), 3),
+                                                                                        "nvjet", "xmma"))
+                             and not any(w in k.lower() for w in attn_words)), 3),
     }
 
 
