@@ -373,6 +373,8 @@ def print_table(result: Dict) -> None:
     print(f"\n{result['device_name']}  torch {result['torch']}  transformers {result['transformers']}  "
           f"layers {result['layers']}  image {result['image_px']}px  "
           f"matmul peak {result['matmul_peak_tflops_start']:.0f} TFLOP/s")
+    print("model FLOPs/step = 6 (N P_layer + P_head) T + 12 N S (n_h d) T  [text, non-causal attention]"
+          " + 6 P_proj B i  [projector] + 2 P_vision B p + 4 B p^2 d_v L_v  [frozen tower, forward only]")
     print(f"{'seq x b':>9} {'variant':18s} {'ms/step':>8} {'tok/s':>8} {'TFLOP/s':>8} {'MFU':>6} "
           f"{'peak GiB':>8} {'x hf_sdpa':>9} {'mem x':>6}")
     for case in result["cases"]:

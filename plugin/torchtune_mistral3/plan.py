@@ -156,7 +156,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         argv (Optional[List[str]]): arguments; None for ``sys.argv[1:]``. Default is None.
 
     Returns:
-        int: 0 when the layout fits, 1 when it does not.
+        int: 0 when the layout fits, 1 when it does not (2 for a config the planner cannot read).
     """
     parser = argparse.ArgumentParser(
         prog="python -m torchtune_mistral3.plan", description=__doc__.split("\n\n")[0],
@@ -165,8 +165,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--config", required=True, help="registered config name or YAML path")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (recipe keys and plan.*)")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    plan, options = plan_config(cfg)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        plan, options = plan_config(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        parser.exit(2, f"error: {e}\n")
     print(plan_to_json(plan) if options["json"] else format_plan(plan))
     return 0 if plan.fits else 1
 

@@ -209,3 +209,21 @@ def test_cli_mistral3p5_medpix_on_64_h100(capsys):
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [int(row[1]) for row in rows] == [10, 12, 11, 11, 11, 12, 11, 10]
     assert main(["--config", "mistral3p5_medpix", "plan.world_size=64", "plan.gpu_gib=16"]) == 1
+
+
+def test_cli_unknown_config_exits_with_message(capsys):
+    from torchtune_mistral3.plan import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--config", "no_such_config"])
+    assert e.value.code == 2
+    assert "no_such_config" in capsys.readouterr().err
+
+
+def test_fsdp_shards_model_state_over_data_parallel(tiny_model):
+    one = plan_memory(tiny_model, Layout(seq_len=64, image_px=56)).ranks[0]
+    four = plan_memory(tiny_model, Layout(seq_len=64, image_px=56, dp=4)).ranks[0]
+    assert four.parameters == one.parameters / 4
+    assert four.gradients == one.gradients / 4
+    assert four.optimizer_state == one.optimizer_state / 4
+    assert four.activations == one.activations  # each rank still runs its own micro-batch
