@@ -54,7 +54,8 @@ def test_wheel_install_registers_and_uninstall_restores_stock(wheel, fresh_env, 
     assert "mistral3p5_medpix" not in stock
 
     pip = [sys.executable, "-m", "pip", "--python", py]
-    _run([*pip, "install", "--no-deps", "--no-index", wheel])
+    # --ignore-installed: this environment (visible through borrowed.pth) may hold the plugin already
+    _run([*pip, "install", "--no-deps", "--no-index", "--ignore-installed", wheel])
     files = sorted(p.name for p in __import__("pathlib").Path(env_site).iterdir())
     assert "torchtune_mistral3.pth" in files and "torchtune_mistral3" in files
     installed = _tune_ls(py)
