@@ -236,3 +236,14 @@ def test_trainable_defaults_and_switches():
     assert trainable(flipped) == dict(vision=True, projector=False, embed=False, output=False, body=False)
     only_head = plugin_from_hf(hf, embeddings_trainable=False, decoder_trainable=False, projector_trainable=False)
     assert trainable(only_head) == dict(vision=False, projector=False, embed=False, output=True, body=False)
+
+
+def test_explicit_causal_mask_takes_the_expanded_path_and_agrees():
+    model = plugin_from_hf(tiny_hf_model())
+    batch = tiny_batch()
+    b, s = batch["tokens"].shape
+    causal = torch.tril(torch.ones(s, s, dtype=torch.bool)).expand(b, s, s)
+    with torch.no_grad():
+        default = model(batch["tokens"], encoder_input=batch["encoder_input"])
+        masked = model(batch["tokens"], encoder_input=batch["encoder_input"], mask=causal)
+    assert _rel(masked, default) < LOGITS_RTOL
