@@ -28,7 +28,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-
 from torchtune.data import Message  # noqa: E402
 from torchtune_mistral3.data import padded_collate_mistral3  # noqa: E402
 from torchtune_mistral3.datasets import MEDPIX_SAMPLE_DIR  # noqa: E402

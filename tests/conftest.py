@@ -22,7 +22,8 @@ def run_tune(*args, cwd=None, env=None, timeout=900, check=True):
         timeout=timeout,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"tune {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        command = " ".join(map(str, args))
+        raise AssertionError(f"tune {command} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 

@@ -1,7 +1,6 @@
 import os
 
 import pytest
-
 from torchtune_mistral3.training import check_checkpoint_dir, check_world_size, ensure_single_process_env
 
 

@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-
 from torchtune_mistral3.training import cosine_with_warmup
 
 

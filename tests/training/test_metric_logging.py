@@ -2,7 +2,6 @@ import os
 
 import pytest
 from omegaconf import OmegaConf
-
 from torchtune_mistral3.training import prepare_metric_logger_env
 
 WANDB = OmegaConf.create({"_component_": "torchtune.training.metric_logging.WandBLogger", "project": "p"})
