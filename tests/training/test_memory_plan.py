@@ -92,7 +92,7 @@ def test_single_gpu_plan_hand_derived(tiny_model):
     assert r.gradients == 2 * trainable
     assert r.optimizer_state == 2 * 2 * trainable
     tokens = 128
-    per_layer = 8 * H + 8 * NH * HD + 6 * F + 4 * NH  # bytes per token, compiled, tp=1
+    per_layer = 8 * H + 4 * NH * HD + 4 * NKV * HD + 6 * F + 4 * NH  # bytes per token, compiled, tp=1, native GQA
     image_tokens = 2 * 4  # two 56 px images: 4x4 patches -> 2x2 merged tokens each
     projector = 4 * H + 2 * DV + 2 * 4 * DV + 8 * 4 * DV
     assert r.activations_per_microbatch == L * per_layer * tokens + projector * image_tokens
@@ -157,10 +157,9 @@ def test_mm35_parameter_counts_match_published():
 
 
 def _measured_runs():
-    runs = []
-    for path in sorted(RESULTS.glob("step_speed_h200*.json")):
-        runs.append(json.loads(path.read_text()))
-    return runs
+    # runs of the current model (native GQA in SDPA); older files document the model before that change
+    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("step_speed_h200*.json"))]
+    return [r for r in runs if r.get("model_revision") == "native-gqa"]
 
 
 @pytest.mark.skipif(not _measured_runs(), reason="no H200 results in bench/results")
@@ -189,7 +188,7 @@ def test_prediction_within_10_percent_of_h200_peak(tmp_path):
                 held = rank.activations + head_bytes_per_token(rank_dims(model), 1, lo.compile) * tokens
                 assert held / GIB == pytest.approx(r["memory_gib"]["forward_held"], rel=0.10), name
                 checked += 1
-    assert checked >= 6
+    assert checked >= 2
 
 
 

@@ -7,13 +7,14 @@ trainable flags and tensor-parallel sharding come from the real modules and the 
 decoder layer, checked against peak memory measured on one H200 (``bench/step_speed.py``; see
 ``docs/performance.md``):
 
-- compiled layer (``compile: True``), no activation checkpointing: ``8 h + (8 n_h d + 6 F + 4 n_h) / tp`` bytes
-  per token. Four h-wide bf16 tensors (layer input, attention-norm output, mid residual, MLP-norm output) stay
-  whole under TP; queries, the GQA-expanded keys and values, the attention output (``n_h d`` each, bf16), the
-  gate, up and product of the SwiGLU (``F`` each, bf16) and the fp32 log-sum-exp per head are sharded.
-  Measured at h=12288, F=28672, n_h=96: 369,031 B/token/layer against 369,024 predicted.
-- eager layer: ``EAGER_LAYER_FACTOR`` times the compiled one (eager RMSNorm keeps fp32 copies; measured 1.23 and
-  1.38 in two runs; the larger is used).
+- compiled layer (``compile: True``), no activation checkpointing:
+  ``8 h + (4 n_h d + 4 n_kv d + 6 F + 4 n_h) / tp`` bytes per token. Four h-wide bf16 tensors (layer input,
+  attention-norm output, mid residual, MLP-norm output) stay whole under TP; queries and the attention output
+  (``n_h d`` each), keys and values (``n_kv d`` each, not expanded: SDPA reads the KV heads natively), the gate,
+  up and product of the SwiGLU (``F`` each, bf16) and the fp32 log-sum-exp per head are sharded. Measured at
+  h=12288, F=28672, n_h=96, n_kv=8: 316,170 B/token/layer against 323,968 predicted (the model before native
+  GQA kept the expanded keys and values: 361,197 measured, 369,024 predicted by ``8 n_h d``).
+- eager layer: ``EAGER_LAYER_FACTOR`` times the compiled one (measured 406,505 B/token/layer eager, 1.255x).
 - activation checkpointing: the layer input only (``2 h``), plus one layer's full activations while it is
   recomputed in backward.
 - head (last stage): the eager final norm (``10 h``: fp32 input and normalised copy, bf16 output), bf16 logits
@@ -38,8 +39,8 @@ from typing import Any, Dict, List, Optional, Sequence
 GIB = 1024**3
 
 # Eager / compiled bytes per token of one decoder layer, measured on the H200 slice (bench/step_speed.py:
-# plugin_eager vs plugin_compile_c1, 4 layers, 4096 tokens, with the head's share removed; the larger of two runs).
-EAGER_LAYER_FACTOR = 1.378
+# plugin_eager vs plugin_compile_c1, 4 layers, 4096 tokens, head's share removed; step_speed_h200_final.json).
+EAGER_LAYER_FACTOR = 1.255
 
 # Named sizes for configs whose checkpoint is not on this machine, keyed by builder name and by HF repo id.
 NAMED_SIZES = ("mistral3p5_128b", "ministral3_3b", "ministral3_8b", "ministral3_14b")
@@ -377,7 +378,8 @@ def layer_activation_bytes_per_token(dims: ModelDims, tp: int, compiled: bool) -
         float: bytes per token.
     """
     q = dims.num_heads * dims.head_dim
-    b = 8 * dims.hidden + (8 * q + 6 * dims.ffn + 4 * dims.num_heads) / tp
+    kv = dims.num_kv_heads * dims.head_dim
+    b = 8 * dims.hidden + (4 * q + 4 * kv + 6 * dims.ffn + 4 * dims.num_heads) / tp
     return b if compiled else b * EAGER_LAYER_FACTOR
 
 
