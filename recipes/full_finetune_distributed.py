@@ -15,7 +15,8 @@ What the subclass adds to the stock recipe:
 - the loss normalised by the answer tokens of the whole global batch (all micro-batches, all replicas);
 - freezing by builder flags (only trainable parameters reach the optimizer);
 - a progress bar with loss, learning rate, tokens per second and grad norm; validation loss every N steps;
-  checkpoints every N steps and at the end, written by the checkpointer (atomically).
+  checkpoints every N steps and at the end, written by the checkpointer (atomically), and per-rank training
+  states for an exact resume.
 """
 
 import contextlib
@@ -102,10 +103,12 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
     """Full fine-tuning of Mistral 3 vision-language models with data, tensor and pipeline parallelism.
 
     See the module docstring for what this adds to :class:`FullFinetuneRecipeDistributed`; every config key
-    of the stock recipe keeps its meaning. Extra keys: ``pipeline_parallel_dim`` (default 1),
+    of the stock recipe keeps its meaning, except ``resume_from_checkpoint``, which continues exactly from the
+    newest ``<output_dir>/training_state/step_<N>``. Extra keys: ``pipeline_parallel_dim`` (default 1),
     ``pipeline_schedule`` (default ``1F1B``), ``pipeline_microbatches`` (default: the pipeline degree),
-    ``pipeline_split`` (layers per stage, default balanced), ``dataset_val``, ``run_val_every_n_steps``,
-    ``max_val_steps``, ``save_every_n_steps``, ``log_grad_norm``.
+    ``pipeline_split`` (layers per stage, default balanced), ``pipeline_stages_per_rank``, ``dataset_val``,
+    ``batch_size_val``, ``run_val_every_n_steps``, ``max_val_steps``, ``save_every_n_steps``,
+    ``prepare_checkpoint``, ``hf_repo`` (see docs/configs.md).
 
     Args:
         cfg (DictConfig): the parsed config.
