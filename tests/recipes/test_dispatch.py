@@ -4,12 +4,12 @@ import importlib.util
 import sys
 
 from omegaconf import OmegaConf
-
 from torchtune_mistral3 import _registry
 
 
 def _recipe_module():
-    spec = importlib.util.spec_from_file_location("plugin_recipe", _registry.RECIPES_DIR / "full_finetune_distributed.py")
+    path = _registry.RECIPES_DIR / "full_finetune_distributed.py"
+    spec = importlib.util.spec_from_file_location("plugin_recipe", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
