@@ -17,7 +17,8 @@ from torch import nn
 from ._component_builders import mistral3
 from ._model_builders import mistral3_arguments_from_hf_config
 
-# The HF config.json of the demo model: the 128B model's layout and options at toy widths.
+# The HF config.json of the demo model: the 128B model's layout and options at toy widths (the FP8 save adds
+# Mistral's per-tensor ``quantization_config``).
 DEMO_HF_CONFIG: Dict[str, Any] = {
     "architectures": ["Mistral3ForConditionalGeneration"],
     "model_type": "mistral3",
@@ -72,16 +73,7 @@ DEMO_HF_CONFIG: Dict[str, Any] = {
         "attention_dropout": 0.0,
         "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
     },
-    "quantization_config": {
-        "quant_method": "fp8",
-        "activation_scheme": "static",
-        "weight_block_size": None,
-        "dequantize": False,
-        "modules_to_not_convert": ["model.vision_tower", "model.multi_modal_projector", "lm_head"],
-    },
 }
-
-_TEXT_LINEARS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.output_proj", "mlp.w1", "mlp.w2", "mlp.w3")
 
 
 def _init_like_pretraining(model: nn.Module, std: float = 0.02) -> None:
@@ -118,12 +110,12 @@ def write_demo_checkpoint(
     Returns:
         Path: ``checkpoint_dir``.
     """
-    from torchtune_mistral3.checkpointing import write_hf_checkpoint
+    from torchtune_mistral3.checkpointing import default_fp8_keys, write_hf_checkpoint
 
     config = copy.deepcopy(hf_config or DEMO_HF_CONFIG)
     target = Path(checkpoint_dir)
     existing = target / "config.json"
-    marker = {"seed": seed, "config": config, "format": 2}
+    marker = {"seed": seed, "config": config, "format": 3}
     if not overwrite and (target / "demo_checkpoint.json").is_file() and existing.is_file():
         if json.loads((target / "demo_checkpoint.json").read_text()) == marker:
             return target
@@ -152,7 +144,7 @@ def write_demo_checkpoint(
     finally:
         torch.random.set_rng_state(generator_state)
     state_dict = model.state_dict()
-    fp8_keys = [k for k in state_dict if k.startswith("decoder.layers.") and k.endswith(_TEXT_LINEARS_WEIGHTS)]
+    fp8_keys = default_fp8_keys(state_dict)
     # Mistral ships a static activation scale per FP8 linear; the value is unused in training.
     activation_scales = {k: torch.tensor(1.0 / 448, dtype=torch.bfloat16) for k in fp8_keys}
     write_hf_checkpoint(
@@ -170,5 +162,3 @@ def write_demo_checkpoint(
     (target / "demo_checkpoint.json").write_text(json.dumps(marker, indent=2))
     return target
 
-
-_TEXT_LINEARS_WEIGHTS = tuple(f"{name}.weight" for name in _TEXT_LINEARS)
