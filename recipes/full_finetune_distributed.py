@@ -131,6 +131,18 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         if self._dims.pp_enabled and self._enable_activation_offloading:
             raise ValueError("enable_activation_offloading is not supported with pipeline_parallel_dim > 1")
         self._run_val_every_n_steps = cfg.get("run_val_every_n_steps", None)
+        schedule = str(cfg.get("pipeline_schedule", "1F1B"))
+        if (
+            self._dims.pp_enabled
+            and schedule.lower() in ("zbvzerobubble", "dualpipev")
+            and self._run_val_every_n_steps
+            and cfg.get("dataset_val", None) is not None
+        ):
+            # torch's eval of these schedules still runs backward actions: fail now, not at the first validation
+            raise ValueError(
+                f"pipeline_schedule={schedule} cannot run validation (forward only) in torch. Set "
+                "run_val_every_n_steps=null, or use Interleaved1F1B, InterleavedZeroBubble, 1F1B or GPipe."
+            )
         self._max_val_steps = cfg.get("max_val_steps", None)
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)
         self._last_saved_step = None

@@ -137,3 +137,11 @@ def test_resume_with_another_layout_is_refused_with_the_way_out(tune, tmp_path):
                 *common, "resume_from_checkpoint=True", check=False)
     assert proc.returncode != 0
     assert "was saved with layout" in proc.stderr and "checkpoint_dir=<output_dir>/epoch_<N>" in proc.stderr
+
+
+def test_validation_with_a_v_schedule_is_refused_before_training(tune, tmp_path):
+    proc = tune("run", "--nproc_per_node", "2", "full_finetune_distributed", "--config", "mistral3p5_medpix_demo",
+                f"output_dir={tmp_path}", "pipeline_parallel_dim=2", "pipeline_schedule=ZBVZeroBubble", check=False)
+    assert proc.returncode != 0
+    assert "pipeline_schedule=ZBVZeroBubble cannot run validation" in proc.stderr
+    assert "Step 1 |" not in proc.stdout + proc.stderr

@@ -26,6 +26,7 @@ LAYOUTS = {
     "pp2_gpipe": (2, ["pipeline_parallel_dim=2", "pipeline_schedule=GPipe", "pipeline_microbatches=2"]),
     "pp2_interleaved_4_stages": (
         2, ["pipeline_parallel_dim=2", "pipeline_schedule=Interleaved1F1B", "pipeline_microbatches=2"]),
+    "pp2_zero_bubble_v": (2, ["pipeline_parallel_dim=2", "pipeline_schedule=ZBVZeroBubble", "pipeline_microbatches=2"]),
     "tp2_pp2": (4, ["tensor_parallel_dim=2", "pipeline_parallel_dim=2", "pipeline_microbatches=2"]),
     "fsdp2_tp2": (4, ["tensor_parallel_dim=2", "batch_size=1"]),
 }
