@@ -49,7 +49,6 @@ from torchtune_mistral3.training import (
     clip_grad_norm_,
     ensure_single_process_env,
     is_stage_stand_in,
-    latest_training_state,
     load_stock_recipe,
     load_training_state,
     pipeline_step,
@@ -253,6 +252,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         init_start = time.perf_counter()
         with training.set_default_dtype(self._dtype), torch.device("meta"):
             model = config.instantiate(cfg_model)
+        self._checkpointer.check_model_keys(model)  # on the whole model: a weight no stage reads is an error
         self._mesh = self._dims.build_mesh(self._device.type)
         self.dp_size = self._mesh["dp"].size()
         self.dp_rank = self._mesh["dp"].get_local_rank()
@@ -511,14 +511,9 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
 
     def _resume(self) -> None:
         """Continue from the newest training state in ``output_dir`` (``resume_from_checkpoint: True``)."""
-        directory = latest_training_state(self._output_dir)
-        if directory is None:
-            raise FileNotFoundError(
-                f"resume_from_checkpoint is True but {self._output_dir}/training_state holds no saved step: "
-                "run with save_every_n_steps=N to write resumable states, or set resume_from_checkpoint=False"
-            )
-        extra = load_training_state(
-            directory, layout=self._layout(), model_parts=self._model_parts, optimizer=self._optimizer
+        # the newest training state every rank can read (a damaged one is skipped with a warning)
+        directory, extra = load_training_state(
+            self._output_dir, layout=self._layout(), model_parts=self._model_parts, optimizer=self._optimizer
         )
         self.global_step, self.epochs_run = extra["global_step"], extra["epochs_run"]
         if extra["dataloader"] is not None:

@@ -1,12 +1,13 @@
 from ._checkpointer import Mistral3HFCheckpointer
 from ._fp8 import dequantize, quantize_per_tensor
-from ._load import load_into_module
+from ._load import check_all_weights_read, load_into_module, stores_real_lm_head
 from ._reader import HFCheckpointReader, LazyStateDict, read_safetensors_header
 from ._writer import default_fp8_keys, save_distributed, saved_config, write_hf_checkpoint
 
 __all__ = [
     "HFCheckpointReader",
     "LazyStateDict",
+    "check_all_weights_read",
     "Mistral3HFCheckpointer",
     "default_fp8_keys",
     "dequantize",
@@ -15,5 +16,6 @@ __all__ = [
     "read_safetensors_header",
     "save_distributed",
     "saved_config",
+    "stores_real_lm_head",
     "write_hf_checkpoint",
 ]

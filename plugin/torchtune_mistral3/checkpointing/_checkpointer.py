@@ -18,6 +18,7 @@ from torchtune.training.checkpointing._utils import (
     safe_torch_load,
 )
 
+from torchtune_mistral3.checkpointing._load import check_all_weights_read
 from torchtune_mistral3.checkpointing._reader import HFCheckpointReader
 from torchtune_mistral3.checkpointing._writer import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -65,6 +66,10 @@ class Mistral3HFCheckpointer:
         save_dtype (Optional[str]): dtype of the other saved tensors, "bf16" or "fp32"; None keeps the
             model's. Default is "bf16".
         max_shard_size_gb (float): size bound of one saved file. Default is 5.
+        ignore_unexpected_keys (Optional[Union[str, List[str]]]): regular expressions for checkpoint keys
+            (HF names as stored, matched from the start with ``re.match``) to leave out on purpose. Every other
+            stored weight must be read by some parameter of the model (:meth:`check_model_keys`). Default is
+            None.
 
     Raises:
         ValueError: if ``output_dir`` is missing or inside ``checkpoint_dir``, ``safe_serialization`` is
@@ -86,6 +91,7 @@ class Mistral3HFCheckpointer:
         save_fp8: bool = False,
         save_dtype: Optional[str] = "bf16",
         max_shard_size_gb: float = DEFAULT_MAX_SHARD_BYTES / 1024**3,
+        ignore_unexpected_keys: Optional[Union[str, List[str]]] = None,
     ) -> None:
         if output_dir is None:
             raise ValueError("Mistral3HFCheckpointer needs output_dir (where checkpoints are saved)")
@@ -121,17 +127,41 @@ class Mistral3HFCheckpointer:
             self._model_dir, checkpoint_files = self._output_dir / latest, None
         else:
             self._model_dir = self._checkpoint_dir
-        self._reader = HFCheckpointReader(self._model_dir, checkpoint_files)
+        if isinstance(ignore_unexpected_keys, str):
+            ignore_unexpected_keys = [ignore_unexpected_keys]
+        ignored = [str(p) for p in ignore_unexpected_keys or []]
+        self._reader = HFCheckpointReader(self._model_dir, checkpoint_files, ignore_unexpected_keys=ignored)
+        if self._reader.ignored_keys:
+            logger.info(
+                f"Leaving out {len(self._reader.ignored_keys)} checkpoint keys that ignore_unexpected_keys matches: "
+                f"{self._reader.ignored_keys[:8]}{' ...' if len(self._reader.ignored_keys) > 8 else ''}"
+            )
         # The base checkpoint is what the saved files mirror (FP8 layout, activation scales, tokenizer),
         # also when resuming from one of our own bf16 saves.
         self._source = (
-            self._reader if self._model_dir == self._checkpoint_dir else HFCheckpointReader(self._checkpoint_dir)
+            self._reader
+            if self._model_dir == self._checkpoint_dir
+            else HFCheckpointReader(self._checkpoint_dir, ignore_unexpected_keys=ignored)
         )
 
     @property
     def reader(self) -> HFCheckpointReader:
         """HFCheckpointReader: the checkpoint the model weights are loaded from (for ``load_into_module``)."""
         return self._reader
+
+    def check_model_keys(self, model: nn.Module) -> None:
+        """Raise if the checkpoint holds weights that no parameter of ``model`` reads.
+
+        Call it on every rank with the whole model (e.g. on the meta device, before pipeline stages are cut
+        or anything is sharded): see :func:`~torchtune_mistral3.checkpointing.check_all_weights_read`.
+
+        Args:
+            model (nn.Module): the full model, plugin key names.
+
+        Raises:
+            ValueError: naming the checkpoint directory and the unread keys.
+        """
+        check_all_weights_read(self._reader, model.state_dict().keys())
 
     def load_checkpoint(self) -> Dict[str, Any]:
         """Return the model weights as a lazy mapping, plus the recipe state when resuming.

@@ -1,6 +1,6 @@
 """Load a checkpoint straight into a (possibly tensor-, pipeline- or FSDP-parallel) module, one slice at a time."""
 
-from typing import List, Optional, Union
+from typing import Iterable, List, Optional, Union
 
 import torch
 from torch import nn
@@ -8,6 +8,73 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from torchtune_mistral3.checkpointing._reader import HFCheckpointReader
+
+_HEAD, _EMBEDDING = "decoder.output.weight", "decoder.tok_embeddings.weight"
+_SHOWN = 8
+
+
+def stores_real_lm_head(reader: HFCheckpointReader) -> bool:
+    """Whether the checkpoint has an ``lm_head.weight`` of its own: stored, and not equal to ``embed_tokens``.
+
+    transformers 5.x (``PreTrainedModel.tie_weights`` during ``from_pretrained``) ties the head to the
+    embedding when the top-level ``tie_word_embeddings`` is true (the ``Mistral3Config`` default) unless the
+    checkpoint holds both tensors with different values: then it keeps the real head and warns. This
+    function answers that question for a checkpoint (it reads both tensors only when both are stored).
+
+    Args:
+        reader (HFCheckpointReader): the checkpoint.
+
+    Returns:
+        bool: True if the head is stored and differs from the token embedding.
+    """
+    if _HEAD not in reader:
+        return False
+    if _EMBEDDING not in reader or reader.info(_HEAD).shape != reader.info(_EMBEDDING).shape:
+        return True
+    return not torch.equal(reader.read(_HEAD), reader.read(_EMBEDDING))
+
+
+def check_all_weights_read(reader: HFCheckpointReader, model_keys: Iterable[str]) -> None:
+    """Raise if the checkpoint holds weights that no entry of the (whole) model's state dict reads.
+
+    Call it with the keys of the full model (before pipeline stages are cut), so that under pipeline
+    parallelism a weight another stage reads does not count as unread. FP8 scales, ``activation_scale`` and
+    rotary ``inv_freq`` buffers never count (the reader consumes or drops them, as transformers does), nor
+    do keys that ``ignore_unexpected_keys`` removed, nor a stored ``lm_head.weight`` equal to the embedding
+    of a model that ties them (transformers ties those too).
+
+    Args:
+        reader (HFCheckpointReader): the checkpoint.
+        model_keys (Iterable[str]): every state-dict key of the model (plugin keys).
+
+    Raises:
+        ValueError: listing the unread weights (HF keys), the checkpoint directory and the two ways out.
+    """
+    model_keys = set(model_keys)
+    unread = [k for k in reader.keys() if k not in model_keys]
+    if not unread:
+        return
+    hint = ""
+    if _HEAD in unread and _EMBEDDING in model_keys:
+        if not stores_real_lm_head(reader):
+            unread.remove(_HEAD)
+            if not unread:
+                return
+        else:
+            hint = (
+                f" '{reader.info(_HEAD).hf_key}' differs from the embedding but the model ties its output head to"
+                " the embedding (transformers keeps such a head): build the model with tie_word_embeddings=False"
+                " (mistral3_from_hf_config decides it from the checkpoint)."
+            )
+    hf_keys = [reader.info(k).hf_key for k in unread]
+    shown = ", ".join(hf_keys[:_SHOWN]) + (f" ... ({len(hf_keys) - _SHOWN} more)" if len(hf_keys) > _SHOWN else "")
+    raise ValueError(
+        f"checkpoint '{reader.checkpoint_dir}' holds {len(hf_keys)} weights that no parameter of the model reads: "
+        f"{shown}.{hint} Its config.json (e.g. num_hidden_layers) or the model builder describes a smaller model "
+        "than the weights. Fix config.json or the model arguments, or, to drop these weights on purpose, set "
+        "checkpointer.ignore_unexpected_keys to regular expressions matching them, e.g. "
+        "checkpointer.ignore_unexpected_keys=['model\\.language_model\\.layers\\.1\\.']."
+    )
 
 
 def load_into_module(

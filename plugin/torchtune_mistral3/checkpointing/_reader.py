@@ -7,6 +7,7 @@ which copies just the requested rows/columns out of the file; FP8 weights are de
 
 import contextlib
 import json
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -163,6 +164,9 @@ class HFCheckpointReader:
         checkpoint_dir (Union[str, Path]): directory with ``config.json`` and the safetensors files.
         checkpoint_files (Optional[Sequence[str]]): file names inside ``checkpoint_dir``. Default is None:
             the keys of ``model.safetensors.index.json`` if present, else every ``*.safetensors`` file.
+        ignore_unexpected_keys (Sequence[str]): regular expressions; a stored key that one matches from its
+            start (``re.match`` on the HF key as stored, so an FP8 weight's pattern also drops its scales) is
+            left out, as if the checkpoint did not have it. Default is none.
 
     Raises:
         FileNotFoundError: if ``config.json`` or a listed file is missing (the message names it).
@@ -170,7 +174,12 @@ class HFCheckpointReader:
             without its weight), or a key that is no weight of the model (the message names file and key).
     """
 
-    def __init__(self, checkpoint_dir: Union[str, Path], checkpoint_files: Optional[Sequence[str]] = None) -> None:
+    def __init__(
+        self,
+        checkpoint_dir: Union[str, Path],
+        checkpoint_files: Optional[Sequence[str]] = None,
+        ignore_unexpected_keys: Sequence[str] = (),
+    ) -> None:
         self.checkpoint_dir = Path(checkpoint_dir)
         config_path = self.checkpoint_dir / CONFIG_FNAME
         if not config_path.is_file():
@@ -184,6 +193,11 @@ class HFCheckpointReader:
         for key, path in key_to_file.items():
             if key not in headers[path]:
                 raise ValueError(f"'{path}' does not contain key '{key}' that the index assigns to it")
+        patterns = [re.compile(p) for p in ignore_unexpected_keys]
+        #: HF keys left out because a pattern of ``ignore_unexpected_keys`` matched them.
+        self.ignored_keys: List[str] = sorted(k for k in key_to_file if any(p.match(k) for p in patterns))
+        for key in self.ignored_keys:
+            del key_to_file[key]
 
         self._infos: Dict[str, TensorInfo] = {}
         self._activation_scales: Dict[str, Tuple[str, Path]] = {}

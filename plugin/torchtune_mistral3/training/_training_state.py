@@ -5,13 +5,22 @@ their mixes) is covered, and the resumed run continues bit for bit. The price: a
 layout it was saved with (the HF checkpoint written next to it is the portable format). A directory is
 written under a temporary name and renamed by rank 0 once every rank has finished, so a crash leaves the
 previous state intact.
+
+States are read with ``torch.load(weights_only=True)``: they hold only tensors, numbers, strings and builtin
+containers (model and optimizer tensors, the step counters, the data loader's and LR scheduler's state dicts,
+the RNG states), which torch's restricted unpickler accepts with no extra allow-listed global, so a tampered
+file in a shared ``output_dir`` cannot run code on resume. A newest state that cannot be read (only a damaged
+disk or copy can produce one, since it is renamed into place only when complete) is skipped with a warning
+for the previous one; all ranks decide together.
 """
 
 import json
+import logging
+import pickle
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -19,8 +28,18 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
+log = logging.getLogger(__name__)
+
 STATE_DIR = "training_state"
 _PREFIX = "step_"
+# Globals torch's weights_only unpickler must accept beyond its defaults (tensors, builtin containers,
+# numbers, strings, None): none, for the state save_training_state writes. A state holding another object
+# (e.g. an optimizer whose state is a tensor subclass) needs it named here, never weights_only=False.
+SAFE_GLOBALS: List[Any] = []
+
+
+class UnsafeTrainingStateError(pickle.UnpicklingError):
+    """A training state file holds objects other than tensors and builtin containers; it was not loaded."""
 
 
 def _local(t: Any) -> Any:
@@ -40,9 +59,24 @@ def latest_training_state(output_dir: Union[str, Path]) -> Optional[Path]:
     Returns:
         Optional[Path]: the directory with the largest step, None if there is none.
     """
+    steps = _complete_states(output_dir)
+    return steps[0] if steps else None
+
+
+def _complete_states(output_dir: Union[str, Path]) -> List[Path]:
+    """Every ``training_state/step_<N>`` directory (complete: renamed into place), newest first."""
     root = Path(output_dir) / STATE_DIR
     steps = [p for p in root.glob(f"{_PREFIX}*") if p.is_dir() and p.name[len(_PREFIX) :].isdigit()]
-    return max(steps, key=lambda p: int(p.name[len(_PREFIX) :]), default=None)
+    return sorted(steps, key=lambda p: int(p.name[len(_PREFIX) :]), reverse=True)
+
+
+def _all_ranks(value: Any) -> List[Any]:
+    """``value`` of every rank (a list of one outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def save_training_state(
@@ -85,8 +119,23 @@ def save_training_state(
     }
     if torch.cuda.is_available():
         state["rng"]["cuda"] = torch.cuda.get_rng_state()
-    torch.save(state, _rank_file(partial, rank))
-    dist.barrier()
+    path = _rank_file(partial, rank)
+    try:
+        torch.save(state, path)
+        error = None
+    except (OSError, RuntimeError) as e:  # disk full: "basic_ios::clear: iostream error", file too large, EIO
+        error = f"{path}: {type(e).__name__}: {e}"
+    errors = [e for e in _all_ranks(error) if e is not None]
+    if errors:
+        previous = latest_training_state(output_dir)
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        kept = f"the previous state {previous} is intact" if previous else "no earlier training state exists"
+        raise OSError(
+            f"Writing the training state of step {step} failed (is the disk full?): {'; '.join(errors)}. "
+            f"The partial directory was removed and {kept}; free space under {root} and resume from it "
+            "with resume_from_checkpoint=True."
+        )
     if rank == 0:
         (partial / "layout.json").write_text(json.dumps(layout, sort_keys=True))
         shutil.rmtree(final, ignore_errors=True)
@@ -101,29 +150,43 @@ def save_training_state(
     return final
 
 
-def load_training_state(
-    directory: Union[str, Path],
-    *,
-    layout: Dict[str, int],
-    model_parts: Sequence[nn.Module],
-    optimizer: Optimizer,
-) -> Dict[str, Any]:
-    """Restore this rank's weights, optimizer state and RNG from ``directory``; return the recipe state.
+def read_training_state(path: Union[str, Path]) -> Dict[str, Any]:
+    """Read one rank's training state file with torch's restricted (``weights_only``) unpickler.
 
     Args:
-        directory (Union[str, Path]): a ``training_state/step_<N>`` directory.
-        layout (Dict[str, int]): this run's world size and parallel degrees.
-        model_parts (Sequence[nn.Module]): this rank's model (or pipeline stages), already built and sharded.
-        optimizer (Optimizer): the optimizer over their parameters.
+        path (Union[str, Path]): a ``rank_<N>.pt`` file.
 
     Returns:
-        Dict[str, Any]: the ``extra`` saved with it.
+        Dict[str, Any]: the saved state.
 
     Raises:
-        ValueError: if the state was saved with another layout (the message gives both).
-        FileNotFoundError: if this rank's file is missing.
+        UnsafeTrainingStateError: if the file holds objects beyond tensors and builtin containers (it was
+            tampered with or written by other code); nothing of it is executed.
+        RuntimeError: if the file cannot be read (truncated or damaged); the message names it.
     """
-    directory = Path(directory)
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # a global (class, function) outside the allow-list is what a pickle carrying code needs
+        refused = [line for line in str(e).splitlines() if "GLOBAL" in line]
+        if refused:
+            raise UnsafeTrainingStateError(
+                f"{path} holds objects other than tensors and builtin containers, so it was not loaded (loading "
+                "it could run code). A state written by this plugin never does: was the file replaced? Delete "
+                f"it and resume from an earlier state, or start a new run. torch: {refused[0].strip()}"
+            ) from e
+        raise RuntimeError(f"{path} cannot be read ({type(e).__name__}: {_first_line(e)})") from e
+    except Exception as e:  # truncated zip, garbage bytes: RuntimeError, KeyError, EOFError ...
+        raise RuntimeError(f"{path} cannot be read ({type(e).__name__}: {_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else repr(e)
+
+
+def _check_layout(directory: Path, layout: Dict[str, int]) -> None:
     saved_layout = json.loads((directory / "layout.json").read_text())
     if saved_layout != layout:
         raise ValueError(
@@ -131,10 +194,81 @@ def load_training_state(
             "number of processes and parallel degrees, or start a new run from the HF checkpoint "
             "(checkpoint_dir=<output_dir>/epoch_<N>), which loads under any layout but restarts the optimizer."
         )
+
+
+def _read_this_rank(directory: Path) -> Tuple[Optional[Dict[str, Any]], Optional[Tuple[str, str]]]:
+    """This rank's state in ``directory``, or None and (kind, message) with kind "refused" or "damaged"."""
     path = _rank_file(directory, dist.get_rank())
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the training state in {directory} is incomplete")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+        return None, ("damaged", f"{path} is missing")
+    try:
+        return read_training_state(path), None
+    except UnsafeTrainingStateError as e:
+        return None, ("refused", str(e))
+    except RuntimeError as e:
+        return None, ("damaged", str(e))
+
+
+def load_training_state(
+    output_dir: Union[str, Path],
+    *,
+    layout: Dict[str, int],
+    model_parts: Sequence[nn.Module],
+    optimizer: Optimizer,
+) -> Tuple[Path, Dict[str, Any]]:
+    """Restore this rank's weights, optimizer state and RNG from the newest readable training state.
+
+    Call it on every rank. A state some rank cannot read (truncated, damaged or missing file: only a damaged
+    disk or copy produces one, as states are renamed into place only when complete) is skipped for the
+    previous one with a warning naming the files; every rank gets the same verdict, so all resume from the
+    same step.
+
+    Args:
+        output_dir (Union[str, Path]): the run's ``output_dir`` (states under ``training_state/step_<N>``).
+        layout (Dict[str, int]): this run's world size and parallel degrees.
+        model_parts (Sequence[nn.Module]): this rank's model (or pipeline stages), already built and sharded.
+        optimizer (Optimizer): the optimizer over their parameters.
+
+    Returns:
+        Tuple[Path, Dict[str, Any]]: the directory loaded and the ``extra`` saved with it.
+
+    Raises:
+        FileNotFoundError: if ``output_dir`` holds no training state.
+        ValueError: if the state to load was saved with another layout (the message gives both).
+        UnsafeTrainingStateError: if a rank's file holds objects other than tensors and builtin containers.
+        RuntimeError: if no training state is readable on every rank (every file that failed is named).
+    """
+    candidates = _complete_states(output_dir)
+    if not candidates:
+        raise FileNotFoundError(
+            f"resume_from_checkpoint is True but {Path(output_dir) / STATE_DIR} holds no saved step: run with "
+            "save_every_n_steps=N to write resumable states, or set resume_from_checkpoint=False"
+        )
+    failures: List[str] = []
+    for directory in candidates:
+        _check_layout(directory, layout)
+        state, problem = _read_this_rank(directory)
+        problems = [p for p in _all_ranks(problem) if p is not None]
+        refused = [msg for kind, msg in problems if kind == "refused"]
+        if refused:
+            raise UnsafeTrainingStateError("; ".join(refused))
+        if problems:
+            failures += [msg for _, msg in problems]
+            if dist.get_rank() == 0:
+                log.warning(
+                    f"Skipping training state {directory}: {'; '.join(msg for _, msg in problems)}. It was written "
+                    "atomically (renamed into place only when complete), so its disk or a copy damaged it; trying "
+                    "the previous state."
+                )
+            continue
+        _apply(state, model_parts, optimizer)
+        if failures and dist.get_rank() == 0:
+            log.warning(f"Resuming from the previous complete training state {directory} instead of {candidates[0]}")
+        return directory, state["extra"]
+    raise RuntimeError(f"No training state in {Path(output_dir) / STATE_DIR} is readable: {'; '.join(failures)}")
+
+
+def _apply(state: Dict[str, Any], model_parts: Sequence[nn.Module], optimizer: Optimizer) -> None:
     with torch.no_grad():
         for part, saved in zip(model_parts, state["model"]):
             for key, value in part.state_dict().items():
@@ -145,13 +279,14 @@ def load_training_state(
     random.setstate(state["rng"]["python"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng"]["cuda"])
-    return state["extra"]
 
 
 def _optimizer_state_to_local(sd: Dict[str, Any]) -> Dict[str, Any]:
     return {
-        "state": {i: {k: _local(v).detach().cpu() if torch.is_tensor(v) else v for k, v in s.items()}
-                  for i, s in sd["state"].items()},
+        "state": {
+            i: {k: _local(v).detach().cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+            for i, s in sd["state"].items()
+        },
         "param_groups": sd["param_groups"],
     }
 

@@ -241,7 +241,8 @@ def mistral3_arguments_from_hf_config(config: Dict[str, Any], where: str = "conf
         projector_bias=bool(config.get("multimodal_projector_bias", False)),
         projector_hidden_act=config.get("projector_hidden_act", "gelu"),
         image_token_id=config.get("image_token_index", config.get("image_token_id", 10)),
-        # transformers 5.x ties by the top-level flag (default True), whatever text_config says.
+        # transformers 5.x ties by the top-level flag (default True), whatever text_config says; for a
+        # checkpoint that also stores a real lm_head, mistral3_from_hf_config unties (as from_pretrained does).
         tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
     )
 
@@ -252,6 +253,12 @@ def mistral3_from_hf_config(checkpoint_dir: str, **kwargs: Any) -> Mistral3Fusio
     This is the builder for any checkpoint of the family (Mistral Medium 3.5, Ministral-3, tiny test
     checkpoints): ``model._component_: torchtune_mistral3.models.mistral3.mistral3_from_hf_config`` with
     ``model.checkpoint_dir: ${checkpointer.checkpoint_dir}``.
+
+    The output head is tied to the token embedding as ``Mistral3ForConditionalGeneration.from_pretrained``
+    in transformers 5.x does it: when the top-level ``tie_word_embeddings`` is true or absent, unless the
+    checkpoint stores an ``lm_head.weight`` that differs from ``embed_tokens.weight`` (then the real head is
+    kept; transformers' own Ministral-3 converter writes that flag for untied models). ``text_config``'s flag
+    is not read.
 
     Args:
         checkpoint_dir (str): directory holding ``config.json``.
@@ -272,4 +279,20 @@ def mistral3_from_hf_config(checkpoint_dir: str, **kwargs: Any) -> Mistral3Fusio
         raise FileNotFoundError(f"{path} not found: checkpoint_dir must be an HF checkpoint directory with config.json")
     with open(path) as f:
         config = json.load(f)
-    return mistral3(**{**mistral3_arguments_from_hf_config(config, where=str(path)), **kwargs})
+    args = mistral3_arguments_from_hf_config(config, where=str(path))
+    if args["tie_word_embeddings"] and "tie_word_embeddings" not in kwargs and _stores_real_lm_head(checkpoint_dir):
+        args["tie_word_embeddings"] = False
+    return mistral3(**{**args, **kwargs})
+
+
+# Every stored key but the output head and the token embedding (both HF layouts), for a reader of just those.
+_NOT_HEAD_OR_EMBEDDING = (
+    r"(?!(language_model\.)?lm_head\.|(model\.language_model|language_model\.model)\.embed_tokens\.)"
+)
+
+
+def _stores_real_lm_head(checkpoint_dir: str) -> bool:
+    """Whether the checkpoint stores an ``lm_head.weight`` that is not a copy of ``embed_tokens.weight``."""
+    from torchtune_mistral3.checkpointing import HFCheckpointReader, stores_real_lm_head
+
+    return stores_real_lm_head(HFCheckpointReader(checkpoint_dir, ignore_unexpected_keys=[_NOT_HEAD_OR_EMBEDDING]))

@@ -1,0 +1,135 @@
+"""Training states: restricted unpickling, a damaged newest state, a failed write (one process, gloo)."""
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchtune_mistral3.training._training_state import (
+    UnsafeTrainingStateError,
+    latest_training_state,
+    load_training_state,
+    save_training_state,
+)
+
+LAYOUT = {"world_size": 1, "pp": 1, "dp": 1, "tp": 1}
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _model_and_optimizer(seed):
+    torch.manual_seed(seed)
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def _save(output_dir, step, seed):
+    model, optimizer = _model_and_optimizer(seed)
+    extra = {"global_step": step, "epochs_run": 0, "dataloader": {"_num_yielded": step}, "lr_scheduler": None}
+    save_training_state(output_dir, step, layout=LAYOUT, model_parts=[model], optimizer=optimizer, extra=extra)
+    return model
+
+
+def _load(output_dir):
+    model, optimizer = _model_and_optimizer(99)
+    directory, extra = load_training_state(output_dir, layout=LAYOUT, model_parts=[model], optimizer=optimizer)
+    return directory, extra, model
+
+
+class _WritesAFile:
+    """What a tampered state could carry: unpickling it calls ``open(path, "w")``."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_state_with_code_is_refused_and_runs_nothing(process_group, tmp_path):
+    _save(tmp_path, 1, seed=0)
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "training_state" / "step_1" / "rank_00000.pt"
+    torch.save({"model": [], "extra": _WritesAFile(marker)}, path)
+    with pytest.raises(UnsafeTrainingStateError, match=f"{path} holds objects other than tensors"):
+        _load(tmp_path)
+    assert not marker.exists()
+
+
+def test_truncated_newest_state_falls_back_to_the_previous(process_group, tmp_path, caplog):
+    first = _save(tmp_path, 1, seed=1)
+    _save(tmp_path, 2, seed=2)
+    newest = tmp_path / "training_state" / "step_2" / "rank_00000.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING):
+        directory, extra, model = _load(tmp_path)
+    assert directory == tmp_path / "training_state" / "step_1"
+    assert extra["global_step"] == 1
+    assert torch.equal(model.weight, first.weight) and torch.equal(model.bias, first.bias)
+    warning = caplog.text
+    assert f"Skipping training state {newest.parent}: {newest} cannot be read" in warning
+    assert "damaged" in warning and "Resuming from the previous complete training state" in warning
+
+
+def test_no_readable_state_names_every_file(process_group, tmp_path):
+    _save(tmp_path, 1, seed=1)
+    path = tmp_path / "training_state" / "step_1" / "rank_00000.pt"
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(RuntimeError, match=f"No training state .* is readable: {path} cannot be read"):
+        _load(tmp_path)
+
+
+# Run in a child: RLIMIT_FSIZE makes every write past 64 KiB fail (EFBIG; Python ignores SIGXFSZ), the way a
+# full disk fails the same torch.save call.
+_FILE_SIZE_LIMITED_SAVE = textwrap.dedent(
+    """
+    import resource, sys
+    import torch, torch.distributed as dist
+    from torch import nn
+    from torchtune_mistral3.training._training_state import save_training_state
+
+    out = sys.argv[1]
+    dist.init_process_group("gloo", init_method=f"file://{out}/pg", rank=0, world_size=1)
+    layout = {"world_size": 1}
+    small = nn.Linear(4, 4)
+    opt = torch.optim.SGD(small.parameters(), lr=0.1)
+    save_training_state(out, 1, layout=layout, model_parts=[small], optimizer=opt, extra={})
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+    big = nn.Linear(256, 256)
+    opt = torch.optim.SGD(big.parameters(), lr=0.1)
+    save_training_state(out, 2, layout=layout, model_parts=[big], optimizer=opt, extra={})
+    """
+)
+
+
+def test_failed_write_names_the_file_and_keeps_the_previous_state(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", _FILE_SIZE_LIMITED_SAVE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode != 0
+    root = tmp_path / "training_state"
+    assert (
+        f"OSError: Writing the training state of step 2 failed (is the disk full?): {root}/.step_2.partial/rank_00000.pt"
+        in proc.stderr
+    )
+    assert f"the previous state {root}/step_1 is intact" in proc.stderr
+    assert sorted(p.name for p in root.iterdir()) == ["step_1"]
+    assert latest_training_state(tmp_path) == root / "step_1"
+    assert torch.load(root / "step_1" / "rank_00000.pt", weights_only=True)["extra"] == {}
