@@ -38,7 +38,7 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
 from torchtune.config._utils import _get_component_from_path
 from torchtune_mistral3.checkpointing import load_into_module
-from torchtune_mistral3.models.mistral3 import mistral3_pp_stage_extras
+from torchtune_mistral3.models.mistral3 import check_tokenizer_fits_model, mistral3_pp_stage_extras
 from torchtune_mistral3.training import (
     ParallelDims,
     PipelineLoss,
@@ -184,6 +184,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             ac_option=cfg.get("ac_option", None),
         )
         self._tokenizer = config.instantiate(cfg.tokenizer)
+        check_tokenizer_fits_model(self._tokenizer, self._model_parts, pad_to_max_seq_len=self._dims.pp_enabled)
         if hasattr(self._loss_fn, "num_output_chunks"):
             for part in self._model_parts:
                 if self._pipeline is None or part is self._model_parts[-1] and self._pipeline.has_last:

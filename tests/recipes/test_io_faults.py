@@ -24,24 +24,24 @@ def test_damaged_newest_training_state_on_one_rank_resumes_every_rank_from_the_p
     common = [
         "dtype=fp32",
         "run_val_every_n_steps=null",
-        "max_steps_per_epoch=3",
+        "max_steps_per_epoch=2",
         "save_every_n_steps=1",
         "batch_size=1",
     ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     tune(*TWO_PROCESSES, f"output_dir={straight}", *common)
     states = straight / "training_state"
-    assert sorted(p.name for p in states.iterdir()) == ["step_2", "step_3"]
+    assert sorted(p.name for p in states.iterdir()) == ["step_1", "step_2"]
     import shutil
 
     shutil.copytree(states, resumed / "training_state")
-    # only rank 1's file of the newest state is cut short: rank 0 alone could read step_3
-    damaged = resumed / "training_state" / "step_3" / "rank_00001.pt"
+    # only rank 1's file of the newest state is cut short: rank 0 alone could read step_2
+    damaged = resumed / "training_state" / "step_2" / "rank_00001.pt"
     damaged.write_bytes(damaged.read_bytes()[:4096])
     proc = tune(*TWO_PROCESSES, f"output_dir={resumed}", *common, "resume_from_checkpoint=True")
     out = proc.stdout + proc.stderr
     assert f"Skipping training state {damaged.parent}: {damaged} cannot be read" in out
     assert "its disk or a copy damaged it" in out
-    assert f"Resumed from {resumed / 'training_state' / 'step_2'}: step 2" in out
+    assert f"Resumed from {resumed / 'training_state' / 'step_1'}: step 1" in out
     a, b = _losses(straight), _losses(resumed)
-    assert sorted(b) == [3] and a[3] == b[3]
+    assert sorted(b) == [2] and a[2] == b[2]

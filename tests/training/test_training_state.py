@@ -125,10 +125,8 @@ def test_failed_write_names_the_file_and_keeps_the_previous_state(tmp_path):
     )
     assert proc.returncode != 0
     root = tmp_path / "training_state"
-    assert (
-        f"OSError: Writing the training state of step 2 failed (is the disk full?): {root}/.step_2.partial/rank_00000.pt"
-        in proc.stderr
-    )
+    failed = f"{root}/.step_2.partial/rank_00000.pt"
+    assert f"OSError: Writing the training state of step 2 failed (is the disk full?): {failed}" in proc.stderr
     assert f"the previous state {root}/step_1 is intact" in proc.stderr
     assert sorted(p.name for p in root.iterdir()) == ["step_1"]
     assert latest_training_state(tmp_path) == root / "step_1"

@@ -175,3 +175,74 @@ def test_unsupported_conversations_fail_clearly(transform, messages, match):
 def test_missing_file_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="tekken.json"):
         Mistral3Tokenizer(str(tmp_path / "nope.json"))
+
+
+# --- the tekken file against the model: vocabulary size, unreadable files, padded length under PP -----------------
+
+
+def _demo_model(**text_config):
+    """The demo architecture on the meta device (free), with ``text_config`` fields replaced."""
+    import copy
+
+    from torchtune_mistral3.models.mistral3 import DEMO_HF_CONFIG, mistral3, mistral3_arguments_from_hf_config
+
+    cfg = copy.deepcopy(DEMO_HF_CONFIG)
+    cfg["text_config"].update(text_config)
+    with torch.device("meta"):
+        return mistral3(**mistral3_arguments_from_hf_config(cfg))
+
+
+def _tekken_with_vocab(tmp_path, vocab_size):
+    import json
+
+    path = write_tekken(tmp_path, "v3")
+    data = json.loads(path.read_text())
+    data["config"]["default_vocab_size"] = vocab_size
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("vocab_size", [131072 + 64, 131072 - 72])
+def test_tekken_vocabulary_against_the_model_embedding(tmp_path, caplog, vocab_size):
+    from torchtune_mistral3.models.mistral3 import check_tokenizer_fits_model
+
+    path = _tekken_with_vocab(tmp_path, vocab_size)
+    model = _demo_model()
+    n_words = MistralTokenizer.from_file(str(path)).instruct_tokenizer.tokenizer.n_words  # mistral-common's count
+    rows = model.tok_embeddings.weight.shape[0]
+    assert (n_words, rows) == (vocab_size, 131072)
+    tokenizer = Mistral3Tokenizer(str(path))
+    if n_words > rows:
+        with pytest.raises(ValueError, match=f"{path} has a vocabulary of {n_words} ids but .* has {rows} rows"):
+            check_tokenizer_fits_model(tokenizer, [model], pad_to_max_seq_len=False)
+    else:
+        check_tokenizer_fits_model(tokenizer, [model], pad_to_max_seq_len=False)
+        assert f"{path} has a vocabulary of {n_words} ids, the model's token embedding {rows} rows" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "damage, error",
+    [("truncated", "JSONDecodeError"), ("binary", "UnicodeDecodeError"), ("no_config", "KeyError")],
+)
+def test_unreadable_tekken_file_is_named(tmp_path, damage, error):
+    path = write_tekken(tmp_path, "v3")
+    raw = path.read_bytes()
+    path.write_bytes({"truncated": raw[: len(raw) // 2], "binary": bytes(range(256)) * 4, "no_config": b"{}"}[damage])
+    with pytest.raises(ValueError, match=f"Tokenizer file {path} is not a readable tekken tokenizer \\({error}"):
+        Mistral3Tokenizer(str(path))
+
+
+def test_padded_length_beyond_the_position_table_is_refused(tmp_path):
+    from torchtune_mistral3.models.mistral3 import check_tokenizer_fits_model, mistral3_transform
+
+    model = _demo_model(max_position_embeddings=256)
+    transform = mistral3_transform(str(write_tekken(tmp_path, "v3")), max_seq_len=512)
+    check_tokenizer_fits_model(transform, [model], pad_to_max_seq_len=False)  # no padding: samples may be short
+    with pytest.raises(ValueError, match=r"tokenizer\.max_seq_len=512, but .* max_seq_len=256 \(max_position_emb"):
+        check_tokenizer_fits_model(transform, [model], pad_to_max_seq_len=True)
+    # the bound is the decoder's own check, which the first forward would hit (here on embedded tokens)
+    hidden = torch.zeros(1, 512, model.decoder.norm.scale.shape[0], device="meta")
+    with pytest.raises(ValueError, match=r"seq_len \(512\) of input tensor should be smaller than max_seq_len \(256\)"):
+        model.decoder(hidden)
+    transform.max_seq_len = 256
+    check_tokenizer_fits_model(transform, [model], pad_to_max_seq_len=True)

@@ -12,11 +12,12 @@ from ._model_builders import (
 )
 from ._parallelism import mistral3_pp_stage_extras, mistral3_tp_plan
 from ._position_embeddings import Llama4QueryScale, PixtralRotaryPositionalEmbeddings, YarnRotaryPositionalEmbeddings
-from ._tokenizer import Mistral3Tokenizer
+from ._tokenizer import Mistral3Tokenizer, check_tokenizer_fits_model
 from ._transform import Mistral3Transform, PixtralImageTransform, medical_image_to_rgb, mistral3_transform
 
 __all__ = [
     "Mistral3Tokenizer",
+    "check_tokenizer_fits_model",
     "Mistral3Transform",
     "PixtralImageTransform",
     "medical_image_to_rgb",

@@ -22,7 +22,9 @@ from mistral_common.tokens.tokenizers.image import (
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 from PIL import Image
+from torch import nn
 from torchtune.data import Message
+from torchtune.modules import TransformerDecoder
 from torchtune.modules.transforms.tokenizers import BaseTokenizer, ModelTokenizer
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,8 @@ class Mistral3Tokenizer(ModelTokenizer, BaseTokenizer):
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: if the file is not a tekken tokenizer of version v3 or later.
+        ValueError: if the file is not a readable tekken tokenizer (truncated, not JSON, fields missing), or
+            not of version v3 or later; the message names the file.
     """
 
     def __init__(
@@ -80,7 +83,13 @@ class Mistral3Tokenizer(ModelTokenizer, BaseTokenizer):
     ):
         if not Path(path).is_file():
             raise FileNotFoundError(f"Tokenizer file {path} does not exist; point `path` at a tekken.json")
-        reference = MistralTokenizer.from_file(str(path), mode=ValidationMode.finetuning)
+        try:
+            reference = MistralTokenizer.from_file(str(path), mode=ValidationMode.finetuning)
+        except (ValueError, KeyError, TypeError, MistralCommonException) as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(
+                f"Tokenizer file {path} is not a readable tekken tokenizer ({type(e).__name__}: {e}); it may be "
+                "truncated or another file: copy tekken.json again from the checkpoint's repository"
+            ) from e
         tekken = reference.instruct_tokenizer.tokenizer
         if not isinstance(tekken, Tekkenizer) or tekken.version < TokenizerVersion.v3:
             raise ValueError(f"{path}: a tekken tokenizer of version >= v3 is needed, got {tekken.version}")
@@ -262,3 +271,68 @@ class Mistral3Tokenizer(ModelTokenizer, BaseTokenizer):
                     raise ValueError(f"message {index}: unsupported content type {c['type']!r}")
             return UserMessage(content=chunks)
         raise ValueError(f"message {index}: role {message.role!r} is not supported (system, user, assistant only)")
+
+
+def check_tokenizer_fits_model(tokenizer: Any, model_parts: List[nn.Module], *, pad_to_max_seq_len: bool) -> None:
+    """Check at setup that the tokenizer's ids and sequence lengths fit the model (call after building both).
+
+    Vocabulary: the tekken vocabulary (``n_words``: ``config.default_vocab_size``, special tokens included,
+    the number of ids mistral-common can produce) must not exceed the model's token embedding (``vocab_size``
+    of the checkpoint's ``text_config``): a larger one fails at the first sample using a high id. In every
+    released Mistral 3 checkpoint the two are equal (131072); a smaller vocabulary only leaves embedding rows
+    unused (as a padded embedding, e.g. transformers' ``resize_token_embeddings(pad_to_multiple_of=...)``,
+    does), so it gets a warning. Sequence length: when batches are padded to ``tokenizer.max_seq_len``
+    (pipeline parallelism) it must fit the model's position table (``max_position_embeddings``, or
+    ``model.max_seq_len`` if set). Each rank checks the parts it holds (under pipeline parallelism the
+    embedding and the head live on the first and last stage).
+
+    Args:
+        tokenizer (Any): the recipe's tokenizer (``Mistral3Transform`` or ``Mistral3Tokenizer``): ``vocab_size``,
+            ``max_seq_len`` and the file ``path`` (or ``tokenizer.path``).
+        model_parts (List[nn.Module]): this rank's model, or its pipeline stages.
+        pad_to_max_seq_len (bool): whether every batch is padded to ``tokenizer.max_seq_len``.
+
+    Raises:
+        ValueError: if the vocabulary is larger than the embedding, or padded batches exceed the model's
+            position table (or ``tokenizer.max_seq_len`` is unset); the message names the file, keys and sizes.
+    """
+    path = getattr(tokenizer, "path", None) or getattr(getattr(tokenizer, "tokenizer", None), "path", "?")
+    rows = _model_vocab_size(model_parts)
+    if rows is not None and tokenizer.vocab_size > rows:
+        raise ValueError(
+            f"Tokenizer file {path} has a vocabulary of {tokenizer.vocab_size} ids but the model's token embedding "
+            f"has {rows} rows (text_config.vocab_size): ids >= {rows} would index past it. Use the tekken.json of "
+            "the checkpoint you train."
+        )
+    if rows is not None and tokenizer.vocab_size < rows:
+        log.warning(
+            "Tokenizer file %s has a vocabulary of %d ids, the model's token embedding %d rows "
+            "(text_config.vocab_size): rows >= %d are never used. Released Mistral 3 checkpoints match exactly; "
+            "check that this is the checkpoint's own tekken.json.",
+            path,
+            tokenizer.vocab_size,
+            rows,
+            tokenizer.vocab_size,
+        )
+    if not pad_to_max_seq_len:
+        return
+    if tokenizer.max_seq_len is None:
+        raise ValueError("pipeline_parallel_dim > 1 pads every batch to tokenizer.max_seq_len: set it (e.g. 2048)")
+    positions = [m.max_seq_len for part in model_parts for m in part.modules() if isinstance(m, TransformerDecoder)]
+    if positions and tokenizer.max_seq_len > min(positions):
+        raise ValueError(
+            f"pipeline_parallel_dim > 1 pads every batch to tokenizer.max_seq_len={tokenizer.max_seq_len}, but the "
+            f"model's position table holds max_seq_len={min(positions)} (max_position_embeddings of the "
+            f"checkpoint's config.json, or model.max_seq_len): set tokenizer.max_seq_len<={min(positions)}."
+        )
+
+
+def _model_vocab_size(model_parts: List[nn.Module]) -> Optional[int]:
+    """Rows of the token embedding (or the output head) among ``model_parts``; None if neither is here."""
+    for part in model_parts:
+        for name, module in part.named_modules():
+            if isinstance(module, nn.Embedding) and name.endswith("tok_embeddings"):
+                return module.num_embeddings
+            if isinstance(module, nn.Linear) and name.endswith("decoder.output"):
+                return module.out_features
+    return None
