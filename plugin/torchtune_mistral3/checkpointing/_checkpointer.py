@@ -104,7 +104,13 @@ class Mistral3HFCheckpointer:
         self._checkpoint_dir = Path(checkpoint_dir)
         self._output_dir = Path(output_dir)
         check_outdir_not_in_ckptdir(ckpt_dir=self._checkpoint_dir, out_dir=self._output_dir)
-        self._output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise type(e)(
+                f"Cannot create output_dir {self._output_dir} ({e.strerror or e}): choose another output_dir=... "
+                "or fix the permissions"
+            ) from None
         self._model_type = model_type
         self._should_load_recipe_state = should_load_recipe_state or resume_from_checkpoint
         self._save_fp8 = save_fp8

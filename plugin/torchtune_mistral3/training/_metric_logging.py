@@ -1,8 +1,11 @@
-"""Metric-logger set-up that never blocks a run on a missing W&B login."""
+"""Metric-logger set-up: a log directory that cannot be written stops the run once, clearly; a missing W&B
+login never blocks it."""
 
 import logging
 import os
+import tempfile
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import DictConfig
 
@@ -16,15 +19,47 @@ def _wandb_has_credentials() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+def check_log_dir_writable(log_dir: Optional[str]) -> None:
+    """Create ``log_dir`` and write a file in it, so an unwritable ``output_dir`` fails before any logger exists.
+
+    torchtune's ``DiskLogger`` would fail inside its constructor and then again in ``__del__``
+    (``AttributeError: 'DiskLogger' object has no attribute '_file'``), hiding the real error.
+
+    Args:
+        log_dir (Optional[str]): the logger's directory; None (a logger without one) is not checked.
+
+    Raises:
+        OSError: (its subclass for the cause: ``PermissionError``, ``NotADirectoryError`` ...) naming the
+            directory and what to change.
+    """
+    if log_dir is None:
+        return
+    directory = Path(log_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise type(e)(
+            f"Cannot write logs to {directory} ({e.strerror or e}): output_dir (and metric_logger.log_dir, "
+            f"default ${{output_dir}}/logs) must be a directory this user can create and write. Choose another "
+            f"output_dir=... or fix the permissions."
+        ) from None
+
+
 def prepare_metric_logger_env(cfg_metric_logger: DictConfig) -> None:
-    """Before a W&B logger is built: run offline when there is no key, and say how to sync later.
+    """Before the metric logger is built: check its directory; for W&B without a key, run offline and say how
+    to sync later.
 
     Args:
         cfg_metric_logger (DictConfig): the ``metric_logger`` section of the config.
 
     Raises:
         ImportError: if the config asks for W&B and ``wandb`` is not installed (the message names the extra).
+        OSError: if the logger's ``log_dir`` cannot be created or written (see :func:`check_log_dir_writable`).
     """
+    log_dir = cfg_metric_logger.get("log_dir", None)
+    check_log_dir_writable(log_dir)
     if not str(cfg_metric_logger.get("_component_", "")).endswith("WandBLogger"):
         return
     try:
@@ -36,7 +71,9 @@ def prepare_metric_logger_env(cfg_metric_logger: DictConfig) -> None:
         ) from e
     if "WANDB_MODE" not in os.environ and not _wandb_has_credentials():
         os.environ["WANDB_MODE"] = "offline"
+        # WandBLogger passes log_dir (or `dir`) to wandb.init(dir=...), which writes <dir>/wandb/offline-run-*
+        wandb_dir = Path(cfg_metric_logger.get("dir", None) or log_dir or ".") / "wandb"
         log.warning(
             "No W&B API key found (WANDB_API_KEY or ~/.netrc): logging to W&B offline. "
-            "Upload later with `wandb sync <output_dir>/wandb/offline-run-*`."
+            f"Upload later with `wandb sync {wandb_dir}/offline-run-*`."
         )
