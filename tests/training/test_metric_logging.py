@@ -78,7 +78,8 @@ def test_unwritable_output_dir_fails_once_naming_it(tmp_path):
         "from omegaconf import OmegaConf\n"
         "from torchtune import config\n"
         "from torchtune_mistral3.training import prepare_metric_logger_env\n"
-        f"cfg = OmegaConf.create({{'_component_': 'torchtune.training.metric_logging.DiskLogger', 'log_dir': '{log_dir}'}})\n"
+        "cfg = OmegaConf.create({'_component_': 'torchtune.training.metric_logging.DiskLogger',\n"
+        f"                       'log_dir': '{log_dir}'}})\n"
         "prepare_metric_logger_env(cfg)\n"
         "logger = config.instantiate(cfg)\n"
     )

@@ -1,5 +1,4 @@
-"""Metric-logger set-up: a log directory that cannot be written stops the run once, clearly; a missing W&B
-login never blocks it."""
+"""Metric-logger set-up: an unwritable log directory stops the run once, clearly; no W&B login never does."""
 
 import logging
 import os
@@ -48,8 +47,7 @@ def check_log_dir_writable(log_dir: Optional[str]) -> None:
 
 
 def prepare_metric_logger_env(cfg_metric_logger: DictConfig) -> None:
-    """Before the metric logger is built: check its directory; for W&B without a key, run offline and say how
-    to sync later.
+    """Before the metric logger is built: check its directory; W&B without a key runs offline, with a hint.
 
     Args:
         cfg_metric_logger (DictConfig): the ``metric_logger`` section of the config.
