@@ -6,6 +6,7 @@ import pytest
 import torch
 from _tiny_checkpoints import LAYERS, tiny_hf_model, write_checkpoint
 from test_round_trip import _batch, _plugin_model
+from torchtune import training
 from torchtune_mistral3.checkpointing import HFCheckpointReader, Mistral3HFCheckpointer
 from torchtune_mistral3.models.mistral3 import mistral3_from_hf_config
 
@@ -97,6 +98,12 @@ def test_tied_flag_with_stored_head_follows_transformers(hf_model, tmp_path, fla
     actual, expected = _logits(model, hf)
     rel = ((actual - expected).abs().max() / expected.abs().max()).item()
     assert rel < 1e-5, rel
+
+    # The save says what it holds: a real head is saved with tie_word_embeddings false, a tied one without it.
+    ckpt = Mistral3HFCheckpointer(str(src), output_dir=str(tmp_path / "out"), save_dtype=None)
+    ckpt.save_checkpoint({training.MODEL_KEY: model.state_dict()}, epoch=0)
+    saved = json.loads((tmp_path / "out" / "epoch_0" / "config.json").read_text())
+    assert saved.get("tie_word_embeddings", True) == hf_tied
 
 
 def test_model_that_ties_a_real_head_away_is_refused(hf_model, tmp_path):

@@ -219,6 +219,9 @@ def _write_metadata(
     tmp: Path, weight_map: Dict[str, str], total_size: int, config: dict, source_dir: Optional[Path]
 ) -> None:
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    if "lm_head.weight" in weight_map and config.get("tie_word_embeddings", True):
+        # a real head under a tying flag: transformers keeps it (with a warning), so say what the files hold
+        config = {**config, "tie_word_embeddings": False}
     (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     (tmp / CONFIG_FNAME).write_text(json.dumps(config, indent=2) + "\n")
     if source_dir is not None:
