@@ -295,4 +295,7 @@ def _stores_real_lm_head(checkpoint_dir: str) -> bool:
     """Whether the checkpoint stores an ``lm_head.weight`` that is not a copy of ``embed_tokens.weight``."""
     from torchtune_mistral3.checkpointing import HFCheckpointReader, stores_real_lm_head
 
+    directory = Path(checkpoint_dir)
+    if not any(directory.glob("*.safetensors")):  # a config.json alone (no weights yet): nothing to keep
+        return False
     return stores_real_lm_head(HFCheckpointReader(checkpoint_dir, ignore_unexpected_keys=[_NOT_HEAD_OR_EMBEDDING]))
