@@ -131,3 +131,11 @@ def test_failed_write_names_the_file_and_keeps_the_previous_state(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step_1"]
     assert latest_training_state(tmp_path) == root / "step_1"
     assert torch.load(root / "step_1" / "rank_00000.pt", weights_only=True)["extra"] == {}
+
+
+def test_unreadable_layout_file_counts_as_damage(process_group, tmp_path):
+    _save(tmp_path, 1, seed=1)
+    _save(tmp_path, 2, seed=2)
+    (tmp_path / "training_state" / "step_2" / "layout.json").write_text('{"world_si')
+    directory, extra, _ = _load(tmp_path)
+    assert directory.name == "step_1" and extra["global_step"] == 1

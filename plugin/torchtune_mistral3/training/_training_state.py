@@ -246,8 +246,12 @@ def load_training_state(
         )
     failures: List[str] = []
     for directory in candidates:
-        _check_layout(directory, layout)
-        state, problem = _read_this_rank(directory)
+        try:
+            _check_layout(directory, layout)
+        except (OSError, json.JSONDecodeError) as e:  # the same file (and verdict) for every rank
+            state, problem = None, ("damaged", f"{directory / 'layout.json'} cannot be read ({e})")
+        else:
+            state, problem = _read_this_rank(directory)
         problems = [p for p in _all_ranks(problem) if p is not None]
         refused = [msg for kind, msg in problems if kind == "refused"]
         if refused:
