@@ -1,13 +1,13 @@
 """The node-local output_dir rule and the printed batch script, without a cluster."""
 
 import subprocess
-import sys
 import time
 import uuid
 
 import pytest
 from omegaconf import OmegaConf
 from torchtune_mistral3.slurm import render_sbatch
+from torchtune_mistral3.slurm._script import main
 from torchtune_mistral3.training._cluster import check_shared_output_dir, filesystem_of, node_local_reason
 
 MOUNTS = """\
@@ -116,14 +116,16 @@ def test_tune_run_refuses_node_local_output_dir_before_any_work(tune):
     assert time.monotonic() - start < 120
 
 
-def _print(*args):
-    return subprocess.run([sys.executable, "-m", "torchtune_mistral3.slurm", *args], capture_output=True, text=True)
+def _print(capsys, *args):
+    """``python -m torchtune_mistral3.slurm ARGS``, in this process: (exit code, stdout, stderr)."""
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_printed_script_runs_one_agent_per_node_for_the_128b_layout(tmp_path):
-    proc = _print("--config", "mistral3p5_medpix", "--nodes", "8", "--partition", "gpu")
-    assert proc.returncode == 0, proc.stderr
-    script = proc.stdout
+def test_printed_script_runs_one_agent_per_node_for_the_128b_layout(capsys, tmp_path):
+    code, script, err = _print(capsys, "--config", "mistral3p5_medpix", "--nodes", "8", "--partition", "gpu")
+    assert code == 0, err
     for line in ("#SBATCH --nodes=8", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --requeue", "TUNE_NPROC_PER_NODE=${TUNE_NPROC_PER_NODE:-8}",
                  '--rdzv_backend c10d --rdzv_endpoint "$RDZV_ADDR:$RDZV_PORT"', "HF_HUB_OFFLINE",
@@ -135,14 +137,14 @@ def test_printed_script_runs_one_agent_per_node_for_the_128b_layout(tmp_path):
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
 
 
-def test_printing_a_layout_that_does_not_fit_names_the_flags():
-    proc = _print("--config", "mistral3p5_medpix", "--nodes", "4")
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert "--nodes 4 x --nproc-per-node 8" in proc.stderr and "= 64 processes, but 32" in proc.stderr
+def test_printing_a_layout_that_does_not_fit_names_the_flags(capsys):
+    code, out, err = _print(capsys, "--config", "mistral3p5_medpix", "--nodes", "4")
+    assert code == 2 and out == ""
+    assert "--nodes 4 x --nproc-per-node 8" in err and "= 64 processes, but 32" in err
     # overrides change the layout checked and are written into the script
-    proc = _print("--config", "mistral3p5_medpix", "--nodes", "4", "pipeline_parallel_dim=4")
-    assert proc.returncode == 0, proc.stderr
-    assert "CONFIG_OVERRIDES=(pipeline_parallel_dim=4)" in proc.stdout
+    code, out, err = _print(capsys, "--config", "mistral3p5_medpix", "--nodes", "4", "pipeline_parallel_dim=4")
+    assert code == 0, err
+    assert "CONFIG_OVERRIDES=(pipeline_parallel_dim=4)" in out
 
 
 def test_render_rejects_zero_nodes():

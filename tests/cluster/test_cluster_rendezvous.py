@@ -2,6 +2,7 @@
 `tune run`, train exactly as one agent with two processes."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -26,8 +27,9 @@ def test_two_agents_with_c10d_rendezvous_equal_one_two_process_run(uninterrupted
     outputs = [a.communicate(timeout=900)[0] for a in agents]
     for a, out in zip(agents, outputs):
         assert a.returncode == 0, out
-    # the agents really were two nodes of one job: 2 ranks in all, each the only process of its agent
-    assert any("Saved the final checkpoint" in out for out in outputs)
+    # two "nodes" of one job: each agent ran one rank of a world of 2 (every rank reports what it holds)
+    ranks = [re.findall(r"Rank (\d+) \(pp/dp/tp coordinate \(0, (\d+), 0\)\)", out) for out in outputs]
+    assert sorted(ranks) == [[("0", "0")], [("1", "1")]], ranks
 
     a, b = uninterrupted_losses, logged_losses(two)
     assert sorted(a) == sorted(b) == STEPS
