@@ -45,6 +45,7 @@ from torchtune_mistral3.training import (
     apply_tensor_parallel,
     build_pipeline,
     check_checkpoint_dir,
+    check_shared_output_dir,
     check_world_size,
     clip_grad_norm_,
     ensure_single_process_env,
@@ -114,6 +115,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
     """
 
     def __init__(self, cfg: DictConfig) -> None:
+        check_shared_output_dir(cfg)  # a multi-node run must write where every node sees
         if _prepare_checkpoint(cfg) is None:
             check_checkpoint_dir(cfg.checkpointer.get("checkpoint_dir", None), cfg.get("hf_repo", None))
         ensure_single_process_env()

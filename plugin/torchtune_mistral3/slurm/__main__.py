@@ -1,0 +1,5 @@
+import sys
+
+from ._script import main
+
+sys.exit(main())
