@@ -40,11 +40,15 @@ from torchtune.config._utils import _get_component_from_path
 from torchtune_mistral3.checkpointing import load_into_module
 from torchtune_mistral3.models.mistral3 import mistral3_pp_stage_extras
 from torchtune_mistral3.training import (
+    IndexedCollate,
+    IndexedDataset,
+    NonFiniteGuard,
     ParallelDims,
     PipelineLoss,
     apply_tensor_parallel,
     build_pipeline,
     check_checkpoint_dir,
+    check_finite_for_save,
     check_world_size,
     clip_grad_norm_,
     ensure_single_process_env,
@@ -53,6 +57,7 @@ from torchtune_mistral3.training import (
     load_stock_recipe,
     load_training_state,
     pipeline_step,
+    pop_sample_indices,
     prepare_metric_logger_env,
     save_training_state,
     set_fsdp_gradient_sum,
@@ -146,6 +151,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         self._max_val_steps = cfg.get("max_val_steps", None)
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)
         self._last_saved_step = None
+        self._nonfinite = NonFiniteGuard(cfg.get("max_nonfinite_steps", 0), cfg.output_dir)
         self._cfg = cfg
 
     # ------------------------------------------------------------------ setup
@@ -352,10 +358,12 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         collate = _get_component_from_path(collate_fn)
         sampler = StatefulDistributedSampler(ds, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=shuffle)
         return StatefulDataLoader(
-            dataset=ds,
+            dataset=IndexedDataset(ds),  # the batches carry their dataset rows, named when a step fails
             batch_size=batch_size,
             sampler=sampler,
-            collate_fn=partial(collate, padding_idx=self._tokenizer.pad_id, ignore_idx=self._loss_fn.ignore_index),
+            collate_fn=IndexedCollate(
+                partial(collate, padding_idx=self._tokenizer.pad_id, ignore_idx=self._loss_fn.ignore_index)
+            ),
             drop_last=True,
         )
 
@@ -433,19 +441,34 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             if share is not None:
                 loss += share
         out = {"loss": self._reduce_loss(loss), "label_tokens": int(num_tokens), "input_tokens": int(input_tokens)}
+        trainable = [p for part in self._model_parts for p in part.parameters() if p.requires_grad]
         if self._clip_grad_norm is not None:
             out["grad_norm"] = float(
                 clip_grad_norm_(
-                    [p for part in self._model_parts for p in part.parameters() if p.requires_grad],
+                    trainable,
                     max_norm=float(self._clip_grad_norm),
                     pp_group=self._mesh["pp"].get_group() if self._pipeline is not None else None,
                 )
             )
-        self._optimizer.step()
+        self._optimizer_step(out, trainable)
+        return out
+
+    def _optimizer_step(self, out: Dict[str, float], trainable: List[nn.Parameter]) -> None:
+        """Apply the step unless its loss or gradients are not finite (then skip or stop); advance the LR.
+
+        Records in ``out["lr"]`` the learning rate this step used (read before the scheduler moves on).
+        """
+        step = self.global_step + 1
+        grad_norm = out.get("grad_norm", None)
+        rows = self._step_rows
+        if self._nonfinite.step_is_finite(
+            step=step, loss=out["loss"], grad_norm=grad_norm, parameters=trainable, rows=rows, device=self._device
+        ):
+            self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
+        out["lr"] = training.get_lr(self._optimizer)
         if self._lr_scheduler is not None:
             self._lr_scheduler.step()
-        return out
 
     @torch.no_grad()
     def _validate(self) -> float:
@@ -457,6 +480,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         for i, batch in enumerate(self._val_dataloader):
             if self._max_val_steps is not None and i >= self._max_val_steps:
                 break
+            pop_sample_indices(batch)
             utils.batch_to_device(batch, self._device)
             n = self._count_label_tokens([batch])
             share = self._loss_share(batch, n.clamp(min=1), forward_only=True)
@@ -471,11 +495,14 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         """Group the epoch's batches into optimizer steps of ``gradient_accumulation_steps`` micro-batches."""
         self._dataloader.sampler.set_epoch(epoch)
         step: List[Dict[str, Any]] = []
+        rows: List[int] = []
         for batch in self._dataloader:
+            rows += pop_sample_indices(batch)
             step.append(batch)
             if len(step) == self._gradient_accumulation_steps:
+                self._step_rows = rows
                 yield step
-                step = []
+                step, rows = [], []
 
     def _layout(self) -> Dict[str, int]:
         return {"world_size": self.world_size, "pp": self._dims.pp, "dp": self._dims.dp, "tp": self._dims.tp}
@@ -487,6 +514,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             epoch (int): current epoch, for the directory name.
             final (bool): whether this is the end-of-training checkpoint.
         """
+        check_finite_for_save(self._model_parts, self._optimizer, self._device)
         self._last_saved_step = self.global_step
         parts = self._model_parts if self._pipeline is not None else self._model
         path = self._checkpointer.save_distributed(parts, epoch, mesh=self._mesh, pp_dim="pp")
@@ -545,7 +573,6 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 self.global_step += 1
                 done += 1
                 elapsed = time.perf_counter() - t0
-                metrics["lr"] = training.get_lr(self._optimizer)
                 metrics["tokens_per_second_per_gpu"] = metrics["input_tokens"] / (elapsed * self.world_size)
                 if self._run_val_every_n_steps and self._val_dataloader is not None:
                     if self.global_step % self._run_val_every_n_steps == 0:
