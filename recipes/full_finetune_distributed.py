@@ -51,6 +51,7 @@ from torchtune_mistral3.training import (
     check_finite_for_save,
     check_world_size,
     clip_grad_norm_,
+    command_line_overrides,
     ensure_single_process_env,
     is_stage_stand_in,
     latest_training_state,
@@ -128,6 +129,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             config_name=_config_name(),
             tensor_parallel_dim=int(cfg.get("tensor_parallel_dim", 1)),
             pipeline_parallel_dim=self.pipeline_parallel_dim,
+            overrides=command_line_overrides(sys.argv),
         )
         super().__init__(cfg)
         self._dims = ParallelDims(self.world_size, pp=self.pipeline_parallel_dim, tp=self.tensor_parallel_dim)
@@ -301,7 +303,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 model,
                 self._mesh["pp"],
                 schedule=cfg.get("pipeline_schedule", "1F1B"),
-                n_microbatches=int(cfg.get("pipeline_microbatches", self._dims.pp)),
+                n_microbatches=int(cfg.get("pipeline_microbatches", None) or self._dims.pp),  # null: the degree
                 loss_fn=self._step_loss,
                 device=self._device,
                 split=list(split) if split is not None else None,

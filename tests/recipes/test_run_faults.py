@@ -98,3 +98,26 @@ def test_first_step_trains_and_each_step_logs_the_lr_it_used(tune, tmp_path):
     # step 1 changed the weights: the same batch gives another loss at step 2
     assert m[1]["loss"] != m[2]["loss"]
     assert m[2]["loss"] < m[1]["loss"]
+
+
+def test_pipeline_layout_runs_on_the_demo_with_the_default_microbatches(tune, tmp_path):
+    # no pipeline_microbatches override: the documented default (the pipeline degree, 2) applies
+    proc = tune(*DEMO_2, f"output_dir={tmp_path}", "pipeline_parallel_dim=2", "max_steps_per_epoch=1")
+    assert "schedule 1F1B, 2 micro-batches" in proc.stdout + proc.stderr
+    assert sorted(_metrics(tmp_path)) == [1]
+
+
+def test_world_size_error_repeats_the_whole_command(tune, tmp_path):
+    proc = tune(
+        *DEMO,
+        f"output_dir={tmp_path}",
+        "optimizer.lr=1e-4",
+        "tensor_parallel_dim=2",
+        "dataset.split=train",
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert (
+        "tune run --nproc_per_node 2 full_finetune_distributed --config mistral3p5_medpix_demo "
+        f"output_dir={tmp_path} optimizer.lr=1e-4 tensor_parallel_dim=2 dataset.split=train\n"
+    ) in proc.stderr

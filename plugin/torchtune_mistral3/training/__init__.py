@@ -1,5 +1,5 @@
 from ._grad_norm import clip_grad_norm_
-from ._launch import check_checkpoint_dir, check_world_size, ensure_single_process_env
+from ._launch import check_checkpoint_dir, check_world_size, command_line_overrides, ensure_single_process_env
 from ._lr_schedulers import cosine_with_warmup
 from ._metric_logging import prepare_metric_logger_env
 from ._nonfinite import NonFiniteError, NonFiniteGuard, check_finite_for_save
@@ -34,6 +34,7 @@ __all__ = [
     "check_finite_for_save",
     "check_world_size",
     "clip_grad_norm_",
+    "command_line_overrides",
     "cosine_with_warmup",
     "cut_pipeline_stage",
     "default_stages_per_rank",

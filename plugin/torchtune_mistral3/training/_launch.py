@@ -1,8 +1,9 @@
 """Process-group set-up for a recipe started by ``tune run`` with or without torchrun flags."""
 
 import os
+import shlex
 import socket
-from typing import Optional
+from typing import List, Optional, Sequence
 
 
 def _free_port() -> int:
@@ -33,12 +34,31 @@ def ensure_single_process_env() -> bool:
     return True
 
 
+def command_line_overrides(argv: Sequence[str]) -> List[str]:
+    """The arguments the recipe received besides ``--config <path>``: the user's ``key=value`` overrides.
+
+    ``tune run`` (with or without torchrun flags) hands the recipe ``[recipe, --config, <path>, *overrides]``.
+
+    Args:
+        argv (Sequence[str]): the recipe's ``sys.argv``.
+
+    Returns:
+        List[str]: the overrides, in the order given.
+    """
+    args = list(argv[1:])
+    if "--config" in args:
+        i = args.index("--config")
+        del args[i : i + 2]
+    return [a for a in args if not a.startswith("--config=")]
+
+
 def check_world_size(
     *,
     config_name: str,
     tensor_parallel_dim: int = 1,
     pipeline_parallel_dim: int = 1,
     world_size: Optional[int] = None,
+    overrides: Sequence[str] = (),
 ) -> int:
     """Stop at once, before any process group exists, when the launch cannot hold the config's layout.
 
@@ -47,6 +67,8 @@ def check_world_size(
         tensor_parallel_dim (int): ``tensor_parallel_dim`` of the config. Default is 1.
         pipeline_parallel_dim (int): ``pipeline_parallel_dim`` of the config. Default is 1.
         world_size (Optional[int]): number of processes; ``WORLD_SIZE`` from the environment if None.
+        overrides (Sequence[str]): the user's command-line overrides, repeated in the suggested command.
+            Default is none.
 
     Returns:
         int: the data-parallel degree (what is left of the world size).
@@ -63,6 +85,7 @@ def check_world_size(
     model_parallel = tensor_parallel_dim * pipeline_parallel_dim
     if world_size % model_parallel == 0:
         return world_size // model_parallel
+    tail = "".join(" " + shlex.quote(o) for o in overrides)
     per_node = min(model_parallel, 8)
     nodes = model_parallel // per_node
     launch = f"--nproc_per_node {per_node}" + (
@@ -72,7 +95,7 @@ def check_world_size(
         f"Config '{config_name}' needs a multiple of tensor_parallel_dim x pipeline_parallel_dim = "
         f"{tensor_parallel_dim} x {pipeline_parallel_dim} = {model_parallel} processes, but {world_size} "
         f"{'was' if world_size == 1 else 'were'} launched. Start it with\n"
-        f"    tune run {launch} full_finetune_distributed --config {config_name}\n"
+        f"    tune run {launch} full_finetune_distributed --config {config_name}{tail}\n"
         f"or lower the layout on the command line, e.g. tensor_parallel_dim=1 pipeline_parallel_dim=1."
     )
 
