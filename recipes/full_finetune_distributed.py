@@ -180,7 +180,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         if self._compile:
             training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
         # summed cross-entropy / global label-token count; 0 (not NaN) for a micro-batch without labels
-        self._step_loss = PipelineLoss(self._loss_fn)
+        self._step_loss = PipelineLoss(self._loss_fn, loss_parallel=self._loss_parallel)
         self._model = self._setup_model(
             cfg_model=cfg.model,
             enable_activation_checkpointing=self._enable_activation_checkpointing,
