@@ -52,7 +52,10 @@ from torchtune_mistral3.training import (
     check_world_size,
     clip_grad_norm_,
     command_line_overrides,
+    distributed_timeout,
     ensure_single_process_env,
+    explain_collective_timeouts,
+    init_process_group_timeout,
     is_stage_stand_in,
     latest_training_state,
     load_stock_recipe,
@@ -62,6 +65,7 @@ from torchtune_mistral3.training import (
     prepare_metric_logger_env,
     save_training_state,
     set_fsdp_gradient_sum,
+    set_mesh_timeout,
     train_context,
     uses_loss_parallel,
 )
@@ -131,7 +135,9 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             pipeline_parallel_dim=self.pipeline_parallel_dim,
             overrides=command_line_overrides(sys.argv),
         )
-        super().__init__(cfg)
+        self._distributed_timeout = distributed_timeout(cfg.get("distributed_timeout_s", None))
+        with init_process_group_timeout(stock, self._distributed_timeout):
+            super().__init__(cfg)
         self._dims = ParallelDims(self.world_size, pp=self.pipeline_parallel_dim, tp=self.tensor_parallel_dim)
         self.data_parallel_dim = self._dims.dp
         self._loss_parallel = self._dims.tp_enabled and uses_loss_parallel(self.tensor_parallel_plan or {})
@@ -262,6 +268,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         with training.set_default_dtype(self._dtype), torch.device("meta"):
             model = config.instantiate(cfg_model)
         self._mesh = self._dims.build_mesh(self._device.type)
+        set_mesh_timeout(self._mesh, self._distributed_timeout)
         self.dp_size = self._mesh["dp"].size()
         self.dp_rank = self._mesh["dp"].get_local_rank()
 
@@ -620,9 +627,10 @@ def recipe_main(cfg: DictConfig) -> None:
         ensure_single_process_env()
         return stock.recipe_main.__wrapped__(cfg)
     config.log_config(recipe_name="Mistral3FullFinetuneRecipe", cfg=cfg)
-    recipe = Mistral3FullFinetuneRecipe(cfg=cfg)
-    recipe.setup(cfg=cfg)
-    recipe.train()
+    with explain_collective_timeouts(distributed_timeout(cfg.get("distributed_timeout_s", None))):
+        recipe = Mistral3FullFinetuneRecipe(cfg=cfg)
+        recipe.setup(cfg=cfg)
+        recipe.train()
     recipe.cleanup()
 
 

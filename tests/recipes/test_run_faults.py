@@ -1,10 +1,17 @@
 """Faults of a training run through the real `tune run` (demo config, CPU/gloo): each must stop clearly or be
 handled, and never overwrite a good checkpoint or training state."""
 
+import contextlib
 import hashlib
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -121,3 +128,79 @@ def test_world_size_error_repeats_the_whole_command(tune, tmp_path):
         "tune run --nproc_per_node 2 full_finetune_distributed --config mistral3p5_medpix_demo "
         f"output_dir={tmp_path} optimizer.lr=1e-4 tensor_parallel_dim=2 dataset.split=train\n"
     ) in proc.stderr
+
+
+def _start_demo_2(tmp_path, *overrides):
+    """A 2-process demo run in the background; returns the process and its output files."""
+    out, err = open(tmp_path / "stdout.txt", "w"), open(tmp_path / "stderr.txt", "w")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torchtune._cli.tune", *DEMO_2, f"output_dir={tmp_path / 'run'}", *overrides]
+    return subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
+
+
+def _rank_pid(proc, rank, deadline):
+    """pid of the worker of ``rank`` under the `tune run` process (torchrun's agent runs inside it)."""
+    while time.monotonic() < deadline:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if child.environ().get("RANK") == str(rank) and "TORCHELASTIC_RUN_ID" in child.environ():
+                    return child.pid
+        time.sleep(0.5)
+    raise AssertionError("no worker process found")
+
+
+def _wait_for_step(tmp_path, step, proc, deadline):
+    while time.monotonic() < deadline and proc.poll() is None:
+        logs = list((tmp_path / "run" / "logs").glob("*.txt"))
+        if logs and f"Step {step} |" in logs[0].read_text():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} was not logged: {(tmp_path / 'stderr.txt').read_text()[-3000:]}")
+
+
+def _signal_rank_after_step(tmp_path, signum, step, overrides, wait_s):
+    """Run the 2-process demo, send ``signum`` to rank 1 once ``step`` is logged; return (rc, seconds, output)."""
+    proc = _start_demo_2(tmp_path, *overrides)
+    pid = None
+    try:
+        deadline = time.monotonic() + 600
+        pid = _rank_pid(proc, 1, deadline)
+        _wait_for_step(tmp_path, step, proc, deadline)
+        os.kill(pid, signum)
+        t0 = time.monotonic()
+        rc = proc.wait(timeout=wait_s)
+        elapsed = time.monotonic() - t0
+    finally:
+        for p in (pid, proc.pid):
+            with contextlib.suppress(ProcessLookupError, TypeError):
+                os.kill(p, signal.SIGCONT)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return rc, elapsed, (tmp_path / "stdout.txt").read_text() + (tmp_path / "stderr.txt").read_text()
+
+
+def test_a_stopped_rank_ends_the_job_after_the_timeout_naming_it(tmp_path):
+    timeout_s = 15
+    overrides = [*QUIET, "batch_size=1", "max_steps_per_epoch=12", f"distributed_timeout_s={timeout_s}"]
+    rc, elapsed, output = _signal_rank_after_step(tmp_path, signal.SIGSTOP, 1, overrides, wait_s=timeout_s + 300)
+    assert rc != 0
+    # rank 0 gives up after the timeout; torchrun then ends the stopped rank (SIGTERM, SIGKILL after 30 s)
+    assert timeout_s - 2 < elapsed < timeout_s + 90, elapsed
+    assert f"did not complete within distributed_timeout_s={timeout_s} on rank 0" in output, output[-4000:]
+    assert re.search(
+        r"Collective (all_reduce|barrier|all_gather\w*|broadcast\w*|reduce_scatter\w*) called from", output
+    )
+    print(f"stopped rank: job ended {elapsed:.1f} s after SIGSTOP with distributed_timeout_s={timeout_s}")
+
+
+def test_a_killed_rank_ends_the_job_at_once_and_keeps_the_last_state(tmp_path):
+    overrides = [*QUIET, "batch_size=1", "max_steps_per_epoch=12", "save_every_n_steps=2"]
+    rc, elapsed, output = _signal_rank_after_step(tmp_path, signal.SIGKILL, 3, overrides, wait_s=300)
+    assert rc != 0
+    assert elapsed < 60, elapsed  # far below the 1800 s timeout: a dead peer closes its sockets
+    states = tmp_path / "run" / "training_state"
+    # the state of step 2 is complete (written before the kill); no step after it was written
+    assert sorted(p.name for p in states.iterdir() if not p.name.startswith(".")) == ["step_2"]
+    assert sorted(p.name for p in (states / "step_2").iterdir()) == ["layout.json", "rank_00000.pt", "rank_00001.pt"]
+    print(f"killed rank: job ended {elapsed:.1f} s after SIGKILL")

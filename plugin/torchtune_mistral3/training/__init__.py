@@ -1,5 +1,16 @@
 from ._grad_norm import clip_grad_norm_
-from ._launch import check_checkpoint_dir, check_world_size, command_line_overrides, ensure_single_process_env
+from ._launch import (
+    DEFAULT_DISTRIBUTED_TIMEOUT_S,
+    DistributedTimeoutError,
+    check_checkpoint_dir,
+    check_world_size,
+    command_line_overrides,
+    distributed_timeout,
+    ensure_single_process_env,
+    explain_collective_timeouts,
+    init_process_group_timeout,
+    set_mesh_timeout,
+)
 from ._lr_schedulers import cosine_with_warmup
 from ._metric_logging import prepare_metric_logger_env
 from ._nonfinite import NonFiniteError, NonFiniteGuard, check_finite_for_save
@@ -37,11 +48,16 @@ __all__ = [
     "command_line_overrides",
     "cosine_with_warmup",
     "cut_pipeline_stage",
+    "DEFAULT_DISTRIBUTED_TIMEOUT_S",
+    "distributed_timeout",
+    "DistributedTimeoutError",
     "default_stages_per_rank",
     "ensure_single_process_env",
+    "explain_collective_timeouts",
     "get_pipeline_schedule_class",
     "IndexedCollate",
     "IndexedDataset",
+    "init_process_group_timeout",
     "is_stage_stand_in",
     "load_stock_recipe",
     "NonFiniteError",
@@ -55,6 +71,7 @@ __all__ = [
     "resolve_layer_split",
     "resolve_tp_plan",
     "set_fsdp_gradient_sum",
+    "set_mesh_timeout",
     "stage_ids_for_rank",
     "StageImages",
     "stock_recipe_path",
