@@ -3,6 +3,7 @@ handled, and never overwrite a good checkpoint or training state."""
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 import re
@@ -13,6 +14,7 @@ import time
 
 import psutil
 import pytest
+import torch
 
 pytestmark = pytest.mark.integration
 
@@ -204,3 +206,80 @@ def test_a_killed_rank_ends_the_job_at_once_and_keeps_the_last_state(tmp_path):
     assert sorted(p.name for p in states.iterdir() if not p.name.startswith(".")) == ["step_2"]
     assert sorted(p.name for p in (states / "step_2").iterdir()) == ["layout.json", "rank_00000.pt", "rank_00001.pt"]
     print(f"killed rank: job ended {elapsed:.1f} s after SIGKILL")
+
+
+def _hf_model(checkpoint_dir):
+    """transformers' model of a checkpoint directory (FP8 dequantised by transformers), fp32, eval mode."""
+    from transformers import FineGrainedFP8Config, Mistral3ForConditionalGeneration
+
+    config = json.loads((checkpoint_dir / "config.json").read_text())
+    kwargs = {}
+    if config.get("quantization_config", {}).get("quant_method") == "fp8":
+        kwargs["quantization_config"] = FineGrainedFP8Config(
+            dequantize=True, weight_block_size=None, activation_scheme="static"
+        )
+    return Mistral3ForConditionalGeneration.from_pretrained(
+        checkpoint_dir, dtype=torch.float32, attn_implementation="eager", **kwargs
+    ).eval()
+
+
+def test_validation_loss_equals_transformers_on_the_validation_rows(tune, tmp_path):
+    from torchtune_mistral3.reference_check import first_step_batches, load_run_config, transformers_loss
+
+    out = tmp_path / "run"
+    overrides = [
+        f"output_dir={out}",
+        "dtype=fp32",
+        "shuffle=False",
+        "max_steps_per_epoch=2",
+        "run_val_every_n_steps=1",
+        "max_val_steps=2",
+        "checkpointer.save_dtype=fp32",
+    ]
+    tune(*DEMO, *overrides)
+    m = _metrics(out)
+    assert "val_loss" in m[1] and "val_loss" in m[2]
+    # the validation of step 2 ran on the weights saved at the end: the first 2 validation batches, by transformers
+    cfg = load_run_config("mistral3p5_medpix_demo", overrides)
+    cfg.dataset, cfg.gradient_accumulation_steps = cfg.dataset_val, 2
+    cfg.batch_size = cfg.get("batch_size_val", cfg.batch_size)
+    batches = first_step_batches(cfg)
+    expected, tokens = transformers_loss(str(out / "epoch_0"), batches, torch.float32)
+    assert tokens > 0
+    assert m[2]["val_loss"] == pytest.approx(expected, rel=1e-5)
+    assert m[1]["val_loss"] != m[2]["val_loss"]
+
+
+def test_label_smoothing_of_the_loss_is_honoured(tune, tmp_path):
+    from torchtune_mistral3.reference_check import first_step_batches, load_run_config
+
+    out = tmp_path / "run"
+    overrides = [
+        f"output_dir={out}",
+        *QUIET,
+        "max_steps_per_epoch=1",
+        "loss._component_=torch.nn.CrossEntropyLoss",
+        "loss.label_smoothing=0.1",
+    ]
+    tune(*DEMO, *overrides)
+    # step 1's loss by torch's own label-smoothed cross-entropy on transformers' logits of the initial weights
+    model = _hf_model(out / "tiny_fp8_checkpoint")
+    (batch,) = first_step_batches(load_run_config("mistral3p5_medpix_demo", overrides))
+    images = batch["encoder_input"]["image"]
+    with torch.no_grad():
+        logits = model(
+            input_ids=batch["tokens"],
+            attention_mask=(batch["tokens"] != 11).long(),
+            pixel_values=images["pixel_values"],
+            image_sizes=images["image_sizes"],
+        ).logits
+    labels = batch["labels"][:, 1:]
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), label_smoothing=0.1
+    )
+    assert _metrics(out)[1]["loss"] == pytest.approx(float(expected), rel=1e-5)
+
+    proc = tune(*DEMO, f"output_dir={tmp_path / 'nll'}", "loss._component_=torch.nn.NLLLoss", check=False)
+    assert proc.returncode != 0
+    assert "loss._component_=torch.nn.modules.loss.NLLLoss is not supported" in proc.stderr
+    assert "Instantiating" not in proc.stdout + proc.stderr  # refused before the model is built
