@@ -14,6 +14,9 @@ What the subclass adds to the stock recipe:
 - gradient-norm clipping that is correct under TP, PP and FSDP together;
 - the loss normalised by the answer tokens of the whole global batch (all micro-batches, all replicas);
 - freezing by builder flags (only trainable parameters reach the optimizer);
+- a step whose loss or grad norm is not finite is skipped (``max_nonfinite_steps``) or stops the run with
+  its step and dataset rows; a save refuses non-finite weights, so no good state is ever overwritten;
+- a collective timeout (``distributed_timeout_s``) on every process group, reported with the collective;
 - a progress bar with loss, learning rate, tokens per second and grad norm; validation loss every N steps;
   checkpoints every N steps and at the end, written by the checkpointer (atomically), and per-rank training
   states for an exact resume.
@@ -118,7 +121,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
     ``pipeline_schedule`` (default ``1F1B``), ``pipeline_microbatches`` (default: the pipeline degree),
     ``pipeline_split`` (layers per stage, default balanced), ``pipeline_stages_per_rank``, ``dataset_val``,
     ``batch_size_val``, ``run_val_every_n_steps``, ``max_val_steps``, ``save_every_n_steps``,
-    ``prepare_checkpoint``, ``hf_repo`` (see docs/configs.md).
+    ``prepare_checkpoint``, ``hf_repo``, ``max_nonfinite_steps`` (default 0), ``distributed_timeout_s``
+    (default 1800) (see docs/configs.md).
 
     Args:
         cfg (DictConfig): the parsed config.
