@@ -283,3 +283,28 @@ def test_label_smoothing_of_the_loss_is_honoured(tune, tmp_path):
     assert proc.returncode != 0
     assert "loss._component_=torch.nn.modules.loss.NLLLoss is not supported" in proc.stderr
     assert "Instantiating" not in proc.stdout + proc.stderr  # refused before the model is built
+
+
+def test_a_rank_killed_inside_a_training_state_save_leaves_the_previous_state(tmp_path):
+    from torchtune_mistral3.training import latest_training_state
+
+    overrides = [*QUIET, "batch_size=1", "max_steps_per_epoch=12", "save_every_n_steps=2"]
+    proc = _start_demo_2(tmp_path, *overrides)
+    states = tmp_path / "run" / "training_state"
+    try:
+        deadline = time.monotonic() + 600
+        pid = _rank_pid(proc, 1, deadline)
+        # rank 0 creates the partial directory of step 4, then every rank writes its file into it
+        while not (states / ".step_4.partial").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+            time.sleep(0.005)
+        os.kill(pid, signal.SIGKILL)
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert rc != 0
+    assert not (states / "step_4").exists()
+    assert latest_training_state(tmp_path / "run") == states / "step_2"
+    assert sorted(p.name for p in (states / "step_2").iterdir()) == ["layout.json", "rank_00000.pt", "rank_00001.pt"]
