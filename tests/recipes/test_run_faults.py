@@ -294,8 +294,9 @@ def test_a_rank_killed_inside_a_training_state_save_leaves_the_previous_state(tm
     try:
         deadline = time.monotonic() + 600
         pid = _rank_pid(proc, 1, deadline)
-        # rank 0 creates the partial directory of step 4, then every rank writes its file into it
-        while not (states / ".step_4.partial").exists():
+        # kill rank 1 while the ranks write their files of step 4 (into a partial directory, renamed when all are done)
+        started = [states / d / f"rank_{r:05d}.pt" for d in (".step_4.partial", "step_4") for r in (0, 1)]
+        while not any(p.exists() for p in started):
             assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
             time.sleep(0.005)
         os.kill(pid, signal.SIGKILL)
