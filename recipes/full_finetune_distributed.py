@@ -164,6 +164,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)
         self._last_saved_step = None
         self._nonfinite = NonFiniteGuard(cfg.get("max_nonfinite_steps", 0), cfg.output_dir)
+        self._step_rows: List[int] = []  # dataset rows of the step being taken (named if it is not finite)
         self._cfg = cfg
 
     # ------------------------------------------------------------------ setup

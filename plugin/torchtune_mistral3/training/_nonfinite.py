@@ -15,6 +15,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
+from ._training_state import latest_training_state
+
 log = logging.getLogger(__name__)
 
 
@@ -41,8 +43,6 @@ def _all_rows(rows: Sequence[int]) -> List[int]:
 
 
 def _last_good_state(output_dir: str) -> str:
-    from ._training_state import latest_training_state
-
     state = latest_training_state(output_dir)
     if state is None:
         return f"no training state was saved in {output_dir} yet (save_every_n_steps=N writes them)"
