@@ -14,6 +14,9 @@ What the subclass adds to the stock recipe:
 - gradient-norm clipping that is correct under TP, PP and FSDP together;
 - the loss normalised by the answer tokens of the whole global batch (all micro-batches, all replicas);
 - freezing by builder flags (only trainable parameters reach the optimizer);
+- a step whose loss or grad norm is not finite is skipped (``max_nonfinite_steps``) or stops the run with
+  its step and dataset rows; a save refuses non-finite weights, so no good state is ever overwritten;
+- a collective timeout (``distributed_timeout_s``) on every process group, reported with the collective;
 - a progress bar with loss, learning rate, tokens per second and grad norm; validation loss every N steps;
   checkpoints every N steps and at the end, written by the checkpointer (atomically), and per-rank training
   states for an exact resume.
@@ -40,22 +43,32 @@ from torchtune.config._utils import _get_component_from_path
 from torchtune_mistral3.checkpointing import load_into_module
 from torchtune_mistral3.models.mistral3 import check_tokenizer_fits_model, mistral3_pp_stage_extras
 from torchtune_mistral3.training import (
+    IndexedCollate,
+    IndexedDataset,
+    NonFiniteGuard,
     ParallelDims,
     PipelineLoss,
     apply_tensor_parallel,
     build_pipeline,
     check_checkpoint_dir,
+    check_finite_for_save,
     check_shared_output_dir,
     check_world_size,
     clip_grad_norm_,
+    command_line_overrides,
+    distributed_timeout,
     ensure_single_process_env,
+    explain_collective_timeouts,
+    init_process_group_timeout,
     is_stage_stand_in,
     load_stock_recipe,
     load_training_state,
     pipeline_step,
+    pop_sample_indices,
     prepare_metric_logger_env,
     save_training_state,
     set_fsdp_gradient_sum,
+    set_mesh_timeout,
     train_context,
     uses_loss_parallel,
 )
@@ -108,7 +121,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
     ``pipeline_schedule`` (default ``1F1B``), ``pipeline_microbatches`` (default: the pipeline degree),
     ``pipeline_split`` (layers per stage, default balanced), ``pipeline_stages_per_rank``, ``dataset_val``,
     ``batch_size_val``, ``run_val_every_n_steps``, ``max_val_steps``, ``save_every_n_steps``,
-    ``prepare_checkpoint``, ``hf_repo`` (see docs/configs.md).
+    ``prepare_checkpoint``, ``hf_repo``, ``max_nonfinite_steps`` (default 0), ``distributed_timeout_s``
+    (default 1800) (see docs/configs.md).
 
     Args:
         cfg (DictConfig): the parsed config.
@@ -124,8 +138,11 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             config_name=_config_name(),
             tensor_parallel_dim=int(cfg.get("tensor_parallel_dim", 1)),
             pipeline_parallel_dim=self.pipeline_parallel_dim,
+            overrides=command_line_overrides(sys.argv),
         )
-        super().__init__(cfg)
+        self._distributed_timeout = distributed_timeout(cfg.get("distributed_timeout_s", None))
+        with init_process_group_timeout(stock, self._distributed_timeout):
+            super().__init__(cfg)
         self._dims = ParallelDims(self.world_size, pp=self.pipeline_parallel_dim, tp=self.tensor_parallel_dim)
         self.data_parallel_dim = self._dims.dp
         self._loss_parallel = self._dims.tp_enabled and uses_loss_parallel(self.tensor_parallel_plan or {})
@@ -147,6 +164,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         self._max_val_steps = cfg.get("max_val_steps", None)
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)
         self._last_saved_step = None
+        self._nonfinite = NonFiniteGuard(cfg.get("max_nonfinite_steps", 0), cfg.output_dir)
+        self._step_rows: List[int] = []  # dataset rows of the step being taken (named if it is not finite)
         self._cfg = cfg
 
     # ------------------------------------------------------------------ setup
@@ -173,7 +192,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         if self._compile:
             training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
         # summed cross-entropy / global label-token count; 0 (not NaN) for a micro-batch without labels
-        self._step_loss = PipelineLoss(self._loss_fn)
+        self._step_loss = PipelineLoss(self._loss_fn, loss_parallel=self._loss_parallel)
         self._model = self._setup_model(
             cfg_model=cfg.model,
             enable_activation_checkpointing=self._enable_activation_checkpointing,
@@ -257,6 +276,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             model = config.instantiate(cfg_model)
         self._checkpointer.check_model_keys(model)  # on the whole model: a weight no stage reads is an error
         self._mesh = self._dims.build_mesh(self._device.type)
+        set_mesh_timeout(self._mesh, self._distributed_timeout)
         self.dp_size = self._mesh["dp"].size()
         self.dp_rank = self._mesh["dp"].get_local_rank()
 
@@ -298,7 +318,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 model,
                 self._mesh["pp"],
                 schedule=cfg.get("pipeline_schedule", "1F1B"),
-                n_microbatches=int(cfg.get("pipeline_microbatches", self._dims.pp)),
+                n_microbatches=int(cfg.get("pipeline_microbatches", None) or self._dims.pp),  # null: the degree
                 loss_fn=self._step_loss,
                 device=self._device,
                 split=list(split) if split is not None else None,
@@ -355,10 +375,12 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         collate = _get_component_from_path(collate_fn)
         sampler = StatefulDistributedSampler(ds, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=shuffle)
         return StatefulDataLoader(
-            dataset=ds,
+            dataset=IndexedDataset(ds),  # the batches carry their dataset rows, named when a step fails
             batch_size=batch_size,
             sampler=sampler,
-            collate_fn=partial(collate, padding_idx=self._tokenizer.pad_id, ignore_idx=self._loss_fn.ignore_index),
+            collate_fn=IndexedCollate(
+                partial(collate, padding_idx=self._tokenizer.pad_id, ignore_idx=self._loss_fn.ignore_index)
+            ),
             drop_last=True,
         )
 
@@ -436,19 +458,34 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             if share is not None:
                 loss += share
         out = {"loss": self._reduce_loss(loss), "label_tokens": int(num_tokens), "input_tokens": int(input_tokens)}
+        trainable = [p for part in self._model_parts for p in part.parameters() if p.requires_grad]
         if self._clip_grad_norm is not None:
             out["grad_norm"] = float(
                 clip_grad_norm_(
-                    [p for part in self._model_parts for p in part.parameters() if p.requires_grad],
+                    trainable,
                     max_norm=float(self._clip_grad_norm),
                     pp_group=self._mesh["pp"].get_group() if self._pipeline is not None else None,
                 )
             )
-        self._optimizer.step()
+        self._optimizer_step(out, trainable)
+        return out
+
+    def _optimizer_step(self, out: Dict[str, float], trainable: List[nn.Parameter]) -> None:
+        """Apply the step unless its loss or gradients are not finite (then skip or stop); advance the LR.
+
+        Records in ``out["lr"]`` the learning rate this step used (read before the scheduler moves on).
+        """
+        step = self.global_step + 1
+        grad_norm = out.get("grad_norm", None)
+        rows = self._step_rows
+        if self._nonfinite.step_is_finite(
+            step=step, loss=out["loss"], grad_norm=grad_norm, parameters=trainable, rows=rows, device=self._device
+        ):
+            self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
+        out["lr"] = training.get_lr(self._optimizer)
         if self._lr_scheduler is not None:
             self._lr_scheduler.step()
-        return out
 
     @torch.no_grad()
     def _validate(self) -> float:
@@ -460,6 +497,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         for i, batch in enumerate(self._val_dataloader):
             if self._max_val_steps is not None and i >= self._max_val_steps:
                 break
+            pop_sample_indices(batch)
             utils.batch_to_device(batch, self._device)
             n = self._count_label_tokens([batch])
             share = self._loss_share(batch, n.clamp(min=1), forward_only=True)
@@ -474,11 +512,14 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         """Group the epoch's batches into optimizer steps of ``gradient_accumulation_steps`` micro-batches."""
         self._dataloader.sampler.set_epoch(epoch)
         step: List[Dict[str, Any]] = []
+        rows: List[int] = []
         for batch in self._dataloader:
+            rows += pop_sample_indices(batch)
             step.append(batch)
             if len(step) == self._gradient_accumulation_steps:
+                self._step_rows = rows
                 yield step
-                step = []
+                step, rows = [], []
 
     def _layout(self) -> Dict[str, int]:
         return {"world_size": self.world_size, "pp": self._dims.pp, "dp": self._dims.dp, "tp": self._dims.tp}
@@ -490,6 +531,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             epoch (int): current epoch, for the directory name.
             final (bool): whether this is the end-of-training checkpoint.
         """
+        check_finite_for_save(self._model_parts, self._optimizer, self._device)
         self._last_saved_step = self.global_step
         parts = self._model_parts if self._pipeline is not None else self._model
         path = self._checkpointer.save_distributed(parts, epoch, mesh=self._mesh, pp_dim="pp")
@@ -543,7 +585,6 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 self.global_step += 1
                 done += 1
                 elapsed = time.perf_counter() - t0
-                metrics["lr"] = training.get_lr(self._optimizer)
                 metrics["tokens_per_second_per_gpu"] = metrics["input_tokens"] / (elapsed * self.world_size)
                 if self._run_val_every_n_steps and self._val_dataloader is not None:
                     if self.global_step % self._run_val_every_n_steps == 0:
@@ -589,9 +630,10 @@ def recipe_main(cfg: DictConfig) -> None:
         ensure_single_process_env()
         return stock.recipe_main.__wrapped__(cfg)
     config.log_config(recipe_name="Mistral3FullFinetuneRecipe", cfg=cfg)
-    recipe = Mistral3FullFinetuneRecipe(cfg=cfg)
-    recipe.setup(cfg=cfg)
-    recipe.train()
+    with explain_collective_timeouts(distributed_timeout(cfg.get("distributed_timeout_s", None))):
+        recipe = Mistral3FullFinetuneRecipe(cfg=cfg)
+        recipe.setup(cfg=cfg)
+        recipe.train()
     recipe.cleanup()
 
 

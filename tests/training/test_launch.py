@@ -1,7 +1,12 @@
 import os
 
 import pytest
-from torchtune_mistral3.training import check_checkpoint_dir, check_world_size, ensure_single_process_env
+from torchtune_mistral3.training import (
+    check_checkpoint_dir,
+    check_world_size,
+    command_line_overrides,
+    ensure_single_process_env,
+)
 
 
 def test_world_size_that_holds_the_layout_gives_the_data_parallel_rest():
@@ -17,6 +22,16 @@ def test_too_few_processes_names_the_tune_run_flags():
     assert "tune run --nproc_per_node 8 --nnodes 8" in msg and "--config mistral3p5_medpix" in msg
     with pytest.raises(ValueError, match="--nproc_per_node 2 full_finetune_distributed"):
         check_world_size(config_name="c", tensor_parallel_dim=2, world_size=3)
+
+
+def test_suggested_command_keeps_the_overrides():
+    argv = ["/x/recipe.py", "--config", "/x/demo.yaml", "optimizer.lr=1e-4", "dataset.data_files=a b"]
+    overrides = command_line_overrides(argv)
+    assert overrides == ["optimizer.lr=1e-4", "dataset.data_files=a b"]
+    with pytest.raises(ValueError) as e:
+        check_world_size(config_name="demo", tensor_parallel_dim=2, world_size=1, overrides=overrides)
+    assert "tune run --nproc_per_node 2 full_finetune_distributed --config demo optimizer.lr=1e-4 " in str(e.value)
+    assert "'dataset.data_files=a b'\n" in str(e.value)
 
 
 def test_single_process_env_is_filled_only_when_missing(monkeypatch):

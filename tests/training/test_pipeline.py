@@ -171,6 +171,34 @@ class TestPipelineLoss:
         assert loss(logits[:1], labels[:1], n).item() == 0.0
         torch.testing.assert_close(total, expected)
 
+    def test_label_smoothing_of_torch_cross_entropy_is_honoured(self):
+        torch.manual_seed(0)
+        logits = torch.randn(3, 10, 32)
+        labels = torch.randint(0, 32, (3, 10))
+        labels[1, :4] = -7
+        torch_loss = nn.CrossEntropyLoss(ignore_index=-7, label_smoothing=0.1)
+        expected = torch_loss(logits.reshape(-1, 32), labels.reshape(-1))  # torch's own mean over valid labels
+        n = (labels != -7).sum().item()
+        loss = PipelineLoss(torch_loss)
+        total = loss(logits[:1], labels[:1], n) + loss(list(logits[1:].split(4, dim=1)), labels[1:], n)
+        torch.testing.assert_close(total, expected)
+        plain = nn.functional.cross_entropy(logits.reshape(-1, 32), labels.reshape(-1), ignore_index=-7)
+        assert not torch.allclose(total, plain)
+
+    @pytest.mark.parametrize(
+        "loss_fn, loss_parallel, match",
+        [
+            (nn.NLLLoss(), False, "loss._component_=torch.nn.modules.loss.NLLLoss is not supported"),
+            (nn.CrossEntropyLoss(weight=torch.ones(8)), False, "with a class weight is not supported"),
+            (nn.CrossEntropyLoss(label_smoothing=0.1), True, "cannot run under loss parallel"),
+        ],
+    )
+    def test_a_loss_it_cannot_reproduce_is_refused(self, loss_fn, loss_parallel, match):
+        with pytest.raises(ValueError, match=match) as e:
+            PipelineLoss(loss_fn, loss_parallel=loss_parallel)
+        assert "Supported: torchtune.modules.loss.CEWithChunkedOutputLoss" in str(e.value)
+        PipelineLoss(nn.CrossEntropyLoss(), loss_parallel=loss_parallel)  # plain CE runs everywhere
+
 
 # Two processes, PP=2: loss, clipped norm, every gradient and the final parameters after 3 SGD steps with
 # clipping equal a single-process run (asserted inside the ranks to 1e-5).

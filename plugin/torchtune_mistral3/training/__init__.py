@@ -1,8 +1,20 @@
 from ._cluster import check_shared_output_dir
 from ._grad_norm import clip_grad_norm_
-from ._launch import check_checkpoint_dir, check_world_size, ensure_single_process_env
+from ._launch import (
+    DEFAULT_DISTRIBUTED_TIMEOUT_S,
+    DistributedTimeoutError,
+    check_checkpoint_dir,
+    check_world_size,
+    command_line_overrides,
+    distributed_timeout,
+    ensure_single_process_env,
+    explain_collective_timeouts,
+    init_process_group_timeout,
+    set_mesh_timeout,
+)
 from ._lr_schedulers import cosine_with_warmup
 from ._metric_logging import prepare_metric_logger_env
+from ._nonfinite import NonFiniteError, NonFiniteGuard, check_finite_for_save
 from ._parallel_dims import ParallelDims, validate_pipeline_stages, validate_tensor_parallel
 from ._pipeline import (
     Pipeline,
@@ -20,6 +32,7 @@ from ._pipeline import (
     stage_ids_for_rank,
     validate_pipeline_schedule,
 )
+from ._sample_index import IndexedCollate, IndexedDataset, pop_sample_indices
 from ._stock import load_stock_recipe, stock_recipe_path
 from ._tp import apply_tensor_parallel, resolve_tp_plan, train_context, uses_loss_parallel
 from ._training_state import latest_training_state, load_training_state, save_training_state
@@ -29,25 +42,37 @@ __all__ = [
     "balanced_layer_split",
     "build_pipeline",
     "check_checkpoint_dir",
-    "check_checkpoint_dir",
     "check_shared_output_dir",
+    "check_finite_for_save",
     "check_world_size",
     "clip_grad_norm_",
+    "command_line_overrides",
     "cosine_with_warmup",
     "cut_pipeline_stage",
+    "DEFAULT_DISTRIBUTED_TIMEOUT_S",
+    "distributed_timeout",
+    "DistributedTimeoutError",
     "default_stages_per_rank",
     "ensure_single_process_env",
+    "explain_collective_timeouts",
     "get_pipeline_schedule_class",
+    "IndexedCollate",
+    "IndexedDataset",
+    "init_process_group_timeout",
     "is_stage_stand_in",
     "load_stock_recipe",
+    "NonFiniteError",
+    "NonFiniteGuard",
     "ParallelDims",
     "Pipeline",
     "pipeline_step",
+    "pop_sample_indices",
     "PipelineLoss",
     "prepare_metric_logger_env",
     "resolve_layer_split",
     "resolve_tp_plan",
     "set_fsdp_gradient_sum",
+    "set_mesh_timeout",
     "stage_ids_for_rank",
     "StageImages",
     "stock_recipe_path",

@@ -1,8 +1,25 @@
 """Process-group set-up for a recipe started by ``tune run`` with or without torchrun flags."""
 
+import contextlib
+import functools
 import os
+import shlex
 import socket
-from typing import Optional
+import traceback
+from datetime import timedelta
+from types import ModuleType
+from typing import Iterator, List, Optional, Sequence
+
+import torch.distributed as dist
+
+# Longest legitimate wait of one rank for the others, with margin: rank 0 writing a prepared checkpoint,
+# a 128B FP8 checkpoint read from shared storage unevenly across ranks, a checkpoint save, the first step's
+# compilation. 30 minutes is torch's own default for gloo; NCCL's is 10 minutes, too short for those.
+DEFAULT_DISTRIBUTED_TIMEOUT_S = 1800
+
+
+class DistributedTimeoutError(RuntimeError):
+    """A collective did not complete within ``distributed_timeout_s``."""
 
 
 def _free_port() -> int:
@@ -33,12 +50,31 @@ def ensure_single_process_env() -> bool:
     return True
 
 
+def command_line_overrides(argv: Sequence[str]) -> List[str]:
+    """The arguments the recipe received besides ``--config <path>``: the user's ``key=value`` overrides.
+
+    ``tune run`` (with or without torchrun flags) hands the recipe ``[recipe, --config, <path>, *overrides]``.
+
+    Args:
+        argv (Sequence[str]): the recipe's ``sys.argv``.
+
+    Returns:
+        List[str]: the overrides, in the order given.
+    """
+    args = list(argv[1:])
+    if "--config" in args:
+        i = args.index("--config")
+        del args[i : i + 2]
+    return [a for a in args if not a.startswith("--config=")]
+
+
 def check_world_size(
     *,
     config_name: str,
     tensor_parallel_dim: int = 1,
     pipeline_parallel_dim: int = 1,
     world_size: Optional[int] = None,
+    overrides: Sequence[str] = (),
 ) -> int:
     """Stop at once, before any process group exists, when the launch cannot hold the config's layout.
 
@@ -47,6 +83,8 @@ def check_world_size(
         tensor_parallel_dim (int): ``tensor_parallel_dim`` of the config. Default is 1.
         pipeline_parallel_dim (int): ``pipeline_parallel_dim`` of the config. Default is 1.
         world_size (Optional[int]): number of processes; ``WORLD_SIZE`` from the environment if None.
+        overrides (Sequence[str]): the user's command-line overrides, repeated in the suggested command.
+            Default is none.
 
     Returns:
         int: the data-parallel degree (what is left of the world size).
@@ -63,6 +101,7 @@ def check_world_size(
     model_parallel = tensor_parallel_dim * pipeline_parallel_dim
     if world_size % model_parallel == 0:
         return world_size // model_parallel
+    tail = "".join(" " + shlex.quote(o) for o in overrides)
     per_node = min(model_parallel, 8)
     nodes = model_parallel // per_node
     launch = f"--nproc_per_node {per_node}" + (
@@ -72,7 +111,7 @@ def check_world_size(
         f"Config '{config_name}' needs a multiple of tensor_parallel_dim x pipeline_parallel_dim = "
         f"{tensor_parallel_dim} x {pipeline_parallel_dim} = {model_parallel} processes, but {world_size} "
         f"{'was' if world_size == 1 else 'were'} launched. Start it with\n"
-        f"    tune run {launch} full_finetune_distributed --config {config_name}\n"
+        f"    tune run {launch} full_finetune_distributed --config {config_name}{tail}\n"
         f"or lower the layout on the command line, e.g. tensor_parallel_dim=1 pipeline_parallel_dim=1."
     )
 
@@ -100,3 +139,94 @@ def check_checkpoint_dir(checkpoint_dir: Optional[str], hf_repo: Optional[str]) 
         f"Checkpoint directory '{checkpoint_dir}' {what}. {fetch}"
         "or point the config at an existing copy with checkpoint_dir=<path>."
     )
+
+
+def distributed_timeout(timeout_s: Optional[float]) -> timedelta:
+    """The config key ``distributed_timeout_s`` as a timedelta (None: ``DEFAULT_DISTRIBUTED_TIMEOUT_S``).
+
+    Args:
+        timeout_s (Optional[float]): seconds a collective may wait for the other ranks.
+
+    Returns:
+        timedelta: the timeout.
+
+    Raises:
+        ValueError: if it is not a positive number.
+    """
+    if timeout_s is None:
+        timeout_s = DEFAULT_DISTRIBUTED_TIMEOUT_S
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
+        raise ValueError(f"distributed_timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    return timedelta(seconds=timeout_s)
+
+
+@contextlib.contextmanager
+def init_process_group_timeout(recipe_module: ModuleType, timeout: timedelta) -> Iterator[None]:
+    """Make ``recipe_module``'s own ``init_process_group`` call (the stock recipe's ``__init__``) use ``timeout``.
+
+    Args:
+        recipe_module (ModuleType): the stock recipe module, which imported ``init_process_group``.
+        timeout (timedelta): timeout of the default process group.
+
+    Yields:
+        None: while the stock ``__init__`` runs.
+    """
+    original = recipe_module.init_process_group
+    recipe_module.init_process_group = functools.partial(original, timeout=timeout)
+    try:
+        yield
+    finally:
+        recipe_module.init_process_group = original
+
+
+def set_mesh_timeout(mesh: "dist.DeviceMesh", timeout: timedelta) -> None:
+    """Give every process group of ``mesh`` ``timeout`` (torch creates sub-groups with its default, not the world's).
+
+    Args:
+        mesh (dist.DeviceMesh): the recipe's device mesh.
+        timeout (timedelta): the timeout.
+    """
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    for name in mesh.mesh_dim_names or ():
+        group = mesh[name].get_group()
+        if group.size() > 1:
+            _set_pg_timeout(timeout, group)
+
+
+def _timeout_message(error: BaseException, timeout: timedelta) -> Optional[str]:
+    text = str(error)
+    if "timed out" not in text.lower() and "timeout" not in text.lower():
+        return None
+    frames = traceback.extract_tb(error.__traceback__)
+    collective = next((f.name for f in reversed(frames) if f.filename.endswith("distributed_c10d.py")), None)
+    caller = next((f for f in reversed(frames) if "/torch/" not in f.filename), None)
+    where = f" called from {caller.name} ({caller.filename}:{caller.lineno})" if caller else ""
+    return (
+        f"Collective {collective or '(unknown)'}{where} did not complete within distributed_timeout_s="
+        f"{timeout.total_seconds():g} on rank {dist.get_rank() if dist.is_initialized() else '?'}: another rank "
+        "is stuck (stopped, deadlocked, or far slower than this one). Look at the other ranks' last output; raise "
+        f"distributed_timeout_s if the wait is legitimate (e.g. slow checkpoint storage). torch said: {text}"
+    )
+
+
+@contextlib.contextmanager
+def explain_collective_timeouts(timeout: timedelta) -> Iterator[None]:
+    """Re-raise a collective's timeout as :class:`DistributedTimeoutError` naming the collective and the key.
+
+    Args:
+        timeout (timedelta): the timeout in force, for the message.
+
+    Yields:
+        None: while the recipe runs.
+
+    Raises:
+        DistributedTimeoutError: when a collective timed out inside the block.
+    """
+    try:
+        yield
+    except RuntimeError as e:
+        message = _timeout_message(e, timeout)
+        if message is None:
+            raise
+        raise DistributedTimeoutError(message) from e

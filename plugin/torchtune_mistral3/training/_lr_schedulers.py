@@ -16,15 +16,18 @@ def cosine_with_warmup(
 ) -> LambdaLR:
     """Linear warm-up then cosine decay to ``min_lr`` (not to zero, unlike torchtune's cosine schedule).
 
-    During warm-up the learning rate goes linearly from ``warmup_start_factor * lr`` to ``lr``; then it
-    follows half a cosine from ``lr`` down to ``min_lr`` at ``num_training_steps`` and stays there.
+    Optimizer step ``n`` (1-based) uses the factor ``warmup_start_factor + (1 - warmup_start_factor) * n /
+    num_warmup_steps`` during warm-up (``n <= num_warmup_steps``), so the first step already trains (the
+    schedule starts from ``warmup_start_factor * lr`` before step 1, not at step 1) and step
+    ``num_warmup_steps`` runs at ``lr``; the later steps follow half a cosine from ``lr`` down to ``min_lr``,
+    reached at step ``num_training_steps``, and stay there.
 
     Args:
         optimizer (Optimizer): optimizer whose groups' ``lr`` is the peak learning rate.
         num_warmup_steps (int): number of warm-up steps.
         num_training_steps (int): total number of optimizer steps.
         min_lr (float): final learning rate (absolute). Default is 0.0.
-        warmup_start_factor (float): learning-rate factor at step 0. Default is 0.0.
+        warmup_start_factor (float): learning-rate factor the warm-up starts from (before step 1). Default is 0.0.
         last_epoch (int): index of the last step, for resuming. Default is -1.
 
     Returns:
@@ -37,9 +40,10 @@ def cosine_with_warmup(
     if any(min_lr > lr for lr in peak):
         raise ValueError(f"min_lr={min_lr} is larger than the optimizer's learning rate {max(peak)}")
 
-    def factor(step: int, peak_lr: float) -> float:
-        if step < num_warmup_steps:
-            return warmup_start_factor + (1.0 - warmup_start_factor) * step / max(1, num_warmup_steps)
+    def factor(done: int, peak_lr: float) -> float:
+        step = done + 1  # LambdaLR passes the number of steps done; this is the rate of the next one
+        if step <= num_warmup_steps:
+            return warmup_start_factor + (1.0 - warmup_start_factor) * step / num_warmup_steps
         progress = min(1.0, (step - num_warmup_steps) / max(1, num_training_steps - num_warmup_steps))
         floor = min_lr / peak_lr if peak_lr > 0 else 0.0
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

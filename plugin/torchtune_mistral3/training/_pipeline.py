@@ -303,30 +303,71 @@ def cut_pipeline_stage(model: EarlyFusionModel, stage_id: int, layer_split: Sequ
     return stage
 
 
+SUPPORTED_LOSSES = (
+    "torchtune.modules.loss.CEWithChunkedOutputLoss (or a loss with its sum-reduced compute_cross_entropy), "
+    "torch.nn.CrossEntropyLoss (ignore_index and label_smoothing honoured; no weight, and no label_smoothing "
+    "under tensor parallelism's loss parallel)"
+)
+
+
 class PipelineLoss:
     """Cross-entropy of one microbatch divided by the token count of the whole global batch.
 
     ``sum over microbatches (and data-parallel ranks) = sum-CE(global batch) / num_tokens``, the same loss
     and gradients as without pipelining. A microbatch without valid labels contributes 0. Accepts logits as
     one tensor or as a list/tuple of chunks along the sequence (``set_num_output_chunks``); DTensor logits
-    sharded on the vocabulary work under ``loss_parallel()``.
+    sharded on the vocabulary work under ``loss_parallel()``. Every layout of the recipe computes its loss
+    through this class, so a loss it cannot reproduce is refused here rather than replaced.
 
     Args:
-        loss_fn (Optional[nn.Module]): the recipe's loss; its ``compute_cross_entropy(logits, labels)``
-            (sum-reduced, torchtune's ``CEWithChunkedOutputLoss``) is used when present, else
-            ``F.cross_entropy(..., reduction="sum")``. Default is None.
-        ignore_index (int): label to ignore. Default is -100.
+        loss_fn (Optional[nn.Module]): the recipe's loss (see ``SUPPORTED_LOSSES``); its
+            ``compute_cross_entropy(logits, labels)`` (sum-reduced, torchtune's ``CEWithChunkedOutputLoss``) is
+            used when present, else ``F.cross_entropy(..., reduction="sum")`` with the ``label_smoothing`` of a
+            ``torch.nn.CrossEntropyLoss``. Default is None (plain cross-entropy).
+        ignore_index (int): label to ignore when ``loss_fn`` has none. Default is -100.
+        loss_parallel (bool): whether the logits are vocabulary-sharded DTensors (tensor parallelism's loss
+            parallel), where torch has no label smoothing. Default is False.
+
+    Raises:
+        ValueError: if ``loss_fn`` is not one of ``SUPPORTED_LOSSES`` or uses an option they cannot honour.
     """
 
-    def __init__(self, loss_fn: Optional[nn.Module] = None, ignore_index: int = -100):
+    def __init__(self, loss_fn: Optional[nn.Module] = None, ignore_index: int = -100, loss_parallel: bool = False):
         self.loss_fn = loss_fn
         self.ignore_index = getattr(loss_fn, "ignore_index", ignore_index)
+        self.label_smoothing = 0.0
+        name = f"{type(loss_fn).__module__}.{type(loss_fn).__qualname__}"
+        if loss_fn is None or hasattr(loss_fn, "compute_cross_entropy"):
+            pass
+        elif isinstance(loss_fn, nn.CrossEntropyLoss):
+            if loss_fn.weight is not None:
+                raise ValueError(f"loss: {name} with a class weight is not supported. Supported: {SUPPORTED_LOSSES}")
+            self.label_smoothing = float(loss_fn.label_smoothing)
+            if self.label_smoothing and loss_parallel:
+                raise ValueError(
+                    f"loss.label_smoothing={self.label_smoothing} cannot run under loss parallel (torch's "
+                    "vocabulary-parallel cross-entropy has no label smoothing): set loss.label_smoothing=0, or use "
+                    "tensor_parallel_dim=1. Supported: " + SUPPORTED_LOSSES
+                )
+        else:
+            raise ValueError(
+                f"loss._component_={name} is not supported by this recipe, which computes the summed "
+                f"cross-entropy over the global batch's label tokens on every layout. Supported: {SUPPORTED_LOSSES}"
+            )
 
     def _sum_ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = logits.reshape(-1, logits.size(-1))
         labels = labels.reshape(-1)
         if hasattr(self.loss_fn, "compute_cross_entropy"):
             return self.loss_fn.compute_cross_entropy(logits, labels)
+        if self.label_smoothing:
+            return F.cross_entropy(
+                logits.float(),
+                labels,
+                ignore_index=self.ignore_index,
+                reduction="sum",
+                label_smoothing=self.label_smoothing,
+            )
         return F.cross_entropy(logits.float(), labels, ignore_index=self.ignore_index, reduction="sum")
 
     def __call__(self, logits: Any, labels: torch.Tensor, num_tokens: Union[float, torch.Tensor]) -> torch.Tensor:
