@@ -57,8 +57,10 @@ def load_inference_model(
 
 
 def resolve_image(location: str) -> str:
-    """An image path or URL as given; a relative path missing from the working directory is looked up in the
-    plugin's bundled assets (``medpix_sample/ct_small.png`` is the demo's image).
+    """Where to open a prompt's image: a path or URL as given, else under the plugin's bundled assets.
+
+    A relative path missing from the working directory is looked up in the bundled assets
+    (``medpix_sample/ct_small.png`` is the demo's image).
 
     Args:
         location (str): path or ``http(s)://`` URL.
