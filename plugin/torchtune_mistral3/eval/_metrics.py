@@ -152,7 +152,7 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 
 def yes_no(text: str) -> Optional[str]:
-    """"yes" or "no" when the normalised answer starts with that word, else None ("normal" is not "no").
+    """``yes`` or ``no`` when the normalised answer starts with that word, else None ("normal" is not "no").
 
     Args:
         text (str): an answer.
