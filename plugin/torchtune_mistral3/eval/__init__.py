@@ -1,5 +1,6 @@
 """MedPix evaluation: answer scorers and the evaluation run behind the ``medpix_eval`` recipe."""
 
+from ._evaluate import format_table, generate_answers, medpix_prompts, score_predictions, validation_loss
 from ._metrics import (
     METRICS,
     aggregate,
@@ -13,9 +14,19 @@ from ._metrics import (
     token_recall,
     yes_no,
 )
+from ._recipe import PREDICTIONS_FILE, RESULTS_FILE, MedPixEvalRecipe, run_medpix_eval
 
 __all__ = [
     "METRICS",
+    "MedPixEvalRecipe",
+    "PREDICTIONS_FILE",
+    "RESULTS_FILE",
+    "format_table",
+    "generate_answers",
+    "medpix_prompts",
+    "run_medpix_eval",
+    "score_predictions",
+    "validation_loss",
     "aggregate",
     "answer_tokens",
     "bleu1",
