@@ -65,6 +65,9 @@ class Mistral3HFCheckpointer:
         save_dtype (Optional[str]): dtype of the other saved tensors, "bf16" or "fp32"; None keeps the
             model's. Default is "bf16".
         max_shard_size_gb (float): size bound of one saved file. Default is 5.
+        max_image_size (Optional[int]): the transform's longest image edge (``${tokenizer.max_image_size}``),
+            written to the saved ``preprocessor_config.json`` so transformers resizes images as training did.
+            Default is None (the vision tower's ``image_size``).
 
     Raises:
         ValueError: if ``output_dir`` is missing or inside ``checkpoint_dir``, ``safe_serialization`` is
@@ -86,6 +89,7 @@ class Mistral3HFCheckpointer:
         save_fp8: bool = False,
         save_dtype: Optional[str] = "bf16",
         max_shard_size_gb: float = DEFAULT_MAX_SHARD_BYTES / 1024**3,
+        max_image_size: Optional[int] = None,
     ) -> None:
         if output_dir is None:
             raise ValueError("Mistral3HFCheckpointer needs output_dir (where checkpoints are saved)")
@@ -104,6 +108,7 @@ class Mistral3HFCheckpointer:
         self._save_fp8 = save_fp8
         self._save_dtype = _DTYPES[save_dtype] if save_dtype is not None else None
         self._max_shard_bytes = int(max_shard_size_gb * 1024**3)
+        self._max_image_size = max_image_size
 
         if isinstance(checkpoint_files, Mapping):
             checkpoint_files = FormattedCheckpointFiles.from_dict(dict(checkpoint_files)).build_checkpoint_filenames()
@@ -180,6 +185,7 @@ class Mistral3HFCheckpointer:
             source_dir=self._checkpoint_dir,
             dtype=self._save_dtype,
             max_shard_bytes=self._max_shard_bytes,
+            max_image_size=self._max_image_size,
             **self._fp8_options(list(model)),
         )
         logger.info(f"Model checkpoint saved to {path}")
@@ -220,5 +226,6 @@ class Mistral3HFCheckpointer:
             pp_dim=pp_dim,
             dtype=self._save_dtype,
             max_shard_bytes=self._max_shard_bytes,
+            max_image_size=self._max_image_size,
             **self._fp8_options(self._reader.keys()),
         )
