@@ -72,6 +72,9 @@ class Mistral3GenerationRecipe:
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
         self._sampling = sampling_options(cfg)
+        # a bad prompt (missing image, empty question) fails before the model loads
+        prompt = cfg.get("prompt", None)
+        self._messages = None if prompt is None else prompt_messages(OmegaConf.to_container(prompt, resolve=True))
         training.set_seed(seed=cfg.get("seed", None))
 
     def setup(self, cfg: DictConfig) -> None:
@@ -111,8 +114,9 @@ class Mistral3GenerationRecipe:
         Returns:
             List[int]: generated ids (up to and including the stop token).
         """
-        messages = prompt_messages(OmegaConf.to_container(cfg.prompt, resolve=True))
-        sample = self.transform({"messages": messages}, inference=True)
+        if self._messages is None:
+            raise ValueError("the config has no prompt: set prompt.user (text, or {image: <path or URL>, text: ...})")
+        sample = self.transform({"messages": self._messages}, inference=True)
         batch = collate_prompts([sample], pad_id=self.transform.pad_id)
         utils.batch_to_device(batch, self._device)
         prompt = batch["tokens"]
