@@ -34,6 +34,9 @@ def test_eval_on_the_saved_checkpoint_gives_training_val_loss_and_every_predicti
         f"output_dir={out}", "batch_size=1", "max_rows=3", "batch_size_generate=2", "max_new_tokens=4",
     )
     results = json.loads((out / RESULTS_FILE).read_text())
+    # the fine-tune's export carries the training transform's image size (checkpointer.max_image_size)
+    exported = json.loads((trained / "epoch_0" / "preprocessor_config.json").read_text())
+    assert exported["size"] == {"longest_edge": 112}
     # the validation split's 9 rows, one per batch, as the training recipe validated them after step 1
     assert results["val_loss"] == pytest.approx(_val_loss(trained), rel=1e-5)
     assert results["perplexity"] == pytest.approx(2.718281828459045 ** results["val_loss"], rel=1e-9)
