@@ -33,6 +33,7 @@ def register() -> None:
     from torchtune import _recipe_registry as registry
 
     manifest = json.loads(MANIFEST.read_text())
+    _add_new_recipes(registry, manifest.get("new_recipes", {}))
     recipes = {r.name: r for r in registry.get_all_recipes()}
     for name, recipe_file in manifest["recipes"].items():
         if name not in recipes:
@@ -46,6 +47,22 @@ def register() -> None:
             continue
         recipe.configs.append(registry.Config(name=entry["name"], file_path=str(CONFIGS_DIR / entry["file"])))
     _let_validate_take_names()
+
+
+def _add_new_recipes(registry, new_recipes: dict) -> None:
+    """Add the plugin's own recipes (names torchtune does not have, e.g. ``medpix_eval``) to the registry."""
+    known = {r.name for r in registry.get_all_recipes()}
+    for name, entry in new_recipes.items():
+        if name in known:
+            continue
+        registry._ALL_RECIPES.append(
+            registry.Recipe(
+                name=name,
+                file_path=str(RECIPES_DIR / entry["file"]),
+                configs=[],
+                supports_distributed=bool(entry.get("supports_distributed", True)),
+            )
+        )
 
 
 def _let_validate_take_names() -> None:

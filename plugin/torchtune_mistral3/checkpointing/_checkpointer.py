@@ -70,6 +70,9 @@ class Mistral3HFCheckpointer:
             (HF names as stored, matched from the start with ``re.match``) to leave out on purpose. Every other
             stored weight must be read by some parameter of the model (:meth:`check_model_keys`). Default is
             None.
+        max_image_size (Optional[int]): the transform's longest image edge (``${tokenizer.max_image_size}``),
+            written to the saved ``preprocessor_config.json`` so transformers resizes images as training did.
+            Default is None (the vision tower's ``image_size``).
 
     Raises:
         ValueError: if ``output_dir`` is missing or inside ``checkpoint_dir``, ``safe_serialization`` is
@@ -92,6 +95,7 @@ class Mistral3HFCheckpointer:
         save_dtype: Optional[str] = "bf16",
         max_shard_size_gb: float = DEFAULT_MAX_SHARD_BYTES / 1024**3,
         ignore_unexpected_keys: Optional[Union[str, List[str]]] = None,
+        max_image_size: Optional[int] = None,
     ) -> None:
         if output_dir is None:
             raise ValueError("Mistral3HFCheckpointer needs output_dir (where checkpoints are saved)")
@@ -116,6 +120,7 @@ class Mistral3HFCheckpointer:
         self._save_fp8 = save_fp8
         self._save_dtype = _DTYPES[save_dtype] if save_dtype is not None else None
         self._max_shard_bytes = int(max_shard_size_gb * 1024**3)
+        self._max_image_size = max_image_size
 
         if isinstance(checkpoint_files, Mapping):
             checkpoint_files = FormattedCheckpointFiles.from_dict(dict(checkpoint_files)).build_checkpoint_filenames()
@@ -216,6 +221,7 @@ class Mistral3HFCheckpointer:
             source_dir=self._checkpoint_dir,
             dtype=self._save_dtype,
             max_shard_bytes=self._max_shard_bytes,
+            max_image_size=self._max_image_size,
             **self._fp8_options(list(model)),
         )
         logger.info(f"Model checkpoint saved to {path}")
@@ -256,5 +262,6 @@ class Mistral3HFCheckpointer:
             pp_dim=pp_dim,
             dtype=self._save_dtype,
             max_shard_bytes=self._max_shard_bytes,
+            max_image_size=self._max_image_size,
             **self._fp8_options(self._reader.keys()),
         )

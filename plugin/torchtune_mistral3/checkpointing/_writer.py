@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from torchtune_mistral3.checkpointing import _fp8
+from torchtune_mistral3.checkpointing._hf_export import write_hf_processor_files
 from torchtune_mistral3.checkpointing._reader import CONFIG_FNAME, SAFETENSORS_INDEX
 from torchtune_mistral3.models.mistral3._convert_weights import tune_key_to_hf
 
@@ -216,7 +217,12 @@ def _publish(tmp: Path, checkpoint_dir: Path) -> None:
 
 
 def _write_metadata(
-    tmp: Path, weight_map: Dict[str, str], total_size: int, config: dict, source_dir: Optional[Path]
+    tmp: Path,
+    weight_map: Dict[str, str],
+    total_size: int,
+    config: dict,
+    source_dir: Optional[Path],
+    max_image_size: Optional[int] = None,
 ) -> None:
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     if "lm_head.weight" in weight_map and config.get("tie_word_embeddings", True):
@@ -229,6 +235,7 @@ def _write_metadata(
             for src in sorted(Path(source_dir).glob(pattern)):
                 if src.is_file():
                     shutil.copy2(src, tmp / src.name)
+    write_hf_processor_files(tmp, config=config, max_image_size=max_image_size)
 
 
 def write_hf_checkpoint(
@@ -241,6 +248,7 @@ def write_hf_checkpoint(
     fp8_keys: Iterable[str] = (),
     activation_scales: Optional[Dict[str, torch.Tensor]] = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    max_image_size: Optional[int] = None,
 ) -> Path:
     """Write a full plugin state dict (on this process) as an HF checkpoint directory, atomically.
 
@@ -257,6 +265,8 @@ def write_hf_checkpoint(
         activation_scales (Optional[Dict[str, torch.Tensor]]): ``activation_scale`` to write next to FP8
             weights, by plugin weight key. Default is None.
         max_shard_bytes (int): size bound of one file. Default is 5 GiB.
+        max_image_size (Optional[int]): the training transform's longest image edge, for the exported
+            image-processor config (see ``_hf_export.py``); None takes the vision tower's. Default is None.
 
     Returns:
         Path: ``checkpoint_dir``.
@@ -270,7 +280,7 @@ def write_hf_checkpoint(
         writer.add(key, value)
     writer.check_done()
     cfg = saved_config(config, fp8=bool(converter.fp8_keys), dtype=dtype)
-    _write_metadata(tmp, writer.weight_map, plan.nbytes, cfg, source_dir)
+    _write_metadata(tmp, writer.weight_map, plan.nbytes, cfg, source_dir, max_image_size)
     _publish(tmp, checkpoint_dir)
     return checkpoint_dir
 
@@ -287,6 +297,7 @@ def save_distributed(
     fp8_keys: Optional[Iterable[str]] = None,
     activation_scales: Optional[Dict[str, torch.Tensor]] = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    max_image_size: Optional[int] = None,
 ) -> Path:
     """Save a parallelised model as one HF checkpoint, each pipeline stage writing its own files.
 
@@ -311,6 +322,8 @@ def save_distributed(
         activation_scales (Optional[Dict[str, torch.Tensor]]): ``activation_scale`` per FP8 weight key.
             Default is None.
         max_shard_bytes (int): size bound of one file. Default is 5 GiB.
+        max_image_size (Optional[int]): the training transform's longest image edge, for the exported
+            image-processor config (see ``_hf_export.py``); None takes the vision tower's. Default is None.
 
     Returns:
         Path: ``checkpoint_dir``.
@@ -363,7 +376,7 @@ def save_distributed(
             offset += len(files)
         nbytes = sum(n for _, n in stages.values())
         cfg = saved_config(config, fp8=bool(converter.fp8_keys), dtype=dtype)
-        _write_metadata(tmp, weight_map, nbytes, cfg, source_dir)
+        _write_metadata(tmp, weight_map, nbytes, cfg, source_dir, max_image_size)
         _publish(tmp, checkpoint_dir)
     if distributed:
         dist.barrier()

@@ -14,6 +14,17 @@ from torch import nn
 from torchtune.modules import MultiHeadAttention
 
 
+def _positions_2d(input_pos: Optional[torch.Tensor], b: int, s: int) -> Optional[torch.Tensor]:
+    """``input_pos`` as ``[b, s]``.
+
+    torchtune's generate passes ``[s]`` (prefill of one prompt) or ``[b]`` (one decode step of a batch), which
+    would broadcast wrongly against ``[b, s, n_h, h_d]`` queries.
+    """
+    if input_pos is None or input_pos.dim() == 2:
+        return input_pos
+    return input_pos.view(b, s) if input_pos.numel() == b * s else input_pos.view(1, s)
+
+
 class Mistral3Attention(MultiHeadAttention):
     """torchtune attention with an optional per-position query scale after RoPE (Ministral-3 text attention).
 
@@ -64,6 +75,7 @@ class Mistral3Attention(MultiHeadAttention):
             - h_d: head dim
         """
         b, s_x, _ = x.shape
+        input_pos = _positions_2d(input_pos, b, s_x)
         # q: [b, s_x, n_h, h_d]
         q = self.q_proj(x).view(b, s_x, self.num_heads, self.head_dim)
         if self.pos_embeddings is not None:

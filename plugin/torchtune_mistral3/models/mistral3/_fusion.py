@@ -128,6 +128,34 @@ class Mistral3FusionModel(EarlyFusionModel):
                     (trainable.add if flag else trainable.discard)(name)
         set_trainable_params(self, trainable)
 
+    def setup_caches(
+        self,
+        batch_size: int,
+        dtype: torch.dtype,
+        *,
+        encoder_max_seq_len: Optional[int] = None,
+        decoder_max_seq_len: Optional[int] = None,
+    ) -> None:
+        """Set up the decoder's key/value caches for generation (torchtune's KV-cache API).
+
+        Early fusion has no cross-attention: image embeddings sit in the decoder's own sequence, so their keys
+        and values live in the decoder cache and ``encoder_max_seq_len`` (which the stock recipes pass) is
+        not used.
+
+        Args:
+            batch_size (int): batch size of the caches.
+            dtype (torch.dtype): dtype of the caches.
+            encoder_max_seq_len (Optional[int]): accepted for the stock recipes' call; unused. Default is None.
+            decoder_max_seq_len (Optional[int]): cache length (prompt + new tokens); None means the decoder's
+                ``max_seq_len``. Default is None.
+        """
+        self.decoder.setup_caches(batch_size, dtype, decoder_max_seq_len=decoder_max_seq_len)
+
+    @property
+    def decoder_max_cache_seq_len(self) -> int:
+        """Length of the decoder's key/value caches (set by :meth:`setup_caches`), read by torchtune's generate."""
+        return self.decoder.decoder_max_cache_seq_len
+
     def _check_image_tokens(self, image_mask: torch.Tensor, image_input: Dict[str, Any]) -> None:
         """Raise a ValueError naming the first sample whose ``[IMG]`` count differs from its images' embeddings."""
         found = image_mask.sum(dim=1).tolist()

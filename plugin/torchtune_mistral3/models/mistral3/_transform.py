@@ -208,6 +208,8 @@ class Mistral3Transform(ModelTokenizer, Transform):
         self.pad_id = self.tokenizer.pad_id
         self.bos_id = self.tokenizer.bos_id
         self.eos_id = self.tokenizer.eos_id
+        # read by torchtune's generate recipes: an answer ends with </s>
+        self.stop_tokens = [self.eos_id]
         self.image_token_id = self.tokenizer.img_id
         self.vocab_size = self.tokenizer.vocab_size
 
