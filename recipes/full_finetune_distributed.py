@@ -45,6 +45,7 @@ from torchtune_mistral3.training import (
     apply_tensor_parallel,
     build_pipeline,
     check_checkpoint_dir,
+    check_cli_keys,
     check_world_size,
     clip_grad_norm_,
     ensure_single_process_env,
@@ -590,6 +591,7 @@ def recipe_main(cfg: DictConfig) -> None:
     if not is_plugin_config(cfg):
         ensure_single_process_env()
         return stock.recipe_main.__wrapped__(cfg)
+    check_cli_keys(cfg, sys.argv[1:], recipe_files=(__file__, stock.__file__))
     config.log_config(recipe_name="Mistral3FullFinetuneRecipe", cfg=cfg)
     recipe = Mistral3FullFinetuneRecipe(cfg=cfg)
     recipe.setup(cfg=cfg)

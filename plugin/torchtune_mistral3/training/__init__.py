@@ -1,3 +1,4 @@
+from ._config_keys import check_cli_keys
 from ._grad_norm import clip_grad_norm_
 from ._launch import check_checkpoint_dir, check_world_size, ensure_single_process_env
 from ._lr_schedulers import cosine_with_warmup
@@ -29,6 +30,7 @@ __all__ = [
     "build_pipeline",
     "check_checkpoint_dir",
     "check_checkpoint_dir",
+    "check_cli_keys",
     "check_world_size",
     "clip_grad_norm_",
     "cosine_with_warmup",
