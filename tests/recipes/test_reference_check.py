@@ -23,6 +23,6 @@ def test_bf16_run_passes_under_the_default_tolerance(tune, tmp_path):
         capture_output=True, text=True, timeout=600,
     )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["dtype"] == "bf16" and result["tolerance"] == reference_check.DEFAULT_TOLERANCE["bf16"] == 1e-3
-    assert result["label_tokens"] > 0 and result["rel_diff"] <= 1e-3
-    assert proc.returncode == 0, proc.stderr
+    print(result)
+    assert proc.returncode == 0 and result["match"], result
+    assert result["dtype"] == "bf16" and result["tolerance"] == 1e-3 and result["label_tokens"] > 0
