@@ -45,6 +45,10 @@ def _write(table: pa.Table, path: Path) -> str:
     return str(path)
 
 
+def _sample_rows(split: str):
+    return pq.read_table(MEDPIX_SAMPLE_DIR / f"{split}.parquet").to_pylist()
+
+
 def _set(table: pa.Table, column: str, row: int, value) -> pa.Table:
     values = table.column(column).to_pylist()
     values[row] = value
@@ -306,3 +310,21 @@ def test_programming_errors_keep_their_type(transform, monkeypatch):
         ds[3]
     assert "while transforming parquet split 'train' row 3" in info.value.__notes__
     assert info.traceback[-1].name == "broken"
+
+
+def test_too_long_row_stops_tune_run_at_setup_or_is_skipped(tune, tmp_path):
+    # demo transform (112 px images): answers start at token 18..42; with max_seq_len=33 the rows whose answer
+    # starts at or after 33 cannot train (the dataset test above derives this rule from the full transform)
+    demo = mistral3_transform(str(TEKKEN), max_seq_len=None, max_image_size=112)
+    starts = [_answer_start(demo(s)) for s in map(_medpix.MedPixToMessages(), _sample_rows("train"))]
+    too_long = [r for r, s in enumerate(starts) if s >= 33]
+    assert 0 < len(too_long) < len(starts)
+    run = ["run", "full_finetune_distributed", "--config", "mistral3p5_medpix_demo", "tokenizer.max_seq_len=33",
+           "max_steps_per_epoch=1", "run_val_every_n_steps=null", "dataset_val=null"]
+    proc = tune(*run, f"output_dir={tmp_path / 'fail'}", check=False)
+    assert proc.returncode == 1
+    assert f"split 'train' row {too_long[0]}: The sample needs " in proc.stderr
+    assert "answer starts after max_seq_len=33" in proc.stderr and "Step 1" not in proc.stderr + proc.stdout
+    proc = tune(*run, f"output_dir={tmp_path / 'skip'}", "dataset.skip_bad_rows=True")
+    assert f"skipped {len(too_long)} too long row(s) of 24" in proc.stderr + proc.stdout
+    assert (tmp_path / "skip" / "epoch_0").is_dir()

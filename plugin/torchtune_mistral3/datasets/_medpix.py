@@ -236,7 +236,7 @@ def _drop_bad_rows(data: Dataset, bad: Dict[int, str], source: str, skip: bool, 
         return data
     rows, names = data[_ROW], data[_SPLIT]
     i = min(bad)
-    first = f"{source} split {names[i]!r} row {rows[i]}: {bad[i]}"
+    first = f"{source} split {names[i]!r} row {rows[i]}: {bad[i].rstrip('.')}"
     if not skip:
         raise ValueError(f"{first}. Fix the data, or pass skip_bad_rows=True to skip such rows")
     log.warning("%s: skipped %d %s row(s) of %d; first: %s", source, len(bad), kind, len(data), first)
