@@ -320,11 +320,12 @@ def test_too_long_row_stops_tune_run_at_setup_or_is_skipped(tune, tmp_path):
     too_long = [r for r, s in enumerate(starts) if s >= 33]
     assert 0 < len(too_long) < len(starts)
     run = ["run", "full_finetune_distributed", "--config", "mistral3p5_medpix_demo", "tokenizer.max_seq_len=33",
-           "max_steps_per_epoch=1", "run_val_every_n_steps=null", "dataset_val=null"]
+           "max_steps_per_epoch=1", "run_val_every_n_steps=null"]
     proc = tune(*run, f"output_dir={tmp_path / 'fail'}", check=False)
     assert proc.returncode == 1
     assert f"split 'train' row {too_long[0]}: The sample needs " in proc.stderr
     assert "answer starts after max_seq_len=33" in proc.stderr and "Step 1" not in proc.stderr + proc.stdout
-    proc = tune(*run, f"output_dir={tmp_path / 'skip'}", "dataset.skip_bad_rows=True")
+    assert not list((tmp_path / "fail").glob("epoch_*")) and not (tmp_path / "fail" / "training_state").exists()
+    proc = tune(*run, f"output_dir={tmp_path / 'skip'}", "dataset.skip_bad_rows=True", "dataset_val.skip_bad_rows=True")
     assert f"skipped {len(too_long)} too long row(s) of 24" in proc.stderr + proc.stdout
     assert (tmp_path / "skip" / "epoch_0").is_dir()
