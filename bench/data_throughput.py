@@ -78,9 +78,7 @@ def _transformers(rows, tekken, max_image_size, batch=4):
     from transformers.integrations.mistral import convert_tekken_tokenizer
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
-    processor = PixtralImageProcessorPil(
-        size={"longest_edge": max_image_size}, patch_size={"height": 28, "width": 28}
-    )
+    processor = PixtralImageProcessorPil(size={"longest_edge": max_image_size}, patch_size={"height": 28, "width": 28})
     tokenizer = convert_tekken_tokenizer(tekken)
     start = time.perf_counter()
     images, texts = [], []

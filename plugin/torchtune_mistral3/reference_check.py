@@ -186,8 +186,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     Returns:
         int: 0 if the run's first loss matches transformers' within the tolerance, else 1.
     """
-    parser = argparse.ArgumentParser(prog="python -m torchtune_mistral3.reference_check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m torchtune_mistral3.reference_check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", required=True, help="config name (tune ls) or path, as given to tune run")
     parser.add_argument("--data-parallel", type=int, default=1, help="the run's data-parallel degree")
     parser.add_argument(
@@ -208,9 +211,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ok = rel <= tolerance
     print(
         json.dumps(
-            {"run_first_loss": run_loss, "transformers_loss": ref_loss, "label_tokens": tokens,
-             "abs_diff": abs(run_loss - ref_loss), "rel_diff": rel, "tolerance": tolerance, "dtype": dtype_name,
-             "match": ok}
+            {
+                "run_first_loss": run_loss,
+                "transformers_loss": ref_loss,
+                "label_tokens": tokens,
+                "abs_diff": abs(run_loss - ref_loss),
+                "rel_diff": rel,
+                "tolerance": tolerance,
+                "dtype": dtype_name,
+                "match": ok,
+            }
         )
     )
     return 0 if ok else 1
