@@ -1,6 +1,6 @@
 """Samples per second of the data path on one core: the plugin's transform + collate vs transformers' processor.
 
-    python bench/data_throughput.py [--samples 48] [--sizes 512 768 1024] [--max-image-size 1540]
+    python bench/data_throughput.py [--samples 48] [--sizes 512 768 1024] [--max-image-size 1540] [--out PATH]
 
 Both sides get the same MedPix-schema conversations: the bundled sample's real images (CT, MR, X-ray,
 nuclear medicine, ultrasound), each resized so its longest side is one of ``--sizes`` (MedPix images are
@@ -13,13 +13,16 @@ nuclear medicine, ultrasound), each resized so its longest side is one of ``--si
   tokenizer (``convert_tekken_tokenizer``), batches of 4 padded to the longest. The [IMG] expansion that
   ``PixtralProcessor`` adds is not counted on its side, which favours transformers.
 
-Prints samples/s of both and the ratio (plugin / transformers); writes ``bench/results/data_throughput.json``.
+Prints samples/s of both and the ratio (plugin / transformers) and writes them as JSON to ``--out``, by default
+``$TMPDIR/torchtune_mistral3_data_throughput.json`` (``/tmp`` without ``TMPDIR``), never into the repository:
+the committed ``bench/results/data_throughput.json`` changes only with ``--out bench/results/data_throughput.json``.
 """
 
 import argparse
 import io
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +36,7 @@ from torchtune_mistral3.data import padded_collate_mistral3  # noqa: E402
 from torchtune_mistral3.datasets import MEDPIX_SAMPLE_DIR  # noqa: E402
 from torchtune_mistral3.models.mistral3 import mistral3_transform  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = Path(tempfile.gettempdir()) / "torchtune_mistral3_data_throughput.json"  # $TMPDIR, else /tmp
 
 
 def _rows(n, sizes):
@@ -75,9 +78,7 @@ def _transformers(rows, tekken, max_image_size, batch=4):
     from transformers.integrations.mistral import convert_tekken_tokenizer
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
-    processor = PixtralImageProcessorPil(
-        size={"longest_edge": max_image_size}, patch_size={"height": 28, "width": 28}
-    )
+    processor = PixtralImageProcessorPil(size={"longest_edge": max_image_size}, patch_size={"height": 28, "width": 28})
     tokenizer = convert_tekken_tokenizer(tekken)
     start = time.perf_counter()
     images, texts = [], []
@@ -97,6 +98,7 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 768, 1024])
     parser.add_argument("--max-image-size", type=int, default=1540)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON result file (default {DEFAULT_OUT})")
     args = parser.parse_args()
     torch.set_num_threads(1)
     import mistral_common
@@ -117,8 +119,9 @@ def main():
         "ratio_plugin_over_transformers": round(ours / theirs, 3),
     }
     print(json.dumps(result, indent=2))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "data_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from torchtune_mistral3.training import (
     apply_tensor_parallel,
     build_pipeline,
     check_checkpoint_dir,
+    check_cli_keys,
     check_finite_for_save,
     check_shared_output_dir,
     check_world_size,
@@ -629,6 +630,7 @@ def recipe_main(cfg: DictConfig) -> None:
     if not is_plugin_config(cfg):
         ensure_single_process_env()
         return stock.recipe_main.__wrapped__(cfg)
+    check_cli_keys(cfg, sys.argv[1:], recipe_files=(__file__, stock.__file__))
     config.log_config(recipe_name="Mistral3FullFinetuneRecipe", cfg=cfg)
     with explain_collective_timeouts(distributed_timeout(cfg.get("distributed_timeout_s", None))):
         recipe = Mistral3FullFinetuneRecipe(cfg=cfg)

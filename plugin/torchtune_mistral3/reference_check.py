@@ -7,11 +7,16 @@ first optimizer step exactly as the recipe does (same dataset, transform, sample
 data-parallel rank), loads the checkpoint with transformers' own loader (FP8 dequantised by transformers),
 computes transformers' loss over the answer and ``</s>`` tokens of all those samples (token mean, as the
 recipe logs it), reads the first ``loss`` the run wrote to ``<output_dir>/logs``, and compares them.
-Exit status 0 when they agree within ``--tolerance`` (relative), 1 otherwise.
+Exit status 0 when they agree within ``--tolerance`` (relative), 1 otherwise. The default tolerance depends on
+the run's ``dtype``: 1e-5 for fp32, 1e-3 for bf16 (two bf16 implementations with different fusion and
+rounding order differ by more than 1e-5; bf16 keeps 8 significant bits, a relative step of 3.9e-3).
+
+Needs transformers and accelerate: ``pip install '.[reference]'`` from the repository.
 """
 
 import argparse
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -23,6 +28,25 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 _LOSS = re.compile(r"^Step (\d+) \| .*?\bloss:([-+0-9.eE]+)")
+# Default relative tolerance per run dtype (see the module docstring).
+DEFAULT_TOLERANCE = {"fp32": 1e-5, "bf16": 1e-3}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_REFERENCE_PACKAGES = ("transformers", "accelerate")
+
+
+def require_reference_extra() -> None:
+    """Fail at once, naming the extra to install, when transformers or accelerate is missing.
+
+    Raises:
+        ImportError: naming the missing packages and ``pip install '.[reference]'``.
+    """
+    missing = [name for name in _REFERENCE_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"reference_check needs {' and '.join(missing)} (not installed): install the 'reference' extra, "
+            "pip install '.[reference]' from the repository (or pip install 'torchtune-mistral3[reference]' "
+            "for a built wheel)"
+        )
 
 
 def load_run_config(config: str, overrides: List[str]) -> DictConfig:
@@ -162,24 +186,41 @@ def main(argv: Optional[List[str]] = None) -> int:
     Returns:
         int: 0 if the run's first loss matches transformers' within the tolerance, else 1.
     """
-    parser = argparse.ArgumentParser(prog="python -m torchtune_mistral3.reference_check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m torchtune_mistral3.reference_check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", required=True, help="config name (tune ls) or path, as given to tune run")
     parser.add_argument("--data-parallel", type=int, default=1, help="the run's data-parallel degree")
-    parser.add_argument("--tolerance", type=float, default=1e-5, help="relative tolerance")
+    parser.add_argument(
+        "--tolerance", type=float, default=None, help="relative tolerance (default: 1e-5 for fp32, 1e-3 for bf16)"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, as given to tune run")
     args = parser.parse_args(argv)
+    require_reference_extra()
     cfg = load_run_config(args.config, args.overrides)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.get("dtype", "bf16")]
+    dtype_name = cfg.get("dtype", "bf16")
+    if dtype_name not in _DTYPES:
+        raise ValueError(f"dtype={dtype_name!r}: reference_check supports {list(_DTYPES)}")
+    tolerance = DEFAULT_TOLERANCE[dtype_name] if args.tolerance is None else args.tolerance
     run_loss = first_logged_loss(cfg.output_dir)
     batches = first_step_batches(cfg, args.data_parallel)
-    ref_loss, tokens = transformers_loss(cfg.checkpointer.checkpoint_dir, batches, dtype)
+    ref_loss, tokens = transformers_loss(cfg.checkpointer.checkpoint_dir, batches, _DTYPES[dtype_name])
     rel = abs(run_loss - ref_loss) / abs(ref_loss)
-    ok = rel <= args.tolerance
+    ok = rel <= tolerance
     print(
         json.dumps(
-            {"run_first_loss": run_loss, "transformers_loss": ref_loss, "label_tokens": tokens,
-             "abs_diff": abs(run_loss - ref_loss), "rel_diff": rel, "tolerance": args.tolerance, "match": ok}
+            {
+                "run_first_loss": run_loss,
+                "transformers_loss": ref_loss,
+                "label_tokens": tokens,
+                "abs_diff": abs(run_loss - ref_loss),
+                "rel_diff": rel,
+                "tolerance": tolerance,
+                "dtype": dtype_name,
+                "match": ok,
+            }
         )
     )
     return 0 if ok else 1

@@ -36,9 +36,17 @@ def test_quantize_per_tensor_matches_the_mistral_formula():
 
 
 def test_dequantize_rounds_once():
-    q = torch.tensor([[1.125, -3.5], [448.0, 0.0625]]).to(torch.float8_e4m3fn)
-    scale = torch.tensor(0.0123, dtype=torch.bfloat16)
-    expected = (q.float() * scale.float()).to(torch.bfloat16)
+    # fp32 scale 1 + 2^-8 + 2^-10 (0.625 bf16 ulp above 1): bf16(scale) = 1 + 2^-7, so rounding the scale (or the
+    # product) first gives a different bf16 weight. Hand-derived single rounding of q * scale to bf16:
+    #   1.5 * s = 1.50732421875 -> 1.5078125   (double rounding: 1.5 * 1.0078125 = 1.51171875, a tie -> 1.515625)
+    #  -3.5 * s = -3.51708984375 -> -3.515625  (double: -3.52734375 -> -3.53125)
+    #   448 * s = 450.1875 -> 450.0            (double: 451.5 -> 452.0)
+    # 0.0625 * s = 0.06280517578125 -> 0.06298828125 (the same either way)
+    q = torch.tensor([[1.5, -3.5], [448.0, 0.0625]]).to(torch.float8_e4m3fn)
+    scale = torch.tensor(1 + 2**-8 + 2**-10, dtype=torch.float32)
+    expected = torch.tensor([[1.5078125, -3.515625], [450.0, 0.06298828125]], dtype=torch.bfloat16)
+    double_rounded = q.to(torch.bfloat16) * scale.to(torch.bfloat16)
+    assert not torch.equal(double_rounded, expected)  # the case can tell the two apart
     assert torch.equal(dequantize(q, scale, torch.bfloat16), expected)
     assert torch.equal(dequantize(q, scale.reshape(1)).to(torch.bfloat16), expected)
 

@@ -45,6 +45,10 @@ def _write(table: pa.Table, path: Path) -> str:
     return str(path)
 
 
+def _sample_rows(split: str):
+    return pq.read_table(MEDPIX_SAMPLE_DIR / f"{split}.parquet").to_pylist()
+
+
 def _set(table: pa.Table, column: str, row: int, value) -> pa.Table:
     values = table.column(column).to_pylist()
     values[row] = value
@@ -200,13 +204,24 @@ def test_bad_rows_raise_naming_row_and_column_or_are_skipped(transform, tmp_path
     assert len(ds) == 23 and "skipped 1 bad row(s)" in caplog.text
     assert 3 not in ds._data["__medpix_row__"]
 
+    # not an image at all: found when the dataset is built (the length check opens every header)
     table = _set(pq.read_table(MEDPIX_SAMPLE_DIR / "train.parquet"), "image_id", 5, {"bytes": b"no png", "path": None})
     path = _write(table, tmp_path / "bad_image.parquet")
-    ds = medpix_dataset(transform, source="parquet", data_files=path, split_by_case=False)
     with pytest.raises(ValueError, match=r"row 5: column 'image_id': cannot decode the image"):
-        ds[5]
+        medpix_dataset(transform, source="parquet", data_files=path, split_by_case=False)
     ds = medpix_dataset(transform, source="parquet", data_files=path, split_by_case=False, skip_bad_rows=True)
     assert len(ds) == 23 and 5 not in ds._data["__medpix_row__"]
+
+    # a truncated image (its header is intact): found when the row is read, or skipped with skip_bad_rows
+    png = pq.read_table(MEDPIX_SAMPLE_DIR / "train.parquet").column("image_id").to_pylist()[6]["bytes"]
+    table = _set(pq.read_table(MEDPIX_SAMPLE_DIR / "train.parquet"), "image_id", 6, {"bytes": png[: len(png) // 2],
+                                                                                      "path": None})
+    path = _write(table, tmp_path / "truncated_image.parquet")
+    ds = medpix_dataset(transform, source="parquet", data_files=path, split_by_case=False)
+    with pytest.raises(ValueError, match=r"row 6: column 'image_id': cannot decode the image: OSError"):
+        ds[6]
+    ds = medpix_dataset(transform, source="parquet", data_files=path, split_by_case=False, skip_bad_rows=True)
+    assert len(ds) == 23 and 6 not in ds._data["__medpix_row__"]
 
     table = _set(pq.read_table(MEDPIX_SAMPLE_DIR / "train.parquet"), "image_id", 7, None)
     path = _write(table, tmp_path / "null_image.parquet")
@@ -222,8 +237,11 @@ def test_row_ids_survive_filtering_and_packed_is_refused(transform, tmp_path):
     table = _set(pq.read_table(MEDPIX_SAMPLE_DIR / "train.parquet"), "image_id", 20, {"bytes": b"xx", "path": None})
     path = _write(table, tmp_path / "t.parquet")
     modes = table.column("mode").to_pylist()
+    with pytest.raises(ValueError, match="row 20:"):
+        medpix_dataset(transform, source="parquet", data_files=path, split_by_case=False,
+                       filter_fn=lambda row: row["mode"] == modes[20])
     ds = medpix_dataset(transform, source="parquet", data_files=path, split_by_case=False,
-                        filter_fn=lambda row: row["mode"] == modes[20])
+                        filter_fn=lambda row: row["mode"] == modes[20], check_lengths=False)
     assert len(ds) == modes.count(modes[20])
     bad = ds._data["__medpix_row__"].index(20)
     with pytest.raises(ValueError, match="row 20:"):
@@ -244,3 +262,70 @@ def test_single_dataset_source_counts_as_train(transform, monkeypatch):
     monkeypatch.setattr(_medpix, "load_dataset", lambda source, **kw: single)
     ds = medpix_dataset(transform, source="x", split="train", split_by_case=False)
     assert len(ds) == 9 and ds._data["__medpix_split__"][0] == "train"
+
+
+def _answer_start(sample):
+    return sample["mask"].index(False)
+
+
+def test_too_long_rows_are_found_when_the_dataset_is_built(tmp_path, caplog):
+    # reference: the rows that fail when read, as they did mid-run before the check (full pixel transform)
+    starts = [_answer_start(s) for s in (lambda ds: [ds[i] for i in range(len(ds))])(
+        medpix_sample_dataset(mistral3_transform(str(TEKKEN), max_seq_len=None, max_image_size=224)))]
+    max_seq_len = sorted(starts)[len(starts) // 2]
+    short = mistral3_transform(str(TEKKEN), max_seq_len=max_seq_len, max_image_size=224)
+    unchecked = medpix_sample_dataset(short, check_lengths=False)
+    failing = []
+    for i in range(len(unchecked)):
+        try:
+            unchecked[i]
+        except ValueError as e:
+            assert "answer starts after" in str(e)
+            failing.append(unchecked._data[i]["__medpix_row__"])
+    assert 0 < len(failing) < len(unchecked) and failing == [r for r, s in enumerate(starts) if s >= max_seq_len]
+
+    first = failing[0]
+    with pytest.raises(ValueError) as info:
+        medpix_sample_dataset(short)
+    message = str(info.value)
+    assert f"split 'train' row {first}: The sample needs " in message
+    assert f"answer starts after max_seq_len={max_seq_len}" in message and "Raise max_seq_len" in message
+    assert "skip_bad_rows=True" in message
+    with caplog.at_level(logging.WARNING):
+        ds = medpix_sample_dataset(short, skip_bad_rows=True)
+    assert f"skipped {len(failing)} too long row(s) of 24" in caplog.text
+    assert len(ds) == 24 - len(failing) and not set(failing) & set(ds._data["__medpix_row__"])
+    for i in range(len(ds)):  # every kept row trains on something
+        assert not all(ds[i]["mask"])
+
+
+def test_programming_errors_keep_their_type(transform, monkeypatch):
+    ds = medpix_sample_dataset(transform)
+
+    def broken(messages, inference=False):
+        raise TypeError("a bug, not bad data")
+
+    monkeypatch.setattr(transform, "_encode", broken)
+    with pytest.raises(TypeError, match="a bug, not bad data") as info:
+        ds[3]
+    assert "while transforming parquet split 'train' row 3" in info.value.__notes__
+    assert info.traceback[-1].name == "broken"
+
+
+def test_too_long_row_stops_tune_run_at_setup_or_is_skipped(tune, tmp_path):
+    # demo transform (112 px images): answers start at token 18..42; with max_seq_len=33 the rows whose answer
+    # starts at or after 33 cannot train (the dataset test above derives this rule from the full transform)
+    demo = mistral3_transform(str(TEKKEN), max_seq_len=None, max_image_size=112)
+    starts = [_answer_start(demo(s)) for s in map(_medpix.MedPixToMessages(), _sample_rows("train"))]
+    too_long = [r for r, s in enumerate(starts) if s >= 33]
+    assert 0 < len(too_long) < len(starts)
+    run = ["run", "full_finetune_distributed", "--config", "mistral3p5_medpix_demo", "tokenizer.max_seq_len=33",
+           "max_steps_per_epoch=1", "run_val_every_n_steps=null"]
+    proc = tune(*run, f"output_dir={tmp_path / 'fail'}", check=False)
+    assert proc.returncode == 1
+    assert f"split 'train' row {too_long[0]}: The sample needs " in proc.stderr
+    assert "answer starts after max_seq_len=33" in proc.stderr and "Step 1" not in proc.stderr + proc.stdout
+    assert not list((tmp_path / "fail").glob("epoch_*")) and not (tmp_path / "fail" / "training_state").exists()
+    proc = tune(*run, f"output_dir={tmp_path / 'skip'}", "dataset.skip_bad_rows=True", "dataset_val.skip_bad_rows=True")
+    assert f"skipped {len(too_long)} too long row(s) of 24" in proc.stderr + proc.stdout
+    assert (tmp_path / "skip" / "epoch_0").is_dir()

@@ -41,15 +41,16 @@ def _resolve_columns(column_map: Optional[Mapping[str, str]]) -> Dict[str, str]:
     return columns
 
 
-def open_image(value: Any, image_dir: Optional[Union[str, Path]] = None) -> Image.Image:
+def open_image(value: Any, image_dir: Optional[Union[str, Path]] = None, load: bool = True) -> Image.Image:
     """Decode an image cell: a PIL image, a ``{"bytes", "path"}`` dict (an undecoded HF ``Image``), or a path.
 
     Args:
         value (Any): the cell.
         image_dir (Optional[Union[str, Path]]): directory that relative paths are resolved against. Default is None.
+        load (bool): decode the pixels; False reads the header only (size and mode). Default is True.
 
     Returns:
-        Image.Image: the decoded image (pixels loaded).
+        Image.Image: the image (pixels loaded when ``load``).
 
     Raises:
         ValueError: if the cell is empty or cannot be decoded.
@@ -77,7 +78,8 @@ def open_image(value: Any, image_dir: Optional[Union[str, Path]] = None) -> Imag
         source = path
     try:
         image = Image.open(source)
-        image.load()
+        if load:
+            image.load()
     except Exception as e:  # Pillow raises many types for corrupt data
         raise ValueError(f"cannot decode the image: {type(e).__name__}: {e}") from e
     return image
@@ -108,11 +110,12 @@ class MedPixToMessages(Transform):
         self.image_dir = image_dir
         self.new_system_prompt = new_system_prompt
 
-    def __call__(self, sample: Mapping[str, Any]) -> Dict[str, Any]:
+    def __call__(self, sample: Mapping[str, Any], load_image: bool = True) -> Dict[str, Any]:
         """Build the conversation of one row.
 
         Args:
             sample (Mapping[str, Any]): one source row.
+            load_image (bool): decode the image; False opens its header only (for length checks). Default is True.
 
         Returns:
             Dict[str, Any]: ``messages`` (List[Message]), ``mode`` and ``case_id`` (str or None).
@@ -132,7 +135,7 @@ class MedPixToMessages(Transform):
             if not isinstance(cells[field], str) or not cells[field].strip():
                 raise ValueError(f"column {self.columns[field]!r} is empty or not text: {cells[field]!r}")
         try:
-            image = open_image(cells["image_id"], self.image_dir)
+            image = open_image(cells["image_id"], self.image_dir, load=load_image)
         except ValueError as e:
             raise ValueError(f"column {self.columns['image_id']!r}: {e}") from e
         messages = []
@@ -209,6 +212,37 @@ def _find_bad_rows(
     return bad
 
 
+def _find_too_long_rows(data: Dataset, message_transform: Transform, model_transform: Transform) -> Dict[int, str]:
+    """Position -> problem for rows whose answer ``max_seq_len`` would cut off entirely (image headers only).
+
+    Needs a model transform with ``check_length(messages)`` (:class:`~torchtune_mistral3.models.mistral3.
+    Mistral3Transform`); other transforms are not checked.
+    """
+    check = getattr(model_transform, "check_length", None)
+    bad: Dict[int, str] = {}
+    if check is None:
+        return bad
+    for i, row in enumerate(data):
+        try:
+            check(message_transform(row, load_image=False)["messages"])
+        except ValueError as e:  # the data errors of the transforms (a too-long sample, an unreadable image)
+            bad[i] = str(e)
+    return bad
+
+
+def _drop_bad_rows(data: Dataset, bad: Dict[int, str], source: str, skip: bool, kind: str) -> Dataset:
+    """Raise for the first bad row (naming its split and row), or drop them all and log how many."""
+    if not bad:
+        return data
+    rows, names = data[_ROW], data[_SPLIT]
+    i = min(bad)
+    first = f"{source} split {names[i]!r} row {rows[i]}: {bad[i].rstrip('.')}"
+    if not skip:
+        raise ValueError(f"{first}. Fix the data, or pass skip_bad_rows=True to skip such rows")
+    log.warning("%s: skipped %d %s row(s) of %d; first: %s", source, len(bad), kind, len(data), first)
+    return data.select([i for i in range(len(data)) if i not in bad])
+
+
 class MedPixDataset(SFTDataset):
     """``SFTDataset`` over an already prepared HF dataset; errors from a row name its source split and row.
 
@@ -236,14 +270,19 @@ class MedPixDataset(SFTDataset):
             Dict[str, Any]: tokens, mask, labels, encoder_input, mode, case_id.
 
         Raises:
-            ValueError: naming the source split, row and column, if the row cannot be transformed.
+            ValueError: naming the source split, row and column, if the row's data cannot be transformed (an
+                undecodable image, a missing cell, a conversation the tokenizer rejects). Other exceptions (a
+                bug in code, not in the data) keep their type and traceback, with the row added as a note.
         """
         row = self._data[index]
+        where = f"{self._source} split {row.get(_SPLIT)!r} row {row.get(_ROW)}"
         try:
             return self._prepare_sample(row)
-        except Exception as e:
-            where = f"{self._source} split {row.get(_SPLIT)!r} row {row.get(_ROW)}"
+        except ValueError as e:  # the data errors the transforms raise
             raise ValueError(f"{where}: {e}") from e
+        except Exception as e:
+            e.add_note(f"while transforming {where}")
+            raise
 
 
 def _load_splits(source: str, data_files: Any, load_dataset_kwargs: Dict[str, Any]) -> DatasetDict:
@@ -273,6 +312,7 @@ def medpix_dataset(
     split_by_case: Optional[bool] = None,
     split_seed: int = 0,
     skip_bad_rows: bool = False,
+    check_lengths: bool = True,
     new_system_prompt: Optional[str] = None,
     filter_fn: Optional[Callable] = None,
     packed: bool = False,
@@ -303,7 +343,13 @@ def medpix_dataset(
     Bad rows (empty question or answer, null image) are found when the dataset is built: a ``ValueError`` names
     the split, row and column, or with ``skip_bad_rows=True`` they are dropped and their count logged;
     ``skip_bad_rows=True`` also decodes every image once to drop undecodable ones. Otherwise an undecodable image
-    raises when its row is read, naming the row and column.
+    raises when its row is read, naming the row and column (or when the dataset is built, if even its header
+    is unreadable).
+
+    Too long: after ``filter_fn``, every row is tokenized with its images reduced to their token grid (sizes
+    from the image headers, no pixels processed) and a row whose answer would start after the model
+    transform's ``max_seq_len`` is a bad row as above (error naming the row, its token count and
+    ``max_seq_len``, or skipped and counted with ``skip_bad_rows=True``). ``check_lengths=False`` turns this off.
 
     Args:
         model_transform (Transform): e.g. :func:`~torchtune_mistral3.models.mistral3.mistral3_transform`.
@@ -319,6 +365,8 @@ def medpix_dataset(
             always (pooling the source's splits); False: never. Default is None.
         split_seed (int): seed of the case split. Default is 0.
         skip_bad_rows (bool): drop bad rows (logged) instead of raising. Default is False.
+        check_lengths (bool): find, when the dataset is built, the rows whose answer ``max_seq_len`` would cut
+            off entirely (the model transform's ``check_length``; image headers only, no pixels). Default is True.
         new_system_prompt (Optional[str]): system prompt for every sample. Default is None.
         filter_fn (Optional[Callable]): ``datasets.Dataset.filter`` predicate on raw rows (images undecoded).
             Default is None.
@@ -383,17 +431,13 @@ def medpix_dataset(
         log.info("%s: %d cases for validation, %s split has %d rows", source, len(val), base, len(data))
 
     bad = _find_bad_rows(data, columns, decode_images=skip_bad_rows, image_dir=image_dir)
-    if bad:
-        rows, names = data[_ROW], data[_SPLIT]
-        i = min(bad)
-        first = f"{source} split {names[i]!r} row {rows[i]}: {bad[i]}"
-        if not skip_bad_rows:
-            raise ValueError(f"{first}. Fix the data, or pass skip_bad_rows=True to skip such rows")
-        log.warning("%s: skipped %d bad row(s) of %d; first: %s", source, len(bad), len(data), first)
-        data = data.select([i for i in range(len(data)) if i not in bad])
+    data = _drop_bad_rows(data, bad, source, skip_bad_rows, "bad")
     if filter_fn is not None:
         data = data.filter(filter_fn)
     message_transform = MedPixToMessages(column_map, image_dir=image_dir, new_system_prompt=new_system_prompt)
+    if check_lengths:
+        too_long = _find_too_long_rows(data, message_transform, model_transform)
+        data = _drop_bad_rows(data, too_long, source, skip_bad_rows, "too long")
     return MedPixDataset(data, message_transform, model_transform, source)
 
 

@@ -1,4 +1,5 @@
 from ._cluster import check_shared_output_dir
+from ._config_keys import check_cli_keys
 from ._grad_norm import clip_grad_norm_
 from ._launch import (
     DEFAULT_DISTRIBUTED_TIMEOUT_S,
@@ -44,6 +45,7 @@ __all__ = [
     "check_checkpoint_dir",
     "check_shared_output_dir",
     "check_finite_for_save",
+    "check_cli_keys",
     "check_world_size",
     "clip_grad_norm_",
     "command_line_overrides",

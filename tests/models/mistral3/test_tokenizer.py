@@ -139,6 +139,40 @@ def test_mask_covers_exactly_the_answers_and_eos(transform, name):
     assert len(starts) == sum(role == "assistant" for role, _ in spec)
 
 
+MULTI_TURN = [
+    ("user", ["What is the normal adult resting heart rate?"]),
+    ("assistant", "Between 60 and 100 beats per minute."),
+    ("user", [IMG_A, "What imaging modality is this?"]),
+    ("assistant", "This is an axial CT image of the chest."),
+    ("user", ["Which organ is enlarged?"]),
+    ("assistant", "The liver."),
+]
+
+
+@pytest.mark.parametrize("masked_turn", [1, 3])
+def test_masked_assistant_turn_is_not_trained_on(reference, transform, masked_turn):
+    messages = _torchtune_messages(MULTI_TURN)
+    messages[masked_turn] = Message(role="assistant", content=MULTI_TURN[masked_turn][1], masked=True)
+    out = transform({"messages": messages})
+    # the tokens do not depend on the flag: mistral-common's encoding of the whole conversation
+    assert out["tokens"] == reference.encode_chat_completion(_mistral_request(MULTI_TURN)).tokens
+    # hand-derived mask: the k-th assistant answer (+ </s>) follows the k-th [/INST] (id 4); only the turns not
+    # masked are trained on
+    tokens, tok = out["tokens"], transform.tokenizer
+    ends = [i for i, t in enumerate(tokens) if t == 4]
+    answers = [(i, content) for i, (role, content) in enumerate(MULTI_TURN) if role == "assistant"]
+    assert len(ends) == len(answers)
+    expected = [True] * len(tokens)
+    for end, (i, content) in zip(ends, answers):
+        answer = tok.encode(content, add_bos=False, add_eos=False) + [2]
+        assert tokens[end + 1 : end + 1 + len(answer)] == answer
+        if i != masked_turn:
+            expected[end + 1 : end + 1 + len(answer)] = [False] * len(answer)
+    assert out["mask"] == expected
+    assert sum(not m for m in out["mask"]) < sum(not m for m in transform({"messages": _torchtune_messages(
+        MULTI_TURN)})["mask"])
+
+
 def test_prompt_for_generation_matches_mistral_common(tekken_path):
     spec = CONVERSATIONS["two_images_two_turns"][:-1]
     reference = MistralTokenizer.from_file(str(tekken_path), mode=ValidationMode.test)

@@ -1,5 +1,6 @@
 """Pixtral image processing and the Mistral 3 model transform (tekken chat tokens + image tensors)."""
 
+import functools
 import logging
 import math
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
@@ -167,6 +168,21 @@ class PixtralImageTransform:
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
+class _ImageGrid:
+    """Stand-in image transform: a pixel-free ``[3, h, w]`` tensor of the size :class:`PixtralImageTransform` gives."""
+
+    def __init__(self, transform: PixtralImageTransform):
+        self._transform = transform
+        self.token_size = transform.token_size
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        t = self._transform
+        height, width = pixtral_image_size(
+            image.height, image.width, max_image_size=t.max_image_size, token_size=t.token_size
+        )
+        return torch.zeros(()).expand(3, height, width)  # no memory: stride 0
+
+
 class Mistral3Transform(ModelTokenizer, Transform):
     """Model transform for Mistral 3 VLMs: torchtune messages -> tekken tokens, loss mask and image tensors.
 
@@ -251,11 +267,15 @@ class Mistral3Transform(ModelTokenizer, Transform):
         tokens, mask, _ = self._encode(messages, inference=kwargs.get("inference", False))
         return tokens, mask
 
-    def _encode(self, messages: List[Message], inference: bool) -> Tuple[List[int], List[bool], List[torch.Tensor]]:
-        tokens, mask, images = self.tokenizer.tokenize_conversation(messages, inference=inference)
+    def _cut(self, tokens: List[int], mask: List[bool], inference: bool) -> Tuple[int, Optional[int]]:
+        """Where to cut a too-long sample: (token count kept, images kept or None for all).
+
+        Raises:
+            ValueError: if the cut leaves no trained token (the answer starts after ``max_seq_len``).
+        """
         if self.max_seq_len is None or len(tokens) <= self.max_seq_len:
-            return tokens, mask, images
-        cut, kept_images = self.max_seq_len, len(images)
+            return len(tokens), None
+        cut, kept_images = self.max_seq_len, None
         for k, (start, end) in enumerate(self.tokenizer.image_spans(tokens)):
             if end >= cut:  # image k does not fit whole: cut before it, drop it and all later images
                 cut, kept_images = min(cut, start), k
@@ -266,7 +286,35 @@ class Mistral3Transform(ModelTokenizer, Transform):
                 f"(image tokens cannot be cut). Raise max_seq_len, lower max_image_size "
                 f"(now {self.image_transform.max_image_size}), or filter such samples out."
             )
+        return cut, kept_images
+
+    def _encode(self, messages: List[Message], inference: bool) -> Tuple[List[int], List[bool], List[torch.Tensor]]:
+        tokens, mask, images = self.tokenizer.tokenize_conversation(messages, inference=inference)
+        cut, kept_images = self._cut(tokens, mask, inference)
         return tokens[:cut], mask[:cut], images[:kept_images]
+
+    @functools.cached_property
+    def _length_tokenizer(self) -> Mistral3Tokenizer:
+        """The same tokenizer with images reduced to their token grid (no pixels are read or resized)."""
+        return Mistral3Tokenizer(self.tokenizer.path, image_transform=_ImageGrid(self.image_transform))
+
+    def check_length(self, messages: List[Message]) -> None:
+        """Check, without processing pixels, that a training conversation keeps a trained token after truncation.
+
+        Only the image sizes are needed (``PIL.Image.open`` reads them from the header), so a data set can be
+        checked when it is built instead of failing at the step that reads a too-long sample.
+
+        Args:
+            messages (List[Message]): the conversation; images may be opened lazily (not loaded).
+
+        Raises:
+            ValueError: if the answer would be cut off entirely (the message names the token count, the
+                ``max_seq_len`` and what to change), or the conversation cannot be tokenized.
+        """
+        if self.max_seq_len is None:
+            return
+        tokens, mask, _ = self._length_tokenizer.tokenize_conversation(messages)
+        self._cut(tokens, mask, inference=False)
 
     def __call__(self, sample: Mapping[str, Any], inference: bool = False) -> Mapping[str, Any]:
         """Tokenize ``sample["messages"]`` and process its images.
