@@ -147,11 +147,11 @@ def _tensors(directory):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_distributed_load_and_save_equal_single_process(src, tmp_path, world):
-    # Forked workers (no re-import of torch/torchtune, which would cost ~5 s per process on 2 cores) run
-    # every layout of one world size in turn.
+    # Spawned workers run every layout of one world size in turn. Not forked: a fork after the parent has
+    # run OpenMP-parallel torch ops (any earlier test in this process) deadlocks the child in its first GEMM.
     modes = [mode for mode, layout in LAYOUTS.items() if layout[0] == world]
     args = (world, modes, str(tmp_path / "init"), src, tmp_path / "dist")
-    mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method="fork")
+    mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method="spawn")
     for mode in modes:
         _compare_saves(src, tmp_path / "dist" / mode, tmp_path / "single" / mode, mode)
 
