@@ -47,15 +47,18 @@ from torchtune_mistral3.training import (
     check_checkpoint_dir,
     check_world_size,
     clip_grad_norm_,
+    convert_to_fp8,
     ensure_single_process_env,
     is_stage_stand_in,
     latest_training_state,
     load_stock_recipe,
     load_training_state,
     pipeline_step,
+    precision_policy,
     prepare_metric_logger_env,
     save_training_state,
     set_fsdp_gradient_sum,
+    shard_model,
     train_context,
     uses_loss_parallel,
 )
@@ -125,6 +128,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             pipeline_parallel_dim=self.pipeline_parallel_dim,
         )
         super().__init__(cfg)
+        self._precision = precision_policy(cfg, self._device)
         self._dims = ParallelDims(self.world_size, pp=self.pipeline_parallel_dim, tp=self.tensor_parallel_dim)
         self.data_parallel_dim = self._dims.dp
         self._loss_parallel = self._dims.tp_enabled and uses_loss_parallel(self.tensor_parallel_plan or {})
@@ -251,13 +255,16 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             nn.Module: this rank's first model part (the whole model without pipeline parallelism).
         """
         init_start = time.perf_counter()
-        with training.set_default_dtype(self._dtype), torch.device("meta"):
+        utils.log_rank_zero(log, f"Precision: {self._precision.describe()}")
+        with training.set_default_dtype(self._precision.master_dtype), torch.device("meta"):
             model = config.instantiate(cfg_model)
         self._mesh = self._dims.build_mesh(self._device.type)
         self.dp_size = self._mesh["dp"].size()
         self.dp_rank = self._mesh["dp"].get_local_rank()
 
         def parallelize(part: nn.Module) -> nn.Module:
+            if self._precision.fp8_recipe is not None:  # torchao: convert, then TP, compile and FSDP2
+                convert_to_fp8(part, self._precision.fp8_recipe)
             if self._compile:
                 training.compile_model(part, verbose=self._is_rank_zero)
             if self._dims.tp_enabled:
@@ -266,13 +273,15 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 training.set_activation_checkpointing(part, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
             elif ac_mode is not None:
                 stock.apply_selective_activation_checkpointing(part, ac_mode, ac_option)
-            if self._dims.dp_enabled:
-                training.shard_model(
+            # FSDP2 also runs on a data-parallel mesh of 1 when it casts fp32 master weights to the compute dtype
+            if self._dims.dp_enabled or self._precision.casts_parameters:
+                shard_model(
                     model=part,
                     shard_conditions=[partial(_shard_condition, names_to_match=custom_sharded_layers)],
                     cpu_offload=fsdp_cpu_offload,
                     reshard_after_forward=reshard_after_forward,
                     dp_mesh=self._mesh["dp"],
+                    mp_policy=self._precision.mp_policy(),
                 )
                 # The loss is divided by the global token count already: FSDP must sum, not average.
                 set_fsdp_gradient_sum(part)
@@ -283,7 +292,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 for m in part.modules():
                     if hasattr(m, "rope_init"):
                         m.rope_init()
-            load_into_module(part, self._checkpointer.reader, dtype=self._dtype)
+            load_into_module(part, self._checkpointer.reader, dtype=self._precision.master_dtype)
             training.validate_no_params_on_meta_device(part)
             return part
 

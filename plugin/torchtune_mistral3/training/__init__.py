@@ -19,6 +19,13 @@ from ._pipeline import (
     stage_ids_for_rank,
     validate_pipeline_schedule,
 )
+from ._precision import (
+    PrecisionPolicy,
+    StochasticRoundingAdamW,
+    convert_to_fp8,
+    precision_policy,
+    shard_model,
+)
 from ._stock import load_stock_recipe, stock_recipe_path
 from ._tp import apply_tensor_parallel, resolve_tp_plan, train_context, uses_loss_parallel
 from ._training_state import latest_training_state, load_training_state, save_training_state
@@ -31,6 +38,7 @@ __all__ = [
     "check_checkpoint_dir",
     "check_world_size",
     "clip_grad_norm_",
+    "convert_to_fp8",
     "cosine_with_warmup",
     "cut_pipeline_stage",
     "default_stages_per_rank",
@@ -41,13 +49,17 @@ __all__ = [
     "ParallelDims",
     "Pipeline",
     "pipeline_step",
+    "precision_policy",
+    "PrecisionPolicy",
     "PipelineLoss",
     "prepare_metric_logger_env",
     "resolve_layer_split",
     "resolve_tp_plan",
     "set_fsdp_gradient_sum",
+    "shard_model",
     "stage_ids_for_rank",
     "StageImages",
+    "StochasticRoundingAdamW",
     "stock_recipe_path",
     "train_context",
     "latest_training_state",
