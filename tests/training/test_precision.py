@@ -121,8 +121,6 @@ def test_stochastic_rounding_keeps_updates_that_round_to_nearest_loses():
     assert sr_param.dtype == torch.bfloat16 and sr.state[sr_param]["exp_avg"].dtype == torch.bfloat16
     err = (sr_param.detach().float() - master.detach()).mean().abs()
     assert err < 0.1 * moved, (err, moved)
-    # every weight is one of the two bf16 neighbours of the fp32 trajectory (to within one more ulp of drift)
-    assert ((sr_param.detach().float() - master.detach()).abs() <= 2 * 2**-7).all()
 
 
 def test_stochastic_rounding_step_brackets_the_fp32_adamw_step():
