@@ -17,9 +17,16 @@ pytestmark = pytest.mark.integration
 DEMO = ["full_finetune_distributed", "--config", "mistral3p5_medpix_demo"]
 # one sample, repeated; constant learning rate 1e-5 (cosine with min_lr = lr and no warm-up); no clipping
 FIXED_DATA = [
-    "max_steps_per_epoch=1", "batch_size=1", "shuffle=False", "run_val_every_n_steps=null",
-    "lr_scheduler.num_warmup_steps=0", "lr_scheduler.min_lr=1e-5", "optimizer.lr=1e-5", "clip_grad_norm=null",
-    "model.output_trainable=False", "model.embeddings_trainable=False",
+    "max_steps_per_epoch=1",
+    "batch_size=1",
+    "shuffle=False",
+    "run_val_every_n_steps=null",
+    "lr_scheduler.num_warmup_steps=0",
+    "lr_scheduler.min_lr=1e-5",
+    "optimizer.lr=1e-5",
+    "clip_grad_norm=null",
+    "model.output_trainable=False",
+    "model.embeddings_trainable=False",
 ]
 
 
@@ -65,8 +72,15 @@ def test_default_policy_learns_like_fp32(tune, tmp_path):
 
 def test_one_process_equals_fsdp2_under_mixed_precision(tune, tmp_path):
     """One process (FSDP2 on a mesh of 1) accumulating 2 micro-batches = 2 FSDP2 ranks of 1 sample, bit for bit."""
-    common = [*FIXED_DATA, "epochs=1", "max_steps_per_epoch=2", "dtype=bf16", "optimizer.lr=1e-3",
-              "lr_scheduler.min_lr=1e-3", "checkpointer.save_dtype=fp32"]
+    common = [
+        *FIXED_DATA,
+        "epochs=1",
+        "max_steps_per_epoch=2",
+        "dtype=bf16",
+        "optimizer.lr=1e-3",
+        "lr_scheduler.min_lr=1e-3",
+        "checkpointer.save_dtype=fp32",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     tune("run", *DEMO, f"output_dir={one}", *common, "gradient_accumulation_steps=2")
     tune("run", "--nproc_per_node", "2", *DEMO, f"output_dir={two}", *common)
@@ -83,8 +97,16 @@ def test_one_process_equals_fsdp2_under_mixed_precision(tune, tmp_path):
 
 
 def test_resume_continues_bit_for_bit_under_mixed_precision(tune, tmp_path):
-    common = [*FIXED_DATA, "epochs=1", "max_steps_per_epoch=3", "save_every_n_steps=2", "dtype=bf16",
-              "optimizer.lr=1e-3", "lr_scheduler.min_lr=1e-3", "checkpointer.save_dtype=fp32"]
+    common = [
+        *FIXED_DATA,
+        "epochs=1",
+        "max_steps_per_epoch=3",
+        "save_every_n_steps=2",
+        "dtype=bf16",
+        "optimizer.lr=1e-3",
+        "lr_scheduler.min_lr=1e-3",
+        "checkpointer.save_dtype=fp32",
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     tune("run", *DEMO, f"output_dir={straight}", *common)
     (resumed / "training_state").mkdir(parents=True)
@@ -99,10 +121,14 @@ def test_resume_continues_bit_for_bit_under_mixed_precision(tune, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["dtype=bf16", "fp8_recipe=tensorwise"], "fp8_recipe needs a GPU with FP8 tensor cores"),
-    (["dtype=bf16", "master_dtype=fp16"], "master_dtype=fp16 is not a precision this recipe trains in"),
-], ids=["fp8_on_cpu", "unknown_master_dtype"])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["dtype=bf16", "fp8_recipe=tensorwise"], "fp8_recipe needs a GPU with FP8 tensor cores"),
+        (["dtype=bf16", "master_dtype=fp16"], "master_dtype=fp16 is not a precision this recipe trains in"),
+    ],
+    ids=["fp8_on_cpu", "unknown_master_dtype"],
+)
 def test_precision_refused_before_building(tune, tmp_path, overrides, message):
     proc = tune("run", *DEMO, f"output_dir={tmp_path}", *overrides, check=False)
     assert proc.returncode != 0

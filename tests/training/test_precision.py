@@ -23,7 +23,10 @@ def _policy(**keys):
 def test_policy_keys():
     default = _policy(dtype="bf16")
     assert (default.compute_dtype, default.master_dtype, default.reduce_dtype) == (
-        torch.bfloat16, torch.float32, torch.float32)
+        torch.bfloat16,
+        torch.float32,
+        torch.float32,
+    )
     assert default.casts_parameters
     mp = default.mp_policy()
     assert (mp.param_dtype, mp.reduce_dtype) == (torch.bfloat16, torch.float32)
@@ -35,22 +38,32 @@ def test_policy_keys():
     fp32 = _policy(dtype="fp32")
     assert fp32.master_dtype == torch.float32 and fp32.mp_policy() is None
 
-    sr = _policy(dtype="bf16", master_dtype="bf16",
-                 optimizer={"_component_": "torchtune_mistral3.training.StochasticRoundingAdamW"})
+    sr = _policy(
+        dtype="bf16",
+        master_dtype="bf16",
+        optimizer={"_component_": "torchtune_mistral3.training.StochasticRoundingAdamW"},
+    )
     assert sr.master_dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("keys, message", [
-    ({"dtype": "bf16", "master_dtype": "fp16"}, "master_dtype=fp16 is not a precision this recipe trains in"),
-    ({"dtype": "bf16", "reduce_dtype": "fp8"}, "reduce_dtype=fp8 is not a precision"),
-    ({"dtype": "fp32", "master_dtype": "bf16"}, "Set master_dtype=fp32"),
-    ({"dtype": "bf16", "optimizer": {"_component_": "torchao.optim._AdamW", "bf16_stochastic_round": True}},
-     "Set master_dtype=bf16"),
-    ({"dtype": "bf16", "optimizer": {"_component_": "torchtune_mistral3.training.StochasticRoundingAdamW"}},
-     "Set master_dtype=bf16"),
-    ({"dtype": "bf16", "fp8_recipe": "blockwise"}, "fp8_recipe=blockwise is unknown"),
-    ({"dtype": "bf16", "fp8_recipe": "rowwise"}, "this run is on cpu. Set fp8_recipe=null"),
-])
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"dtype": "bf16", "master_dtype": "fp16"}, "master_dtype=fp16 is not a precision this recipe trains in"),
+        ({"dtype": "bf16", "reduce_dtype": "fp8"}, "reduce_dtype=fp8 is not a precision"),
+        ({"dtype": "fp32", "master_dtype": "bf16"}, "Set master_dtype=fp32"),
+        (
+            {"dtype": "bf16", "optimizer": {"_component_": "torchao.optim._AdamW", "bf16_stochastic_round": True}},
+            "Set master_dtype=bf16",
+        ),
+        (
+            {"dtype": "bf16", "optimizer": {"_component_": "torchtune_mistral3.training.StochasticRoundingAdamW"}},
+            "Set master_dtype=bf16",
+        ),
+        ({"dtype": "bf16", "fp8_recipe": "blockwise"}, "fp8_recipe=blockwise is unknown"),
+        ({"dtype": "bf16", "fp8_recipe": "rowwise"}, "this run is on cpu. Set fp8_recipe=null"),
+    ],
+)
 def test_policy_refuses(keys, message):
     with pytest.raises(ValueError, match=message):
         _policy(**keys)
@@ -86,8 +99,14 @@ def test_mixed_precision_on_a_mesh_of_one_is_bf16_compute_into_fp32_master(one_p
 
     model = _tiny()
     mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))
-    shard_model(model, [lambda n, m: n == "2"], cpu_offload=False, reshard_after_forward=True, dp_mesh=mesh["dp"],
-                mp_policy=_policy(dtype="bf16").mp_policy())
+    shard_model(
+        model,
+        [lambda n, m: n == "2"],
+        cpu_offload=False,
+        reshard_after_forward=True,
+        dp_mesh=mesh["dp"],
+        mp_policy=_policy(dtype="bf16").mp_policy(),
+    )
     for x, y in micro_batches:
         ((model(x).float() - y) ** 2).sum().backward()
     for n, p in model.named_parameters():

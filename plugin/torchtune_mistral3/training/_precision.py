@@ -82,7 +82,9 @@ def _dtype_key(cfg: DictConfig, key: str, default: str) -> torch.dtype:
     value = cfg.get(key, None)
     value = default if value is None else str(value)
     if value not in DTYPES:
-        raise ValueError(f"{key}={value} is not a precision this recipe trains in: set {key} to one of {sorted(DTYPES)}")
+        raise ValueError(
+            f"{key}={value} is not a precision this recipe trains in: set {key} to one of {sorted(DTYPES)}"
+        )
     return DTYPES[value]
 
 
@@ -256,8 +258,9 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
         ValueError: for a negative learning rate or epsilon, or betas outside [0, 1).
     """
 
-    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01) -> None:
+    def __init__(
+        self, params: Any, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01
+    ) -> None:
         if lr < 0 or eps < 0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"invalid AdamW hyperparameters: lr={lr}, eps={eps}, betas={betas}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
@@ -294,8 +297,18 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
                 if local.device.type == "cuda":
                     fn = torch.compile(single_param_adam, fullgraph=True, dynamic=False)
                 fn(
-                    local, _local(p.grad), state["step"], _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
-                    None, lr.to(local.device), group["betas"][0], group["betas"][1], group["weight_decay"],
-                    group["eps"], True, local.dtype is torch.bfloat16,
+                    local,
+                    _local(p.grad),
+                    state["step"],
+                    _local(state["exp_avg"]),
+                    _local(state["exp_avg_sq"]),
+                    None,
+                    lr.to(local.device),
+                    group["betas"][0],
+                    group["betas"][1],
+                    group["weight_decay"],
+                    group["eps"],
+                    True,
+                    local.dtype is torch.bfloat16,
                 )
         return loss
