@@ -12,6 +12,9 @@ What the subclass adds to the stock recipe:
 - a 3-D (pipeline, data, tensor) mesh: ``pipeline_parallel_dim``, ``tensor_parallel_dim``, data parallel
   takes the rest of the world size; ``pipeline_schedule``, ``pipeline_microbatches``;
 - gradient-norm clipping that is correct under TP, PP and FSDP together;
+- a precision policy: ``dtype`` computes, ``master_dtype`` (default fp32) holds the parameters, gradients and
+  optimizer states, ``reduce_dtype`` reduces the gradients (FSDP2's mixed precision on every layout, also with
+  data parallel 1); bf16 stochastic rounding (``StochasticRoundingAdamW``); FP8 decoder linears (``fp8_recipe``);
 - the loss normalised by the answer tokens of the whole global batch (all micro-batches, all replicas);
 - freezing by builder flags (only trainable parameters reach the optimizer);
 - a progress bar with loss, learning rate, tokens per second and grad norm; validation loss every N steps;
@@ -111,7 +114,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
     ``pipeline_schedule`` (default ``1F1B``), ``pipeline_microbatches`` (default: the pipeline degree),
     ``pipeline_split`` (layers per stage, default balanced), ``pipeline_stages_per_rank``, ``dataset_val``,
     ``batch_size_val``, ``run_val_every_n_steps``, ``max_val_steps``, ``save_every_n_steps``,
-    ``prepare_checkpoint``, ``hf_repo`` (see docs/configs.md).
+    ``prepare_checkpoint``, ``hf_repo``, ``master_dtype`` (default fp32), ``reduce_dtype`` (default: the master
+    dtype), ``fp8_recipe`` (default null; tensorwise or rowwise) (see docs/configs.md).
 
     Args:
         cfg (DictConfig): the parsed config.
