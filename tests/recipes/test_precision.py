@@ -4,7 +4,7 @@ bf16 matmuls are about 20x slower than fp32 ones on the CI's CPUs (no bf16 instr
 short: one sample repeated (``epochs=N max_steps_per_epoch=1 batch_size=1 shuffle=False``), the 131k-row head
 and the embeddings frozen (their matmuls dominate), no validation. Measured on the shared 2-core machine while
 other runs used it: 373 s (learning), 508 s (one process vs FSDP2), 271 s (resume), 43-55 s (refusals); an
-uncontended bf16 step here takes ~8 s.
+uncontended bf16 step here takes ~8 s (learning: 72 s, one process vs FSDP2: 89 s on free cores).
 """
 
 import re
