@@ -12,6 +12,9 @@ What the subclass adds to the stock recipe:
 - a 3-D (pipeline, data, tensor) mesh: ``pipeline_parallel_dim``, ``tensor_parallel_dim``, data parallel
   takes the rest of the world size; ``pipeline_schedule``, ``pipeline_microbatches``;
 - gradient-norm clipping that is correct under TP, PP and FSDP together;
+- a precision policy: ``dtype`` computes, ``master_dtype`` (default fp32) holds the parameters, gradients and
+  optimizer states, ``reduce_dtype`` reduces the gradients (FSDP2's mixed precision on every layout, also with
+  data parallel 1); bf16 stochastic rounding (``StochasticRoundingAdamW``); FP8 decoder linears (``fp8_recipe``);
 - the loss normalised by the answer tokens of the whole global batch (all micro-batches, all replicas);
 - freezing by builder flags (only trainable parameters reach the optimizer);
 - a step whose loss or grad norm is not finite is skipped (``max_nonfinite_steps``) or stops the run with
@@ -57,6 +60,7 @@ from torchtune_mistral3.training import (
     check_world_size,
     clip_grad_norm_,
     command_line_overrides,
+    convert_to_fp8,
     distributed_timeout,
     ensure_single_process_env,
     explain_collective_timeouts,
@@ -66,10 +70,12 @@ from torchtune_mistral3.training import (
     load_training_state,
     pipeline_step,
     pop_sample_indices,
+    precision_policy,
     prepare_metric_logger_env,
     save_training_state,
     set_fsdp_gradient_sum,
     set_mesh_timeout,
+    shard_model,
     train_context,
     uses_loss_parallel,
 )
@@ -123,7 +129,9 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
     ``pipeline_split`` (layers per stage, default balanced), ``pipeline_stages_per_rank``, ``dataset_val``,
     ``batch_size_val``, ``run_val_every_n_steps``, ``max_val_steps``, ``save_every_n_steps``,
     ``prepare_checkpoint``, ``hf_repo``, ``max_nonfinite_steps`` (default 0), ``distributed_timeout_s``
-    (default 1800) (see docs/configs.md).
+    (default 1800), ``master_dtype`` (default fp32), ``reduce_dtype`` (default: the master dtype),
+    ``fp8_recipe`` (default null; tensorwise or rowwise), ``assume_shared_output_dir`` (default False),
+    ``allow_new_keys`` (see docs/configs.md).
 
     Args:
         cfg (DictConfig): the parsed config.
@@ -144,6 +152,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         self._distributed_timeout = distributed_timeout(cfg.get("distributed_timeout_s", None))
         with init_process_group_timeout(stock, self._distributed_timeout):
             super().__init__(cfg)
+        self._precision = precision_policy(cfg, self._device)
         self._dims = ParallelDims(self.world_size, pp=self.pipeline_parallel_dim, tp=self.tensor_parallel_dim)
         self.data_parallel_dim = self._dims.dp
         self._loss_parallel = self._dims.tp_enabled and uses_loss_parallel(self.tensor_parallel_plan or {})
@@ -273,7 +282,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             nn.Module: this rank's first model part (the whole model without pipeline parallelism).
         """
         init_start = time.perf_counter()
-        with training.set_default_dtype(self._dtype), torch.device("meta"):
+        utils.log_rank_zero(log, f"Precision: {self._precision.describe()}")
+        with training.set_default_dtype(self._precision.master_dtype), torch.device("meta"):
             model = config.instantiate(cfg_model)
         self._checkpointer.check_model_keys(model)  # on the whole model: a weight no stage reads is an error
         self._mesh = self._dims.build_mesh(self._device.type)
@@ -282,6 +292,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         self.dp_rank = self._mesh["dp"].get_local_rank()
 
         def parallelize(part: nn.Module) -> nn.Module:
+            if self._precision.fp8_recipe is not None:  # torchao: convert, then TP, compile and FSDP2
+                convert_to_fp8(part, self._precision.fp8_recipe)
             if self._compile:
                 training.compile_model(part, verbose=self._is_rank_zero)
             if self._dims.tp_enabled:
@@ -290,13 +302,15 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 training.set_activation_checkpointing(part, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
             elif ac_mode is not None:
                 stock.apply_selective_activation_checkpointing(part, ac_mode, ac_option)
-            if self._dims.dp_enabled:
-                training.shard_model(
+            # FSDP2 also runs on a data-parallel mesh of 1 when it casts fp32 master weights to the compute dtype
+            if self._dims.dp_enabled or self._precision.casts_parameters:
+                shard_model(
                     model=part,
                     shard_conditions=[partial(_shard_condition, names_to_match=custom_sharded_layers)],
                     cpu_offload=fsdp_cpu_offload,
                     reshard_after_forward=reshard_after_forward,
                     dp_mesh=self._mesh["dp"],
+                    mp_policy=self._precision.mp_policy(),
                 )
                 # The loss is divided by the global token count already: FSDP must sum, not average.
                 set_fsdp_gradient_sum(part)
@@ -307,7 +321,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 for m in part.modules():
                     if hasattr(m, "rope_init"):
                         m.rope_init()
-            load_into_module(part, self._checkpointer.reader, dtype=self._dtype)
+            load_into_module(part, self._checkpointer.reader, dtype=self._precision.master_dtype)
             training.validate_no_params_on_meta_device(part)
             return part
 

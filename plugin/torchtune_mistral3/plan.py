@@ -37,8 +37,16 @@ from torchtune_mistral3.training._memory_plan import (
     plan_to_json,
 )
 
+_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2}
 _TRAINABLE_FLAGS = ("vision_trainable", "projector_trainable", "embeddings_trainable", "output_trainable",
                     "decoder_trainable")
+
+
+def _dtype_bytes(cfg: DictConfig, key: str, default: str) -> int:
+    value = str(cfg.get(key, None) or default)
+    if value not in _BYTES:
+        raise ValueError(f"{key}={value} is not one of {sorted(_BYTES)}")
+    return _BYTES[value]
 
 
 def load_config(config: str, overrides: List[str]) -> DictConfig:
@@ -88,12 +96,19 @@ def layout_from_config(cfg: DictConfig) -> Tuple[Layout, dict]:
         raise ValueError(f"plan.world_size={world} is not a multiple of TP x PP = {tp * pp}")
     opt = cfg.get("optimizer", {}) or {}
     component = str(opt.get("_component_", "torch.optim.AdamW")).rsplit(".", 1)[-1].lower()
+    # bf16 stochastic rounding (torchao's AdamW math) steps one parameter at a time: no foreach temporaries
+    per_parameter = component in ("stochasticroundingadamw", "_adamw")
     if component in ("adam", "adamw"):
         optimizer = component
+    elif per_parameter:
+        optimizer = "adamw"
     elif component == "sgd":
         optimizer = "sgd_momentum" if float(opt.get("momentum", 0.0)) else "sgd"
     else:
         raise ValueError(f"optimizer {opt.get('_component_')} is not modelled (Adam, AdamW or SGD)")
+    compute_bytes = _dtype_bytes(cfg, "dtype", "bf16")
+    # the recipe's default master dtype is fp32 (training/_precision.py)
+    master_bytes = _dtype_bytes(cfg, "master_dtype", "fp32") if compute_bytes == 2 else 4
     loss = cfg.get("loss", {}) or {}
     chunks = int(loss.get("num_output_chunks", 8)) if "Chunked" in str(loss.get("_component_", "")) else 1
     tokenizer = cfg.get("tokenizer", {}) or {}
@@ -102,7 +117,7 @@ def layout_from_config(cfg: DictConfig) -> Tuple[Layout, dict]:
         tp=tp,
         pp=pp,
         dp=world // (tp * pp),
-        microbatches=int(cfg.get("pipeline_microbatches", pp) if pp > 1 else 1),
+        microbatches=int(cfg.get("pipeline_microbatches", None) or pp) if pp > 1 else 1,
         schedule=str(cfg.get("pipeline_schedule", "1F1B")),
         layer_split=list(split) if split is not None else None,
         seq_len=int(plan.get("seq_len", tokenizer.get("max_seq_len", 2048))),
@@ -110,9 +125,10 @@ def layout_from_config(cfg: DictConfig) -> Tuple[Layout, dict]:
         grad_accum=int(cfg.get("gradient_accumulation_steps", 1)),
         activation_checkpointing=bool(cfg.get("enable_activation_checkpointing", False)),
         compile=bool(cfg.get("compile", False)),
-        dtype_bytes=4 if str(cfg.get("dtype", "bf16")) in ("fp32", "float32") else 2,
+        dtype_bytes=compute_bytes,
+        master_bytes=master_bytes,
         optimizer=optimizer,
-        optimizer_fused=bool(opt.get("fused", False)),
+        optimizer_fused=bool(opt.get("fused", False)) or per_parameter,
         num_output_chunks=chunks,
         images_per_sample=int(plan.get("images_per_sample", 1)),
         image_px=int(plan.get("image_px", 532)),

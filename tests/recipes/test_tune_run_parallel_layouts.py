@@ -93,3 +93,44 @@ def _load_all(directory):
     for f in sorted(directory.glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+# bf16 compute onto fp32 master weights (the shipped policy). One process runs FSDP2 on a data-parallel mesh of 1,
+# like TP and PP layouts do; bf16 matmuls split over TP ranks round differently from whole ones, so the layouts
+# agree to bf16 precision, not bit for bit. 2 steps, head and embeddings frozen (bf16 matmuls are slow on CPU).
+MIXED = [
+    "dtype=bf16", "master_dtype=fp32", "max_steps_per_epoch=2", "model.output_trainable=False",
+    "model.embeddings_trainable=False", "optimizer.lr=1e-4", "lr_scheduler.num_warmup_steps=0",
+    "lr_scheduler.min_lr=1e-4",
+]
+MIXED_LAYOUTS = ["tp2", "pp2_1f1b", "fsdp2_tp2"]
+
+
+@pytest.fixture(scope="module")
+def single_mixed(tmp_path_factory, checkpoint):
+    from tests.conftest import run_tune
+
+    out = tmp_path_factory.mktemp("single_mixed")
+    metrics, _ = _run(run_tune, out, checkpoint, 1, MIXED)
+    return out, metrics
+
+
+@pytest.mark.parametrize("layout", MIXED_LAYOUTS)
+def test_layout_equals_one_process_under_mixed_precision(tune, tmp_path, checkpoint, single_mixed, layout):
+    nproc, overrides = LAYOUTS[layout]
+    ref_dir, ref = single_mixed
+    metrics, output = _run(tune, tmp_path, checkpoint, nproc, [*MIXED, *overrides])
+    assert "Precision: compute bf16, master (parameters, gradients, optimizer states) fp32" in output
+    assert sorted(metrics) == [1, 2]
+    for step in (1, 2):
+        assert metrics[step]["loss"] == pytest.approx(ref[step]["loss"], rel=2e-3), step
+        assert metrics[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=2e-2), step
+    ours, theirs = _load_all(tmp_path / "epoch_0"), _load_all(ref_dir / "epoch_0")
+    assert ours.keys() == theirs.keys()
+    trained = [k for k in theirs if ".layers." in k and "language_model" in k and k.endswith("proj.weight")]
+    assert trained
+    for k in theirs:
+        # Adam moves a weight by at most ~lr per step, whatever its gradient's rounding
+        torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=5e-4, msg=k)
+    for k in trained:  # the layout kept fp32 masters: its trained weights are not bf16 values
+        assert not torch.equal(ours[k], ours[k].to(torch.bfloat16).float()), k

@@ -33,6 +33,13 @@ from ._pipeline import (
     stage_ids_for_rank,
     validate_pipeline_schedule,
 )
+from ._precision import (
+    PrecisionPolicy,
+    StochasticRoundingAdamW,
+    convert_to_fp8,
+    precision_policy,
+    shard_model,
+)
 from ._sample_index import IndexedCollate, IndexedDataset, pop_sample_indices
 from ._stock import load_stock_recipe, stock_recipe_path
 from ._tp import apply_tensor_parallel, resolve_tp_plan, train_context, uses_loss_parallel
@@ -49,6 +56,7 @@ __all__ = [
     "check_world_size",
     "clip_grad_norm_",
     "command_line_overrides",
+    "convert_to_fp8",
     "cosine_with_warmup",
     "cut_pipeline_stage",
     "DEFAULT_DISTRIBUTED_TIMEOUT_S",
@@ -69,14 +77,18 @@ __all__ = [
     "Pipeline",
     "pipeline_step",
     "pop_sample_indices",
+    "precision_policy",
+    "PrecisionPolicy",
     "PipelineLoss",
     "prepare_metric_logger_env",
     "resolve_layer_split",
     "resolve_tp_plan",
     "set_fsdp_gradient_sum",
     "set_mesh_timeout",
+    "shard_model",
     "stage_ids_for_rank",
     "StageImages",
+    "StochasticRoundingAdamW",
     "stock_recipe_path",
     "train_context",
     "latest_training_state",

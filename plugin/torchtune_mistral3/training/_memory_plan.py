@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 GIB = 1024**3
+_BYTES_NAME = {2: "bf16", 4: "fp32", 1: "8-bit"}
 
 # Eager / compiled bytes per token of one decoder layer, measured on the H200 slice (bench/step_speed.py:
 # plugin_eager vs plugin_compile_c1, 4 layers, 4096 tokens, head's share removed; step_speed_h200_final.json).
@@ -132,10 +133,14 @@ class Layout:
         grad_accum (int): ``gradient_accumulation_steps``. Default is 1.
         activation_checkpointing (bool): ``enable_activation_checkpointing``. Default is False.
         compile (bool): ``compile`` (per-layer torch.compile and compiled loss). Default is False.
-        dtype_bytes (int): bytes per parameter/activation element (bf16: 2, fp32: 4). Default is 2.
+        dtype_bytes (int): bytes per compute element: activations, and the weights gathered for forward and
+            backward (``dtype``; bf16: 2, fp32: 4). Default is 2.
+        master_bytes (Optional[int]): bytes per stored parameter and gradient element (``master_dtype``); None
+            means ``dtype_bytes``. With fewer compute bytes, FSDP2 casts each layer's weights to the compute dtype
+            as it gathers them, also without data parallelism. Default is None.
         optimizer (str): "adam"/"adamw" (2 states), "sgd_momentum" (1) or "sgd" (0). Default is "adam".
         optimizer_fused (bool): fused optimizer step (no temporaries); False means foreach. Default is False.
-        optimizer_state_bytes (Optional[int]): bytes per state element; None means ``dtype_bytes`` (torch keeps
+        optimizer_state_bytes (Optional[int]): bytes per state element; None means the master bytes (torch keeps
             Adam states in the parameter dtype). Default is None.
         num_output_chunks (int): ``CEWithChunkedOutputLoss.num_output_chunks``. Default is 8.
         images_per_sample (int): images per sample. Default is 1.
@@ -155,6 +160,7 @@ class Layout:
     activation_checkpointing: bool = False
     compile: bool = False
     dtype_bytes: int = 2
+    master_bytes: Optional[int] = None
     optimizer: str = "adam"
     optimizer_fused: bool = False
     optimizer_state_bytes: Optional[int] = None
@@ -508,7 +514,9 @@ def plan_memory(
     starts = [sum(split[:i]) for i in range(len(split))]
     last_stage = len(split) - 1
     shard = lo.dp if lo.dp > 1 else 1
-    state_bytes = lo.optimizer_state_bytes or lo.dtype_bytes
+    master_bytes = lo.master_bytes or lo.dtype_bytes
+    casts = master_bytes != lo.dtype_bytes  # FSDP2 mixed precision, which runs at dp=1 too
+    state_bytes = lo.optimizer_state_bytes or master_bytes
     n_states = {"adam": 2, "adamw": 2, "sgd_momentum": 1, "sgd": 0}[lo.optimizer]
     holds_grads_across = lo.microbatches * lo.grad_accum > 1
     layer_act = (
@@ -527,9 +535,9 @@ def plan_memory(
             if s == last_stage:
                 names += ["norm", "output"]
         held = [parts[n] for n in names if n in parts]
-        params = sum(p.per_tp_rank for p in held) * lo.dtype_bytes / shard
+        params = sum(p.per_tp_rank for p in held) * master_bytes / shard
         trainable = sum(p.trainable_per_tp_rank for p in held) / shard
-        grads = trainable * lo.dtype_bytes
+        grads = trainable * master_bytes
         opt = trainable * state_bytes * n_states
         n_layers = sum(split[s] for s in stages)
 
@@ -549,7 +557,7 @@ def plan_memory(
             v_local = dims.vocab_size / lo.tp
             # loss backward: bf16 grad of one chunk of logits (+ fp32 upcast and softmax when eager)
             loss_bwd = tokens / lo.num_output_chunks * v_local * (2 if lo.compile else 10)
-            out_grad = parts["output"].trainable_per_tp_rank * lo.dtype_bytes / shard if "output" in parts else 0.0
+            out_grad = parts["output"].trainable_per_tp_rank * master_bytes / shard if "output" in parts else 0.0
             if lo.num_output_chunks == 1:
                 # the logits are freed before the head's matmul backward makes its weight gradient
                 head = max(saved + loss_bwd, saved - 2 * v_local * tokens + loss_bwd + out_grad)
@@ -562,11 +570,12 @@ def plan_memory(
             forward_transients["vision_forward"] = (
                 patches * (8 * dims.vision_hidden + 3 * dims.vision_ffn) * lo.dtype_bytes
             )
-        if shard > 1:
+        if shard > 1 or casts:
+            # this layer's and the prefetched next layer's gathered weights, in the compute dtype
             biggest = max((parts[n].per_tp_rank for n in names if n.startswith("layer.")), default=0.0)
             forward_transients["fsdp_all_gather"] = 2 * biggest * lo.dtype_bytes
         fb_transient = max(forward_transients.values())
-        embed_grad = parts["embeddings"].trainable_per_tp_rank * lo.dtype_bytes / shard if first else 0.0
+        embed_grad = parts["embeddings"].trainable_per_tp_rank * master_bytes / shard if first else 0.0
         embed_bwd = 6 * dims.hidden * tokens if first and embed_grad else 0.0
         # late in backward: nearly all gradients exist while the first layer's activations (recomputed, under
         # activation checkpointing) and the hidden-state gradients are still alive
@@ -602,7 +611,9 @@ def format_plan(plan: MemoryPlan) -> str:
         f"layout: TP={lo.tp} PP={lo.pp} DP={lo.dp} ({lo.tp * lo.pp * lo.dp} GPUs), schedule {lo.schedule}, "
         f"{lo.microbatches} micro-batch(es) of {lo.batch_size // lo.microbatches} x {lo.seq_len} tokens, "
         f"grad accumulation {lo.grad_accum}, activation checkpointing {'on' if lo.activation_checkpointing else 'off'},"
-        f" compile {'on' if lo.compile else 'off'}, optimizer {lo.optimizer}{' (fused)' if lo.optimizer_fused else ''}",
+        f" compile {'on' if lo.compile else 'off'}, optimizer {lo.optimizer}{' (fused)' if lo.optimizer_fused else ''}"
+        f", compute {_BYTES_NAME[lo.dtype_bytes]} / master {_BYTES_NAME[lo.master_bytes or lo.dtype_bytes]}"
+        f" / optimizer states {_BYTES_NAME[lo.optimizer_state_bytes or lo.master_bytes or lo.dtype_bytes]}",
         f"{'pp rank':>7} {'layers':>6} {'params':>7} {'grads':>7} {'optim':>7} {'act/mb':>7} {'x mb':>4} "
         f"{'act':>7} {'logits':>7} {'transnt':>7} {'peak':>7}   (GiB per GPU)",
     ]
