@@ -17,3 +17,8 @@ __all__ = [
     "saved_config",
     "write_hf_checkpoint",
 ]
+
+from ._fp8_raw import RawFP8Source  # noqa: E402
+from ._peft import merged_state_dict, save_merged_checkpoint, save_peft_adapter  # noqa: E402
+
+__all__ += ["RawFP8Source", "merged_state_dict", "save_merged_checkpoint", "save_peft_adapter"]

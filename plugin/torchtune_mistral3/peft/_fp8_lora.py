@@ -20,15 +20,15 @@ from torch import nn
 from torchtune.modules.peft import AdapterModule
 from torchtune.modules.peft.lora import _lora_a_init_params, _lora_b_init_params
 
-from torchtune_mistral3.checkpointing._fp8 import FP8_DTYPE, dequantize
-
+FP8_DTYPE = torch.float8_e4m3fn
 SCALE_NAME = "weight_scale_inv"  # the buffer's name: the checkpoint's own key suffix
 
 
 def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Dequantise an FP8 weight to ``dtype`` with the same bits as the checkpoint loader gives.
 
-    The loader forms ``(w.float() * scale.float()).to(dtype)``. When ``dtype`` is fp32, or ``scale`` is already
+    The loader (``checkpointing._fp8.dequantize``) forms ``(w.float() * scale.float()).to(dtype)``. When
+    ``dtype`` is fp32, or ``scale`` is already
     stored in ``dtype``, multiplying in ``dtype`` gives the same bits (FP8 E4M3 values and the scale are exact
     in it, and the one product rounds once), without an fp32 copy of the weight.
 
@@ -42,7 +42,7 @@ def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
     """
     if dtype == torch.float32 or scale.dtype == dtype:
         return weight.to(dtype).mul_(scale.to(dtype))
-    return dequantize(weight, scale, dtype)
+    return weight.to(torch.float32).mul_(scale.to(torch.float32)).to(dtype)
 
 
 class _FP8Linear(torch.autograd.Function):

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, List, Literal, Tuple
 from torch import nn
 from torchtune.modules.peft import LoRALinear, get_adapter_params, set_trainable_params
 
-from torchtune_mistral3.peft import FP8LoRALinear, FrozenFP8Linear
+from torchtune_mistral3.peft._fp8_lora import FP8LoRALinear, FrozenFP8Linear
 
 from ._component_builders import mistral3
 from ._fusion import Mistral3FusionModel
