@@ -7,19 +7,23 @@ import textwrap
 
 from torchtune_mistral3 import _registry
 
-PLUGIN_CONFIGS = [c["name"] for c in json.loads(_registry.MANIFEST.read_text())["configs"]]
+MANIFEST_CONFIGS = json.loads(_registry.MANIFEST.read_text())["configs"]
+PLUGIN_CONFIGS = [c["name"] for c in MANIFEST_CONFIGS]
+
+
+def _ls_block(lines, recipe):
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{recipe} "))
+    end = next(i for i in range(start + 1, len(lines)) if lines[i] and not lines[i].startswith(" "))
+    return "\n".join(lines[start:end])
 
 
 def test_tune_ls_lists_every_plugin_config_under_the_stock_recipe(tune):
-    out = tune("ls").stdout
-    lines = out.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("full_finetune_distributed "))
-    end = next(i for i in range(start + 1, len(lines)) if lines[i] and not lines[i].startswith(" "))
-    block = "\n".join(lines[start:end])
-    for name in PLUGIN_CONFIGS:
-        assert f" {name} " in block + " ", name
+    lines = tune("ls").stdout.splitlines()
+    for entry in MANIFEST_CONFIGS:
+        assert f" {entry['name']} " in _ls_block(lines, entry["recipe"]) + " ", entry
     # stock configs are still there
-    assert "llama3_1/8B_full" in block
+    assert "llama3_1/8B_full" in _ls_block(lines, "full_finetune_distributed")
+    assert "llama3_2_vision/11B_lora" in _ls_block(lines, "lora_finetune_distributed")
 
 
 def test_tune_cp_and_cat_resolve_plugin_configs_by_name(tune, tmp_path):
