@@ -12,7 +12,8 @@ import torch
 pytestmark = pytest.mark.integration
 
 CONFIG = "mistral3p5_medpix_lora_demo"
-COMMON = ["dtype=fp32", "shuffle=False", "run_val_every_n_steps=null", "max_steps_per_epoch=4", "save_merged_model=False"]
+COMMON = ["dtype=fp32", "shuffle=False", "run_val_every_n_steps=null", "max_steps_per_epoch=4",
+          "save_merged_model=False"]
 ONE = ["run", "lora_finetune_distributed", "--config", CONFIG, "batch_size=2"]
 TWO = ["run", "--nproc_per_node", "2", "lora_finetune_distributed", "--config", CONFIG, "batch_size=1"]
 
