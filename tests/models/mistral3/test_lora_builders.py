@@ -154,3 +154,24 @@ def test_fp8_base_equals_the_dequantized_base(hf):
     for name, p in fp8_model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_scaled_mm_base_matmul_equals_the_fp8_product_done_by_hand():
+    from torchtune_mistral3.peft import fp8_linear
+    from torchtune_mistral3.peft._fp8_lora import quantize_activation
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 64, generator=g, requires_grad=True)
+    w, s = quantize_per_tensor(torch.randn(48, 64, generator=g))
+    out = fp8_linear(x, w, s, matmul="scaled_mm")
+    xq, xs = quantize_activation(x.detach().reshape(-1, 64))
+    by_hand = ((xq.float() * xs) @ (w.float() * s.float()).T).reshape(2, 5, 48)
+    torch.testing.assert_close(out, by_hand, rtol=1e-5, atol=1e-5)
+    # close to the dequantising path (the input is rounded to FP8 too), and the same input gradient
+    exact = fp8_linear(x, w, s)
+    assert ((out - exact).abs().max() / exact.abs().max()).item() < 0.1
+    (gs,) = torch.autograd.grad(out.sum(), x)
+    (ge,) = torch.autograd.grad(exact.sum(), x)
+    torch.testing.assert_close(gs, ge, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="fp8_matmul='fp4'"):
+        fp8_linear(x, w, s, matmul="fp4")

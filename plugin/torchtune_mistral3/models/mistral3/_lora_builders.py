@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, List, Literal, Tuple
 from torch import nn
 from torchtune.modules.peft import LoRALinear, get_adapter_params, set_trainable_params
 
-from torchtune_mistral3.peft._fp8_lora import FP8LoRALinear, FrozenFP8Linear
+from torchtune_mistral3.peft._fp8_lora import FP8_MATMULS, FP8LoRALinear, FrozenFP8Linear
 
 from ._component_builders import mistral3
 from ._fusion import Mistral3FusionModel
@@ -50,7 +50,9 @@ def _layer_linears(layers: nn.ModuleList, attn: List[str], mlp: bool) -> Iterato
             yield layer.mlp, name, mlp
 
 
-def _swap(parent: nn.Module, name: str, lora: bool, fp8: bool, rank: int, alpha: float, dropout: float) -> None:
+def _swap(
+    parent: nn.Module, name: str, lora: bool, fp8: bool, rank: int, alpha: float, dropout: float, matmul: str
+) -> None:
     """Replace ``parent.<name>`` (an ``nn.Linear``) by its LoRA or frozen-FP8 version, keeping its key names."""
     old = getattr(parent, name)
     if not isinstance(old, nn.Linear):
@@ -59,14 +61,14 @@ def _swap(parent: nn.Module, name: str, lora: bool, fp8: bool, rank: int, alpha:
     if fp8 and bias:
         raise ValueError(f"fp8_base: {type(parent).__name__}.{name} has a bias; FP8 bases are bias-free linears")
     if lora and fp8:
-        new = FP8LoRALinear(old.in_features, old.out_features, rank=rank, alpha=alpha, dropout=dropout)
+        new = FP8LoRALinear(old.in_features, old.out_features, rank=rank, alpha=alpha, dropout=dropout, matmul=matmul)
     elif lora:
         new = LoRALinear(old.in_features, old.out_features, rank=rank, alpha=alpha, dropout=dropout, use_bias=bias)
         new.weight = old.weight
         if bias:
             new.bias = old.bias
     elif fp8:
-        new = FrozenFP8Linear(old.in_features, old.out_features)
+        new = FrozenFP8Linear(old.in_features, old.out_features, matmul=matmul)
     else:
         return
     setattr(parent, name, new)
@@ -85,6 +87,7 @@ def _build_lora(
     vision_trainable: str = "frozen",
     projector_trainable: str = "frozen",
     fp8_base: bool = False,
+    fp8_matmul: str = "dequantize",
     **model_kwargs: Any,
 ) -> Mistral3FusionModel:
     """``builder(**model_kwargs)`` (a model builder of this family) with LoRA adapters.
@@ -107,6 +110,9 @@ def _build_lora(
         fp8_base (bool): keep the frozen decoder-layer linears as the checkpoint's per-tensor FP8 bytes (the
             checkpoint must store them in FP8, as Mistral's do); False keeps them in the compute dtype.
             Default is False.
+        fp8_matmul (str): the FP8 base's matmul: ``"dequantize"`` (exact w.r.t. the dequantised base) or
+            ``"scaled_mm"`` (input quantised per tensor, ``torch._scaled_mm``); not yet measured on the H200.
+            Default is "dequantize".
         **model_kwargs (Any): ``builder`` arguments (dimensions; the ``*_trainable`` flags are set here).
 
     Returns:
@@ -140,7 +146,9 @@ def _build_lora(
     if apply_lora_to_output and not isinstance(model.decoder.output, nn.Linear):
         raise ValueError("apply_lora_to_output=True needs an untied output head, but tie_word_embeddings is true")
     fully_trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    adapter = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
+    if fp8_matmul not in FP8_MATMULS:
+        raise ValueError(f"fp8_matmul='{fp8_matmul}' is not one of {list(FP8_MATMULS)}")
+    adapter = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, matmul=fp8_matmul)
     decoder_lora = decoder_trainable == "lora"
     for parent, name, wanted in _layer_linears(model.decoder.layers, list(lora_attn_modules), apply_lora_to_mlp):
         fp8 = fp8_base and decoder_trainable != "full"
@@ -165,8 +173,8 @@ def mistral3_lora(**kwargs: Any) -> Mistral3FusionModel:
     Args:
         **kwargs (Any): the LoRA arguments (``lora_attn_modules``, ``apply_lora_to_mlp``,
             ``apply_lora_to_output``, ``lora_rank``, ``lora_alpha``, ``lora_dropout``, ``decoder_trainable``,
-            ``vision_trainable``, ``projector_trainable``, ``fp8_base``; see :func:`_build_lora`) and the
-            :func:`mistral3` dimensions.
+            ``vision_trainable``, ``projector_trainable``, ``fp8_base``, ``fp8_matmul``; see
+            :func:`_build_lora`) and the :func:`mistral3` dimensions.
 
     Returns:
         Mistral3FusionModel: the model; only adapter parameters (and ``"full"`` parts) have ``requires_grad``.
