@@ -16,6 +16,8 @@ COMMON = ["dtype=fp32", "shuffle=False", "run_val_every_n_steps=null", "max_step
           "save_merged_model=False"]
 ONE = ["run", "lora_finetune_distributed", "--config", CONFIG, "batch_size=2"]
 TWO = ["run", "--nproc_per_node", "2", "lora_finetune_distributed", "--config", CONFIG, "batch_size=1"]
+# the FSDP run also writes the merged model (FP8 base shards gathered as bytes)
+TWO_SAVES = ["save_every_n_steps=2", "save_merged_model=True", "checkpointer.save_dtype=fp32"]
 
 
 def _losses(output_dir):
@@ -36,7 +38,7 @@ def runs(tmp_path_factory):
 
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
     run_tune(*ONE, f"output_dir={one}", *COMMON)
-    run_tune(*TWO, f"output_dir={two}", *COMMON, "save_every_n_steps=2")
+    run_tune(*TWO, f"output_dir={two}", *COMMON, *TWO_SAVES)
     return one, two
 
 
@@ -61,13 +63,37 @@ def test_resume_continues_bit_for_bit_under_fsdp(tune, runs, tmp_path):
     resumed = tmp_path / "resumed"
     (resumed / "training_state").mkdir(parents=True)
     shutil.copytree(straight / "training_state" / "step_2", resumed / "training_state" / "step_2")
-    proc = tune(*TWO, f"output_dir={resumed}", *COMMON, "save_every_n_steps=2", "resume_from_checkpoint=True")
+    proc = tune(*TWO, f"output_dir={resumed}", *COMMON, *TWO_SAVES, "resume_from_checkpoint=True")
     assert "Resumed from" in proc.stdout + proc.stderr
     a, b = _losses(straight), _losses(resumed)
     assert sorted(b) == [3, 4]
     assert a[3] == b[3] and a[4] == b[4]
     wa, wb = _adapter(straight), _adapter(resumed)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_fsdp_merged_export_is_base_plus_scaled_adapter_product(runs):
+    from safetensors.torch import load_file
+    from torchtune_mistral3.checkpointing import HFCheckpointReader
+    from torchtune_mistral3.checkpointing._peft import peft_key
+
+    _, two = runs
+    base = HFCheckpointReader(two / "tiny_fp8_checkpoint")
+    merged = HFCheckpointReader(two / "epoch_0")
+    adapter = _adapter(two)
+    (merged_file,) = (two / "epoch_0").glob("*.safetensors")
+    assert "weight_scale_inv" not in " ".join(load_file(merged_file))  # a plain (dequantised) checkpoint
+    checked = 0
+    for key in base.keys():
+        want = base.read(key, torch.float32)
+        module = key[: -len(".weight")]
+        if base.info(key).is_fp8 and peft_key(module + ".lora_a.weight") in adapter:
+            a = adapter[peft_key(module + ".lora_a.weight")].float()
+            b = adapter[peft_key(module + ".lora_b.weight")].float()
+            want = want + (32 / 8) * (b @ a)
+            checked += 1
+        torch.testing.assert_close(merged.read(key, torch.float32), want, rtol=1e-6, atol=1e-7, msg=key)
+    assert checked == 14  # 2 layers x (4 attention + 3 MLP) adapted linears
 
 
 def test_fp8_base_trains_as_the_dequantized_base(tune, runs, tmp_path):

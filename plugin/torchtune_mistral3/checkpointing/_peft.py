@@ -136,7 +136,18 @@ def _full_tensors(module: nn.Module, keys: Optional[List[str]] = None) -> Iterat
     state = module.state_dict()
     for key in keys if keys is not None else list(state):
         value = state[key]
-        if isinstance(value, DTensor):
+        if isinstance(value, DTensor) and value.dtype == _fp8.FP8_DTYPE:
+            # gloo (and some NCCL builds) cannot all-gather float8: move the same bytes as uint8
+            as_bytes = DTensor.from_local(
+                value.to_local().view(torch.uint8),
+                value.device_mesh,
+                value.placements,
+                run_check=False,
+                shape=value.shape,
+                stride=value.stride(),
+            )
+            value = as_bytes.full_tensor().view(_fp8.FP8_DTYPE)
+        elif isinstance(value, DTensor):
             value = value.full_tensor()
         yield key, value.detach().cpu()
 
