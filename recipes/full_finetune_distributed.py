@@ -321,7 +321,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 for m in part.modules():
                     if hasattr(m, "rope_init"):
                         m.rope_init()
-            load_into_module(part, self._checkpointer.reader, dtype=self._precision.master_dtype)
+            self._load_weights(part)
             training.validate_no_params_on_meta_device(part)
             return part
 
@@ -367,6 +367,10 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             training.log_memory_stats(training.get_memory_stats(device=self._device))
         torch.distributed.barrier()
         return self._model_parts[0]
+
+    def _load_weights(self, part: nn.Module) -> None:
+        """Fill ``part`` (built, parallelised, empty) from the checkpoint; the LoRA recipe overrides this."""
+        load_into_module(part, self._checkpointer.reader, dtype=self._precision.master_dtype)
 
     def _setup_data(
         self,

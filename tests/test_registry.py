@@ -23,6 +23,7 @@ def test_tune_ls_lists_every_plugin_config_under_its_recipe(tune):
         assert f" {entry['name']} " in _ls_block(lines, entry["recipe"]) + " ", entry
     # stock configs are still there
     assert "llama3_1/8B_full" in _ls_block(lines, "full_finetune_distributed")
+    assert "llama3_2_vision/11B_lora" in _ls_block(lines, "lora_finetune_distributed")
 
 
 def test_tune_cp_and_cat_resolve_plugin_configs_by_name(tune, tmp_path):

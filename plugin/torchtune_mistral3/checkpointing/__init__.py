@@ -19,3 +19,8 @@ __all__ = [
     "stores_real_lm_head",
     "write_hf_checkpoint",
 ]
+
+from ._fp8_raw import RawFP8Source  # noqa: E402
+from ._peft import merged_state_dict, save_merged_checkpoint, save_peft_adapter  # noqa: E402
+
+__all__ += ["RawFP8Source", "merged_state_dict", "save_merged_checkpoint", "save_peft_adapter"]

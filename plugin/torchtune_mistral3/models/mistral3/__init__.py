@@ -2,6 +2,14 @@ from ._component_builders import ministral3_decoder, mistral3, mistral3_projecto
 from ._convert_weights import hf_key_to_tune, mistral3_hf_to_tune, mistral3_tune_to_hf, tune_key_to_hf
 from ._demo_checkpoint import DEMO_HF_CONFIG, write_demo_checkpoint
 from ._fusion import Mistral3FusionModel, Mistral3ImageEncoder
+from ._lora_builders import (
+    ministral3_3b_lora,
+    ministral3_8b_lora,
+    ministral3_14b_lora,
+    mistral3_lora,
+    mistral3_lora_from_hf_config,
+    mistral3p5_128b_lora,
+)
 from ._model_builders import (
     ministral3_3b,
     ministral3_8b,
@@ -16,6 +24,12 @@ from ._tokenizer import Mistral3Tokenizer, check_tokenizer_fits_model
 from ._transform import Mistral3Transform, PixtralImageTransform, medical_image_to_rgb, mistral3_transform
 
 __all__ = [
+    "ministral3_3b_lora",
+    "ministral3_8b_lora",
+    "ministral3_14b_lora",
+    "mistral3_lora",
+    "mistral3_lora_from_hf_config",
+    "mistral3p5_128b_lora",
     "Mistral3Tokenizer",
     "check_tokenizer_fits_model",
     "Mistral3Transform",

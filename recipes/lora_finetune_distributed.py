@@ -1,0 +1,111 @@
+"""torchtune's ``lora_finetune_distributed``, extended by torchtune-mistral3.
+
+The plugin routes the stock recipe name here. Configs whose model comes from ``torchtune_mistral3`` run
+:class:`Mistral3LoRAFinetuneRecipe`; every other config runs the stock recipe unchanged.
+
+:class:`Mistral3LoRAFinetuneRecipe` is the plugin's ``full_finetune_distributed`` recipe
+(:class:`Mistral3FullFinetuneRecipe`: one-process launch, CPU/gloo, lazy FP8-aware loading, VLM batches,
+validation, step checkpoints and exact resume) with a LoRA delta:
+
+- the model is a LoRA builder (``mistral3_lora_from_hf_config``, ``*_lora``); only the adapters train (the
+  builder freezes the rest, and only trainable parameters reach the optimizer);
+- frozen FP8 base linears (``model.fp8_base: True``) are loaded as the checkpoint's FP8 bytes and scales;
+  adapters are initialised from ``seed`` and their key, so every data-parallel layout starts alike;
+- checkpoints write the PEFT adapter to ``<output_dir>/epoch_<N>/adapter/`` and, with
+  ``save_merged_model: True``, the merged model as an HF checkpoint in ``<output_dir>/epoch_<N>/``.
+
+Extra keys beyond the full recipe's: ``save_merged_model`` (default False). ``master_dtype`` must equal ``dtype``
+(the adapters train in the compute dtype; FSDP2's cast to a lower compute dtype would also cast the FP8 base). Data parallel (FSDP2) only:
+``tensor_parallel_dim`` and ``pipeline_parallel_dim`` must be 1.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+from torch import nn
+from torchtune import config
+from torchtune_mistral3.checkpointing._peft import LoRAAdapterSaver
+from torchtune_mistral3.peft import adapter_keys, load_lora_checkpoint
+from torchtune_mistral3.training import check_cli_keys, ensure_single_process_env, load_stock_recipe
+
+
+def _plugin_recipe(name: str):
+    """Import one of the plugin's recipe scripts (next to this file) as a module."""
+    module_name = f"torchtune_mistral3_recipes.{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, Path(__file__).resolve().parent / f"{name}.py")
+        sys.modules[module_name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[module_name])
+    return sys.modules[module_name]
+
+
+full = _plugin_recipe("full_finetune_distributed")
+stock = load_stock_recipe("lora_finetune_distributed")
+
+
+class Mistral3LoRAFinetuneRecipe(full.Mistral3FullFinetuneRecipe):
+    """LoRA fine-tuning of Mistral 3 vision-language models (see the module docstring).
+
+    Args:
+        cfg (DictConfig): the parsed config.
+
+    Raises:
+        ValueError: for a tensor- or pipeline-parallel layout, or a model that trains whole parts besides
+            the adapters (the PEFT adapter could not carry them).
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        for key in ("tensor_parallel_dim", "pipeline_parallel_dim"):
+            if int(cfg.get(key, 1)) != 1:
+                raise ValueError(f"{key}={cfg.get(key)}: the LoRA recipe runs data parallel (FSDP2) only; set {key}=1")
+        super().__init__(cfg)
+        if self._precision.casts_parameters:
+            # FSDP2's mixed precision would cast the frozen FP8 base to the compute dtype before its all-gather
+            raise ValueError(
+                f"master_dtype={cfg.get('master_dtype')} differs from dtype={cfg.get('dtype')}: the LoRA recipe keeps "
+                "the adapters in the compute dtype; set master_dtype to the same value as dtype"
+            )
+        self._save_merged_model = bool(cfg.get("save_merged_model", False))
+
+    def setup(self, cfg: DictConfig) -> None:
+        """Set up as the full recipe, then save adapters instead of the full model.
+
+        Args:
+            cfg (DictConfig): the parsed config.
+        """
+        super().setup(cfg)
+        adapters = set(adapter_keys(self._model))
+        full_parts = [n for n, p in self._model.named_parameters() if p.requires_grad and n not in adapters]
+        if full_parts or not adapters:
+            raise ValueError(
+                f"the LoRA recipe trains adapters only, but the model trains {full_parts[:4] or 'no adapter'}: use "
+                "a *_lora model builder with vision_trainable/projector_trainable/decoder_trainable 'lora' or 'frozen'"
+            )
+        self._checkpointer = LoRAAdapterSaver(self._checkpointer, save_merged_model=self._save_merged_model)
+
+    def _load_weights(self, part: nn.Module) -> None:
+        load_lora_checkpoint(part, self._checkpointer.reader, dtype=self._dtype, seed=self.seed)
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point: plugin configs run the extended recipe, every other config the stock one.
+
+    Args:
+        cfg (DictConfig): the parsed config (YAML plus command-line overrides).
+    """
+    if not full.is_plugin_config(cfg):
+        ensure_single_process_env()
+        return stock.recipe_main.__wrapped__(cfg)
+    check_cli_keys(cfg, sys.argv[1:], recipe_files=(__file__, full.__file__, full.stock.__file__))
+    config.log_config(recipe_name="Mistral3LoRAFinetuneRecipe", cfg=cfg)
+    recipe = Mistral3LoRAFinetuneRecipe(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    recipe.train()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
