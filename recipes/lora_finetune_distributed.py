@@ -15,8 +15,8 @@ validation, step checkpoints and exact resume) with a LoRA delta:
   ``save_merged_model: True``, the merged model as an HF checkpoint in ``<output_dir>/epoch_<N>/``.
 
 Extra keys beyond the full recipe's: ``save_merged_model`` (default False). ``master_dtype`` must equal ``dtype``
-(the adapters train in the compute dtype; FSDP2's cast to a lower compute dtype would also cast the FP8 base). Data parallel (FSDP2) only:
-``tensor_parallel_dim`` and ``pipeline_parallel_dim`` must be 1.
+(the adapters train in the compute dtype; FSDP2's cast to a lower compute dtype would also cast the FP8 base).
+Data parallel (FSDP2) only: ``tensor_parallel_dim`` and ``pipeline_parallel_dim`` must be 1.
 """
 
 import importlib.util
