@@ -119,7 +119,7 @@ class NonFiniteGuard:
 
 
 def check_finite_for_save(model_parts: Sequence[nn.Module], optimizer: Optimizer, device: torch.device) -> None:
-    """Refuse to save when any rank holds a non-finite weight or optimizer state; collective.
+    """Refuse to save when any rank holds a non-finite trainable weight or optimizer state; collective.
 
     Args:
         model_parts (Sequence[nn.Module]): this rank's model (or pipeline stages).
@@ -130,7 +130,13 @@ def check_finite_for_save(model_parts: Sequence[nn.Module], optimizer: Optimizer
         NonFiniteError: if a parameter or an optimizer-state tensor is NaN or infinite on some rank; the
             message names this rank's first offending tensors.
     """
-    bad = [n for part in model_parts for n, p in part.named_parameters() if not torch.isfinite(_local(p)).all()]
+    # frozen weights (e.g. a LoRA recipe's FP8 base) are what was loaded: training changes only trainable ones
+    bad = [
+        n
+        for part in model_parts
+        for n, p in part.named_parameters()
+        if p.requires_grad and not torch.isfinite(_local(p)).all()
+    ]
     names = {id(p): n for part in model_parts for n, p in part.named_parameters()}
     for p, state in optimizer.state.items():
         for k, v in state.items():
