@@ -75,8 +75,11 @@ def test_layout_equals_one_process(tune, tmp_path, checkpoint, single, layout):
     ours = _load_all(tmp_path / "epoch_0")
     theirs = _load_all(ref_dir / "epoch_0")
     assert ours.keys() == theirs.keys()
+    # Adam's first step moves every weight by lr * sign(grad) (lr 1.5e-3 at the warm-up's step 1), so a weight
+    # whose gradient is near zero shows the reductions' rounding at once: measured 1.26e-5 on one of 10240
+    # down_proj weights under TP2. A wrong update would be off by about lr.
     for k in theirs:
-        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=5e-5, msg=k)
 
     if "pipeline_parallel_dim=2" in overrides:
         held = [int(n.replace(",", "")) for n in re.findall(r"holds stages \[[\d, ]+\]: ([\d,]+) of the model", output)]
