@@ -75,9 +75,9 @@ def test_layout_equals_one_process(tune, tmp_path, checkpoint, single, layout):
     ours = _load_all(tmp_path / "epoch_0")
     theirs = _load_all(ref_dir / "epoch_0")
     assert ours.keys() == theirs.keys()
-    # Adam's first step moves every weight by lr * sign(grad) (the warm-up now gives step 1 a non-zero lr), so a weight
-    # whose gradient is near zero shows the reductions' rounding at once: measured 1.26e-5 on one of 10240
-    # down_proj weights under TP2. A wrong update would be off by about lr.
+    # Adam's first step moves every weight by lr * sign(grad) (the warm-up gives step 1 a non-zero lr), so a
+    # weight whose gradient is near zero shows the reductions' rounding at once: measured 1.26e-5 on one of
+    # 10240 down_proj weights under TP2. A wrong update would be off by about lr.
     for k in theirs:
         torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=5e-5, msg=k)
 
