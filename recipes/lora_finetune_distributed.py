@@ -19,29 +19,16 @@ Extra keys beyond the full recipe's: ``save_merged_model`` (default False). ``ma
 Data parallel (FSDP2) only: ``tensor_parallel_dim`` and ``pipeline_parallel_dim`` must be 1.
 """
 
-import importlib.util
 import sys
-from pathlib import Path
 
 from omegaconf import DictConfig
 from torch import nn
 from torchtune import config
 from torchtune_mistral3.checkpointing._peft import LoRAAdapterSaver
 from torchtune_mistral3.peft import adapter_keys, load_lora_checkpoint
-from torchtune_mistral3.training import check_cli_keys, ensure_single_process_env, load_stock_recipe
+from torchtune_mistral3.training import check_cli_keys, ensure_single_process_env, load_plugin_recipe, load_stock_recipe
 
-
-def _plugin_recipe(name: str):
-    """Import one of the plugin's recipe scripts (next to this file) as a module."""
-    module_name = f"torchtune_mistral3_recipes.{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, Path(__file__).resolve().parent / f"{name}.py")
-        sys.modules[module_name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[module_name])
-    return sys.modules[module_name]
-
-
-full = _plugin_recipe("full_finetune_distributed")
+full = load_plugin_recipe("full_finetune_distributed")
 stock = load_stock_recipe("lora_finetune_distributed")
 
 

@@ -5,27 +5,14 @@ Configs whose model comes from ``torchtune_mistral3`` run the plugin's LoRA reci
 runs the stock single-device recipe unchanged.
 """
 
-import importlib.util
 import os
 import sys
-from pathlib import Path
 
 from omegaconf import DictConfig
 from torchtune import config
-from torchtune_mistral3.training import load_stock_recipe
+from torchtune_mistral3.training import load_plugin_recipe, load_stock_recipe
 
-
-def _plugin_recipe(name: str):
-    """Import one of the plugin's recipe scripts (next to this file) as a module."""
-    module_name = f"torchtune_mistral3_recipes.{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, Path(__file__).resolve().parent / f"{name}.py")
-        sys.modules[module_name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[module_name])
-    return sys.modules[module_name]
-
-
-lora = _plugin_recipe("lora_finetune_distributed")
+lora = load_plugin_recipe("lora_finetune_distributed")
 stock = load_stock_recipe("lora_finetune_single_device")
 
 

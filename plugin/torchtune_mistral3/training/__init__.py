@@ -41,7 +41,7 @@ from ._precision import (
     shard_model,
 )
 from ._sample_index import IndexedCollate, IndexedDataset, pop_sample_indices
-from ._stock import load_stock_recipe, stock_recipe_path
+from ._stock import load_plugin_recipe, load_stock_recipe, stock_recipe_path
 from ._tp import apply_tensor_parallel, resolve_tp_plan, train_context, uses_loss_parallel
 from ._training_state import latest_training_state, load_training_state, save_training_state
 
@@ -70,6 +70,7 @@ __all__ = [
     "IndexedDataset",
     "init_process_group_timeout",
     "is_stage_stand_in",
+    "load_plugin_recipe",
     "load_stock_recipe",
     "NonFiniteError",
     "NonFiniteGuard",
