@@ -33,6 +33,7 @@ from torchtune_mistral3.training._memory_plan import (
     MemoryPlan,
     build_meta_model,
     format_plan,
+    lora_options,
     plan_memory,
     plan_to_json,
 )
@@ -153,12 +154,13 @@ def plan_config(cfg: DictConfig) -> Tuple[MemoryPlan, dict]:
     """
     layout, options = layout_from_config(cfg)
     model_cfg = cfg.get("model", {}) or {}
-    flags = {k: bool(model_cfg[k]) for k in _TRAINABLE_FLAGS if k in model_cfg}
+    lora = lora_options(model_cfg)  # a LoRA builder takes its *_trainable choices with its LoRA arguments
+    flags = {k: bool(model_cfg[k]) for k in _TRAINABLE_FLAGS if k in model_cfg and lora is None}
     flags["max_seq_len"] = layout.seq_len
-    component = str(model_cfg.get("_component_", "")).rsplit(".", 1)[-1]
+    component = str(model_cfg.get("_component_", "")).rsplit(".", 1)[-1].removesuffix("_lora")
     plan = cfg.get("plan", {}) or {}
     size = plan.get("size") or (component if component in NAMED_SIZES else HF_REPO_TO_SIZE.get(cfg.get("hf_repo")))
-    model = build_meta_model(model_cfg.get("checkpoint_dir", cfg.get("checkpoint_dir")), size=size, **flags)
+    model = build_meta_model(model_cfg.get("checkpoint_dir", cfg.get("checkpoint_dir")), size=size, lora=lora, **flags)
     return (
         plan_memory(model, layout, options["gpu_gib"], options["allocator_margin"], options["reserve_gib"]),
         options,

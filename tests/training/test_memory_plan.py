@@ -226,3 +226,67 @@ def test_fsdp_shards_model_state_over_data_parallel(tiny_model):
     assert four.gradients == one.gradients / 4
     assert four.optimizer_state == one.optimizer_state / 4
     assert four.activations == one.activations  # each rank still runs its own micro-batch
+
+
+# LoRA as mistral3p5_medpix_lora sets it (rank R here): adapters on q/k/v/o and the MLP of every layer and on the
+# projector, the decoder base frozen in FP8, everything else frozen in bf16.
+R = 4
+TINY_LORA = dict(lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True,
+                 lora_rank=R, lora_alpha=8, projector_trainable="lora", fp8_base=True)
+LAYER_ADAPTERS = R * ((H + NH * HD) + 2 * (H + NKV * HD) + (NH * HD + H) + 3 * (H + F))  # A: r x in, B: out x r
+PROJECTOR_ADAPTERS = R * ((4 * DV + DV) + (DV + H) + (H + H))  # patch_merger, linear_1, linear_2
+
+
+@pytest.fixture(scope="module")
+def tiny_lora_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_fp8_ckpt")
+    config = {**_tiny_config(), "quantization_config": {"quant_method": "fp8", "activation_scheme": "static"}}
+    (d / "config.json").write_text(json.dumps(config))
+    return build_meta_model(str(d), lora=TINY_LORA, max_seq_len=256)
+
+
+def test_lora_fp8_base_plan_hand_derived(tiny_lora_model):
+    # 1 GPU, 1 x 64 tokens, eager, activation checkpointing, fused Adam, 8 output chunks, one 56 px image, bf16
+    lo = Layout(seq_len=64, activation_checkpointing=True, optimizer="adam", optimizer_fused=True, image_px=56,
+                master_bytes=2)
+    (r,) = plan_memory(tiny_lora_model, lo).ranks
+    trainable = L * LAYER_ADAPTERS + PROJECTOR_ADAPTERS
+    bf16 = L * 2 * H + 2 * V * H + H + VISION + PROJECTOR + trainable  # norms, embedding, head, tower, adapters
+    assert r.parameters == L * LAYER_MATMUL * 1 + bf16 * 2  # the FP8 base at one byte per weight
+    assert r.gradients == 2 * trainable
+    assert r.optimizer_state == 2 * 2 * trainable
+    tokens, image_tokens = 64, 4
+    projector = 4 * H + 2 * DV + 2 * 4 * DV + 8 * 4 * DV
+    assert r.activations_per_microbatch == L * 2 * H * tokens + projector * image_tokens
+    saved = (10 * H + 2 * V + 4 * V) * tokens  # eager loss: fp32 log-probabilities too
+    assert r.logits_and_loss == saved + tokens / 8 * V * 10  # the frozen head has no weight gradient
+    dequantized = H * F * 2  # w1/w2/w3, the largest FP8 weights, dequantised to bf16 for their matmul
+    assert dequantized > 16 * (8 * DV + 3 * FV) * 2  # larger than the tower's forward transient here
+    static = r.parameters + r.optimizer_state
+    assert r.phases["forward_backward"] == static + r.activations + r.logits_and_loss + dequantized
+    # FSDP over 4: a layer's and the next one's all-gathered weights (FP8 base as FP8 bytes), plus the dequantised one
+    (r4,) = plan_memory(tiny_lora_model, Layout(**{**lo.__dict__, "dp": 4})).ranks
+    layer_bytes = LAYER_MATMUL + (2 * H + LAYER_ADAPTERS) * 2
+    assert r4.phases["forward_backward"] == (
+        r4.parameters + r4.optimizer_state + r4.activations + r4.logits_and_loss + 2 * layer_bytes + dequantized
+    )
+    assert r4.parameters == r.parameters / 4
+
+
+def test_cli_mistral3p5_medpix_lora_on_8_h100(capsys):
+    from torchtune_mistral3.plan import main
+
+    assert main(["--config", "mistral3p5_medpix_lora", "plan.world_size=8", "plan.gpu_gib=79.6",
+                 "plan.image_px=1036"]) == 0
+    out = capsys.readouterr().out
+    assert "TP=1 PP=1 DP=8 (8 GPUs)" in out and "master bf16" in out and "FITS" in out
+    (row,) = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    # rank 8: 88 layers x 7 adapted linears + the projector's three; bf16 gradients sharded over 8 GPUs
+    h, q, kv, f = 12288, 96 * 128, 8 * 128, 28672
+    adapters = 88 * 8 * ((h + q) + 2 * (h + kv) + (q + h) + 3 * (h + f)) + 8 * ((5 * 1664) + (1664 + h) + 2 * h)
+    assert float(row[3]) == round(2 * adapters / 8 / GIB, 2)
+    # parameters: the FP8 decoder base (88 x 1.384B weights) at one byte, the rest of the published 127.70B
+    # (embedding, head, tower, projector, norms) and the adapters at two, sharded over 8 GPUs
+    fp8_base = 88 * (2 * h * q + 2 * h * kv + 3 * h * f)
+    expected = (fp8_base + 2 * (127.70e9 - fp8_base + adapters)) / 8 / GIB
+    assert float(row[2]) == pytest.approx(expected, abs=0.01)

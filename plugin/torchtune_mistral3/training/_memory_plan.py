@@ -27,6 +27,14 @@ under checkpointing) + hidden-state gradients; (c) end of backward: all gradient
 workspace; (d) optimizer step: all gradients + the optimizer's temporaries (a foreach Adam allocates one
 state-sized list; a fused or compiled step none). On the H200 slice (bench/results/step_speed_h200*.json) the
 predicted peaks are within -0.3%..+2.7% of ``torch.cuda.max_memory_allocated``.
+
+LoRA (a ``*_lora`` builder, ``lora=`` of :func:`build_meta_model`): the counts follow from the modules, as for a
+full fine-tune: gradients and optimizer state cover the trainable (adapter) parameters only, and a frozen FP8
+base (``fp8_base: True``) holds one byte per weight element (its 0-d scales are not counted). Each FP8 matmul
+dequantises its weight for the call: the largest FP8 weight of a layer in the compute dtype is a transient,
+beside the FSDP2 all-gather of a layer (FP8 bytes for the FP8 weights). Activations per token are the full
+fine-tune's: the adapters' inputs are the tensors the frozen linears would save, and their rank-wide outputs
+(``2 r`` bytes per adapted linear and token) are not counted.
 """
 
 import fnmatch
@@ -106,11 +114,26 @@ class PartParams:
         total (int): elements in the unsharded model.
         per_tp_rank (float): elements one TP rank holds.
         trainable_per_tp_rank (float): trainable elements one TP rank holds.
+        fp8_per_tp_rank (float): of ``per_tp_rank``, the elements stored in FP8 (one byte; frozen LoRA bases).
+        fp8_largest_per_tp_rank (float): the largest single FP8 weight one TP rank holds.
     """
 
     total: int = 0
     per_tp_rank: float = 0.0
     trainable_per_tp_rank: float = 0.0
+    fp8_per_tp_rank: float = 0.0
+    fp8_largest_per_tp_rank: float = 0.0
+
+    def bytes_per_tp_rank(self, element_bytes: int) -> float:
+        """Bytes one TP rank holds: FP8 elements at one byte, the others at ``element_bytes``.
+
+        Args:
+            element_bytes (int): bytes of a non-FP8 element (the master or the compute dtype).
+
+        Returns:
+            float: bytes.
+        """
+        return (self.per_tp_rank - self.fp8_per_tp_rank) * element_bytes + self.fp8_per_tp_rank
 
 
 @dataclass
@@ -259,13 +282,19 @@ class MemoryPlan:
 # --------------------------------------------------------------------------------------------- model
 
 
-def build_meta_model(checkpoint_dir: Optional[str] = None, size: Optional[str] = None, **flags: Any):
+def build_meta_model(
+    checkpoint_dir: Optional[str] = None, size: Optional[str] = None, lora: Optional[Dict[str, Any]] = None,
+    **flags: Any,
+):
     """Build the model on the meta device from ``checkpoint_dir/config.json`` or a named size.
 
     Args:
         checkpoint_dir (Optional[str]): HF checkpoint directory with config.json. Default is None.
         size (Optional[str]): one of :data:`NAMED_SIZES`, used when ``checkpoint_dir`` has no config.json.
             Default is None.
+        lora (Optional[Dict[str, Any]]): the LoRA builder's arguments (``lora_attn_modules``, ``lora_rank``,
+            ``fp8_base``, ``decoder_trainable``, ...; :func:`~torchtune_mistral3.models.mistral3.mistral3_lora`);
+            None builds the model without adapters. Default is None.
         **flags (Any): builder overrides (``vision_trainable``, ``max_seq_len``, ...).
 
     Returns:
@@ -278,15 +307,36 @@ def build_meta_model(checkpoint_dir: Optional[str] = None, size: Optional[str] =
 
     from torchtune_mistral3.models import mistral3 as family
 
+    suffix, kwargs = ("", flags) if lora is None else ("_lora", {**lora, **flags})
     with torch.device("meta"):
         if checkpoint_dir is not None and (Path(checkpoint_dir) / "config.json").is_file():
-            return family.mistral3_from_hf_config(checkpoint_dir, **flags)
+            builder = family.mistral3_from_hf_config if lora is None else family.mistral3_lora_from_hf_config
+            return builder(checkpoint_dir, **kwargs)
         if size in NAMED_SIZES:
-            return getattr(family, size)(**flags)
+            return getattr(family, size + suffix)(**kwargs)
     raise ValueError(
         f"no {Path(str(checkpoint_dir)) / 'config.json'} and no named size ({size!r}): give the checkpoint "
         f"directory, or plan.size= one of {', '.join(NAMED_SIZES)}"
     )
+
+
+# The LoRA builders' own arguments (models/mistral3/_lora_builders.py), as a config's ``model`` node gives them.
+LORA_KEYS = ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank", "lora_alpha",
+             "lora_dropout", "decoder_trainable", "vision_trainable", "projector_trainable", "fp8_base", "fp8_matmul")
+
+
+def lora_options(model_cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The LoRA arguments of a config's ``model`` node, or None when its builder is not a ``*_lora`` one.
+
+    Args:
+        model_cfg (Dict[str, Any]): the ``model`` node (``_component_`` and the builder's arguments).
+
+    Returns:
+        Optional[Dict[str, Any]]: ``build_meta_model``'s ``lora`` argument.
+    """
+    if "_lora" not in str(model_cfg.get("_component_", "")).rsplit(".", 1)[-1]:
+        return None
+    return {k: (list(model_cfg[k]) if k == "lora_attn_modules" else model_cfg[k]) for k in LORA_KEYS if k in model_cfg}
 
 
 def model_dims(model) -> ModelDims:
@@ -304,13 +354,13 @@ def model_dims(model) -> ModelDims:
     return ModelDims(
         vocab_size=model.tok_embeddings.num_embeddings,
         hidden=model.tok_embeddings.embedding_dim,
-        ffn=layer.mlp.w1.out_features,
+        ffn=layer.mlp.w1.weight.shape[0],  # nn.Linear, LoRALinear and FP8 bases alike
         num_heads=layer.attn.num_heads,
         num_kv_heads=layer.attn.num_kv_heads,
         head_dim=layer.attn.head_dim,
         num_layers=len(model.decoder.layers),
         vision_hidden=vlayer.attn.embed_dim,
-        vision_ffn=vlayer.mlp.w1.out_features,
+        vision_ffn=vlayer.mlp.w1.weight.shape[0],
         vision_heads=vlayer.attn.num_heads,
         vision_layers=len(vision.layers),
         patch_size=vision.patch_size,
@@ -366,6 +416,9 @@ def count_parts(model, tp: int, tp_plan: Optional[Dict[str, Any]] = None) -> Dic
         part.per_tp_rank += local
         if p.requires_grad:
             part.trainable_per_tp_rank += local
+        if p.element_size() == 1:  # a frozen FP8 LoRA base
+            part.fp8_per_tp_rank += local
+            part.fp8_largest_per_tp_rank = max(part.fp8_largest_per_tp_rank, local)
     return parts
 
 
@@ -535,7 +588,7 @@ def plan_memory(
             if s == last_stage:
                 names += ["norm", "output"]
         held = [parts[n] for n in names if n in parts]
-        params = sum(p.per_tp_rank for p in held) * master_bytes / shard
+        params = sum(p.bytes_per_tp_rank(master_bytes) for p in held) / shard
         trainable = sum(p.trainable_per_tp_rank for p in held) / shard
         grads = trainable * master_bytes
         opt = trainable * state_bytes * n_states
@@ -570,10 +623,15 @@ def plan_memory(
             forward_transients["vision_forward"] = (
                 patches * (8 * dims.vision_hidden + 3 * dims.vision_ffn) * lo.dtype_bytes
             )
+        layer_parts = [parts[n] for n in names if n.startswith("layer.") and n in parts]
+        # a frozen FP8 base dequantises one weight at a time for its matmul (forward and backward)
+        dequantized = max((p.fp8_largest_per_tp_rank for p in layer_parts), default=0.0) * lo.dtype_bytes
+        if dequantized:
+            forward_transients["fp8_dequantize"] = dequantized
         if shard > 1 or casts:
-            # this layer's and the prefetched next layer's gathered weights, in the compute dtype
-            biggest = max((parts[n].per_tp_rank for n in names if n.startswith("layer.")), default=0.0)
-            forward_transients["fsdp_all_gather"] = 2 * biggest * lo.dtype_bytes
+            # this layer's and the prefetched next layer's gathered weights, in the compute dtype (FP8 ones as FP8)
+            biggest = max((p.bytes_per_tp_rank(lo.dtype_bytes) for p in layer_parts), default=0.0)
+            forward_transients["fsdp_all_gather"] = 2 * biggest + dequantized
         fb_transient = max(forward_transients.values())
         embed_grad = parts["embeddings"].trainable_per_tp_rank * master_bytes / shard if first else 0.0
         embed_bwd = 6 * dims.hidden * tokens if first and embed_grad else 0.0
