@@ -397,7 +397,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             layer0 = _real_layers(mid)[0]
         for b, s in shapes:
             if budget.allows(f"layer {b}x{s} ac={ac}"):
-                r = dict(batch=b, seq=s, ac=ac, **time_layer(timer, layer0, b, s, h, device))
+                r = dict(batch=b, seq=s, ac=ac, compiled=compiled, **time_layer(timer, layer0, b, s, h, device))
                 result["layer"]["1"].append(r)
                 print(f"layer tp1 {b}x{s} ac={ac}: fwd {r['forward_s'] * 1e3:.2f} ms bwd {r['backward_s'] * 1e3:.2f}",
                       flush=True)
@@ -445,7 +445,42 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     del first, vision, projector
     free()
 
-    # 3. head + loss, full vocabulary and the TP shard
+    # 3. the TP shard of a decoder layer
+    if args.tp_shard > 1:
+        shard_cfg = tp_shard_config(slice_hf_config(3, tiny=args.tiny), args.tp_shard)
+        shard = _stage(shard_cfg, [1, 1, 1], 1, device, compiled, max_s)
+        for ac in (False, True):
+            if ac:
+                _checkpoint_layers(shard)
+            layer = _real_layers(shard)[0]
+            for b, s in shapes:
+                if budget.allows(f"layer tp{args.tp_shard} {b}x{s} ac={ac}"):
+                    r = dict(batch=b, seq=s, ac=ac, compiled=compiled, **time_layer(timer, layer, b, s, h, device))
+                    result["layer"][str(args.tp_shard)].append(r)
+                    print(f"layer tp{args.tp_shard} {b}x{s} ac={ac}: fwd {r['forward_s'] * 1e3:.2f} ms "
+                          f"bwd {r['backward_s'] * 1e3:.2f}", flush=True)
+        del shard
+        free()
+    save()
+
+    # 3b. an eager layer (compile: False), for the planner's compile-off layouts
+    if compiled and budget.allows("eager layer"):
+        eager = _stage(slice_hf_config(3, tiny=args.tiny), [1, 1, 1], 1, device, False, max_s)
+        for ac in (False, True):
+            if ac:
+                _checkpoint_layers(eager)
+            layer = _real_layers(eager)[0]
+            for b, s in shapes[:2]:
+                if budget.allows(f"eager layer {b}x{s} ac={ac}"):
+                    r = dict(batch=b, seq=s, ac=ac, compiled=False, **time_layer(timer, layer, b, s, h, device))
+                    result["layer"]["1"].append(r)
+                    print(f"layer tp1 eager {b}x{s} ac={ac}: fwd {r['forward_s'] * 1e3:.2f} ms "
+                          f"bwd {r['backward_s'] * 1e3:.2f}", flush=True)
+        del eager
+        free()
+    save()
+
+    # 4. head + loss, full vocabulary and the TP shard
     for tp in result["head"]:
         for b, s in shapes:
             if budget.allows(f"head tp{tp} {b}x{s}"):
@@ -456,7 +491,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         free()
     save()
 
-    # 4. optimizer step per parameter
+    # 5. optimizer step per parameter
     layer_numel = 7 * (h * t["intermediate_size"]) if args.tiny else 1_384_120_320
     for dtype, fused in ((torch.bfloat16, True), (torch.float32, True), (torch.float32, False)):
         for numel in (layer_numel, layer_numel // 8):
@@ -466,24 +501,6 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                 result["optimizer"].append(r)
                 print(f"adamw {r['dtype']} fused={fused} {r['params']}: {r['step_s'] * 1e3:.2f} ms", flush=True)
                 free()
-    save()
-
-    # 5. the TP shard of a decoder layer
-    if args.tp_shard > 1:
-        shard_cfg = tp_shard_config(slice_hf_config(3, tiny=args.tiny), args.tp_shard)
-        shard = _stage(shard_cfg, [1, 1, 1], 1, device, compiled, max_s)
-        for ac in (False, True):
-            if ac:
-                _checkpoint_layers(shard)
-            layer = _real_layers(shard)[0]
-            for b, s in shapes:
-                if budget.allows(f"layer tp{args.tp_shard} {b}x{s} ac={ac}"):
-                    r = dict(batch=b, seq=s, ac=ac, **time_layer(timer, layer, b, s, h, device))
-                    result["layer"][str(args.tp_shard)].append(r)
-                    print(f"layer tp{args.tp_shard} {b}x{s} ac={ac}: fwd {r['forward_s'] * 1e3:.2f} ms "
-                          f"bwd {r['backward_s'] * 1e3:.2f}", flush=True)
-        del shard
-        free()
     save()
     print_checks(result)
     return result
