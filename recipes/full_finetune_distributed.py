@@ -44,7 +44,7 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
 from torchtune.config._utils import _get_component_from_path
 from torchtune_mistral3.checkpointing import load_into_module
-from torchtune_mistral3.models.mistral3 import check_tokenizer_fits_model, mistral3_pp_stage_extras
+from torchtune_mistral3.models.mistral3 import check_tokenizer_fits_model
 from torchtune_mistral3.training import (
     IndexedCollate,
     IndexedDataset,
@@ -61,6 +61,7 @@ from torchtune_mistral3.training import (
     clip_grad_norm_,
     command_line_overrides,
     convert_to_fp8,
+    cost_balanced_stage_extras,
     distributed_timeout,
     ensure_single_process_env,
     explain_collective_timeouts,
@@ -339,7 +340,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 split=list(split) if split is not None else None,
                 stages_per_rank=cfg.get("pipeline_stages_per_rank", None),
                 parallelize_fn=parallelize,
-                **mistral3_pp_stage_extras(),
+                **cost_balanced_stage_extras(model, cfg),  # pipeline_split overrides it
             )
             self._model_parts = self._pipeline.model_parts
             self.activations_handling_ctx = contextlib.nullcontext()

