@@ -15,7 +15,9 @@ r"""Print the per-GPU memory a config's layout needs, before booking GPUs.
 - ``plan.size``: a named size (mistral3p5_128b, ministral3_3b/8b/14b) when ``checkpoint_dir`` holds no
   config.json; default from the config's ``hf_repo``.
 - ``plan.image_px`` (default 532, a 512 px MedPix image after Pixtral resizing), ``plan.images_per_sample``
-  (default 1), ``plan.allocator_margin`` (default 0.10), ``plan.reserve_gib`` (default 2), ``plan.json``
+  (default 1), ``plan.images_per_pack`` (with ``dataset.packed=True``, where ``batch_size`` counts packs of
+  ``max_seq_len`` tokens; default: the samples a pack holds at MedPix's mean of 575 tokens, times
+  ``images_per_sample``), ``plan.allocator_margin`` (default 0.10), ``plan.reserve_gib`` (default 2), ``plan.json``
   (print JSON instead of the table).
 """
 
@@ -132,6 +134,8 @@ def layout_from_config(cfg: DictConfig) -> Tuple[Layout, dict]:
         num_output_chunks=chunks,
         images_per_sample=int(plan.get("images_per_sample", 1)),
         image_px=int(plan.get("image_px", 532)),
+        packed=bool((cfg.get("dataset", {}) or {}).get("packed", False)),
+        images_per_pack=int(plan["images_per_pack"]) if plan.get("images_per_pack", None) is not None else None,
     )
     options = {
         "gpu_gib": float(plan.get("gpu_gib", 80.0)),
