@@ -112,6 +112,21 @@ def test_single_gpu_plan_hand_derived(tiny_model):
     assert plan.fits == (r.peak / GIB * 1.1 + 2.0 <= 1.0)
 
 
+def test_packed_batch_counts_packs_and_their_images(tiny_model):
+    # batch_size counts packs of seq_len tokens; the images of a pack replace the images of a sample
+    lo = Layout(seq_len=64, batch_size=2, compile=True, image_px=56, packed=True, images_per_pack=3)
+    (r,) = plan_memory(tiny_model, lo).ranks
+    per_layer = 8 * H + 4 * NH * HD + 4 * NKV * HD + 6 * F + 4 * NH  # as in the hand-derived single-GPU plan
+    projector = 4 * H + 2 * DV + 2 * 4 * DV + 8 * 4 * DV
+    assert r.activations_per_microbatch == L * per_layer * 2 * 64 + projector * 2 * 3 * 4  # 3 images of 2x2 tokens
+    # without images_per_pack: the samples a pack holds at MedPix's mean length, one image each
+    assert Layout(seq_len=2048, packed=True).images_per_sequence == 2048 // 575 == 3
+    assert Layout(seq_len=2048, packed=True, images_per_sample=2).images_per_sequence == 6
+    assert Layout(seq_len=2048, images_per_sample=2).images_per_sequence == 2
+    with pytest.raises(ValueError, match="in a pack need more than seq_len=64"):
+        plan_memory(tiny_model, Layout(seq_len=64, image_px=56, packed=True, images_per_pack=11))
+
+
 def test_activation_checkpointing_keeps_layer_inputs_only(tiny_model):
     lo = Layout(seq_len=64, batch_size=1, activation_checkpointing=True, compile=True, image_px=56)
     (r,) = plan_memory(tiny_model, lo).ranks
@@ -292,3 +307,11 @@ def test_cli_mistral3p5_medpix_lora_on_8_h100(capsys):
     fp8_base = 88 * (2 * h * q + 2 * h * kv + 3 * h * f)
     expected = (fp8_base + 2 * (127.70e9 - fp8_base + adapters)) / 8 / GIB
     assert float(row[2]) == pytest.approx(expected, abs=0.01)
+def test_cli_reads_a_packed_dataset(capsys):
+    from torchtune_mistral3.plan import main
+
+    args = ["--config", "mistral3p5_medpix", "plan.world_size=64", "plan.json=False"]
+    assert main([*args, "dataset.packed=True", "plan.images_per_pack=3"]) == 0
+    assert "micro-batch(es) of 1 x 2048 tokens (packs of 3 image(s))" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "(1 image(s) each)" in capsys.readouterr().out

@@ -45,6 +45,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 GIB = 1024**3
+# MedPix-VQA's mean sample length: NeMo AutoModel's Ministral-3 golden values report ~4,600 tokens per step of 8
+# samples (issue #14); the default number of samples (hence images) a packed sequence holds.
+MEDPIX_MEAN_SAMPLE_TOKENS = 575
 _BYTES_NAME = {2: "bf16", 4: "fp32", 1: "8-bit"}
 
 # Eager / compiled bytes per token of one decoder layer, measured on the H200 slice (bench/step_speed.py:
@@ -172,6 +175,11 @@ class Layout:
         num_output_chunks (int): ``CEWithChunkedOutputLoss.num_output_chunks``. Default is 8.
         images_per_sample (int): images per sample. Default is 1.
         image_px (int): side of a square image after Pixtral resizing (a multiple of patch x merge). Default is 532.
+        packed (bool): ``dataset.packed``: ``batch_size`` counts packs of exactly ``seq_len`` tokens, each holding
+            ``images_per_pack`` images (the block-causal mask adds no activation memory: FlexAttention keeps
+            the same per-token tensors as causal SDPA). Default is False.
+        images_per_pack (Optional[int]): images in one pack; None means ``images_per_sample`` times the samples a
+            pack holds at MedPix's mean of ``MEDPIX_MEAN_SAMPLE_TOKENS`` tokens per sample. Default is None.
     """
 
     tp: int = 1
@@ -195,6 +203,17 @@ class Layout:
     num_output_chunks: int = 8
     images_per_sample: int = 1
     image_px: int = 532
+    packed: bool = False
+    images_per_pack: Optional[int] = None
+
+    @property
+    def images_per_sequence(self) -> int:
+        """int: images in one sequence of the batch (a sample, or a pack of samples)."""
+        if not self.packed:
+            return self.images_per_sample
+        if self.images_per_pack is not None:
+            return self.images_per_pack
+        return max(1, self.seq_len // MEDPIX_MEAN_SAMPLE_TOKENS) * self.images_per_sample
 
 
 @dataclass
@@ -563,10 +582,12 @@ def plan_memory(
     mb = lo.batch_size // lo.microbatches
     tokens = mb * lo.seq_len
     side = lo.image_px // (dims.patch_size * dims.merge)
-    image_tokens = mb * lo.images_per_sample * side * side
+    images = lo.images_per_sequence
+    image_tokens = mb * images * side * side
     patches = image_tokens * dims.merge**2
-    if side * (side + 1) * lo.images_per_sample > lo.seq_len:
-        raise ValueError(f"{lo.images_per_sample} image(s) of {lo.image_px} px need more than seq_len={lo.seq_len}")
+    if side * (side + 1) * images > lo.seq_len:
+        what = "a pack" if lo.packed else "a sample"
+        raise ValueError(f"{images} image(s) of {lo.image_px} px in {what} need more than seq_len={lo.seq_len}")
 
     parts = count_parts(model, lo.tp, tp_plan)
     v, split, rank_stages = _stages(lo, dims.num_layers)
@@ -671,9 +692,11 @@ def format_plan(plan: MemoryPlan) -> str:
         str: the table and the verdict.
     """
     lo = plan.layout
+    images = f"packs of {lo.images_per_sequence} image(s)" if lo.packed else f"{lo.images_per_sequence} image(s) each"
     lines = [
         f"layout: TP={lo.tp} PP={lo.pp} DP={lo.dp} ({lo.tp * lo.pp * lo.dp} GPUs), schedule {lo.schedule}, "
-        f"{lo.microbatches} micro-batch(es) of {lo.batch_size // lo.microbatches} x {lo.seq_len} tokens, "
+        f"{lo.microbatches} micro-batch(es) of {lo.batch_size // lo.microbatches} x {lo.seq_len} tokens "
+        f"({images}), "
         f"grad accumulation {lo.grad_accum}, activation checkpointing {'on' if lo.activation_checkpointing else 'off'},"
         f" compile {'on' if lo.compile else 'off'}, optimizer {lo.optimizer}{' (fused)' if lo.optimizer_fused else ''}"
         f", compute {_BYTES_NAME[lo.dtype_bytes]} / master {_BYTES_NAME[lo.master_bytes or lo.dtype_bytes]}"
