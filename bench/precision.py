@@ -68,7 +68,16 @@ def _init(model: torch.nn.Module, how: str, seed: int) -> None:
         p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32) * std)
 
 
-def build(name: str, cfg: Dict, device: str, compile_model: bool, init: str, seq_len: int, train_embeddings: bool):
+def build(
+    name: str,
+    cfg: Dict,
+    device: str,
+    compile_model: bool,
+    init: str,
+    seq_len: int,
+    train_embeddings: bool,
+    lr: float = 1e-5,
+):
     """The variant's model (policy applied as the recipe applies it, built on ``device``) and optimizer."""
     from torch.distributed.device_mesh import init_device_mesh
     from torchtune import training
@@ -106,9 +115,9 @@ def build(name: str, cfg: Dict, device: str, compile_model: bool, init: str, seq
         )
     trainable = [p for p in model.parameters() if p.requires_grad]
     if name == "sr":
-        opt = StochasticRoundingAdamW(trainable, lr=1e-5, weight_decay=0.0)
+        opt = StochasticRoundingAdamW(trainable, lr=lr, weight_decay=0.0)
     else:
-        opt = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.0, fused=(device == "cuda"))
+        opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0, fused=(device == "cuda"))
     model.train()
     return model, opt
 
@@ -197,7 +206,7 @@ def _time_built(name, model, opt, batch, args) -> Dict:
 def loss_curve(name, cfg, batches: List[Dict], args) -> List[float]:
     _release(args.device)
     model, opt = build(name, cfg, args.device, args.compile, args.init, batches[0]["tokens"].shape[1],
-                       args.train_embeddings)
+                       args.train_embeddings, lr=args.curve_lr)
     step = step_fn(model, opt, args.compile)
     losses = [step(b) for b in batches]
     del model, opt
@@ -274,6 +283,29 @@ class _NoStep:
         pass
 
 
+def zipf_answers(batch: Dict, cfg: Dict, seed: int, support: int = 4096, exponent: float = 1.1) -> Dict:
+    """``batch`` with its answer tokens redrawn from one fixed Zipf distribution (learnable, never repeated).
+
+    Uniform random answers (``varied``) hold nothing to learn but the flat unigram, so every policy's curve stays
+    near ``ln(vocab)``; the same batch every step (``repeated``) is memorised. Here every step's answers are new
+    draws from one Zipf law (``p_k ~ 1 / (k + 1) ** exponent`` over ``support`` token ids, mapped through a fixed
+    random permutation of the vocabulary above 100), as natural text's unigram is: the loss falls by several nats
+    towards the law's entropy, and the models learn it through the trained decoder layers.
+    """
+    vocab = cfg["text_config"]["vocab_size"]
+    support = min(support, vocab - 100)
+    ids = torch.randperm(vocab - 100, generator=torch.Generator().manual_seed(1234))[:support] + 100
+    probs = 1.0 / torch.arange(1, support + 1, dtype=torch.float64) ** exponent
+    answer = batch["labels"] != -100
+    draws = torch.multinomial(probs, int(answer.sum()), replacement=True, generator=torch.Generator().manual_seed(seed))
+    out = dict(batch)
+    out["tokens"], out["labels"] = batch["tokens"].clone(), batch["labels"].clone()
+    values = ids[draws].to(batch["tokens"].device)
+    out["tokens"][answer] = values
+    out["labels"][answer] = values
+    return out
+
+
 def _fp8_ok(device: str) -> bool:
     return device == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
 
@@ -293,7 +325,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--accum", type=int, default=32,
                     help="micro-batches per optimizer step for the projected step time (32 x 2 x 2048 = 64 samples)")
     ap.add_argument("--curve-steps", type=int, default=60)
-    ap.add_argument("--curve-data", choices=("varied", "repeated"), default="varied")
+    ap.add_argument("--curve-lr", type=float, default=1e-5, help="AdamW learning rate of the loss curves")
+    ap.add_argument("--curve-data", choices=("varied", "repeated", "zipf"), default="varied")
     ap.add_argument("--init", choices=("scaled", "std"), default="scaled")
     ap.add_argument("--train-embeddings", action="store_true",
                     help="train the embeddings and head too (at full width with 4 layers the fp32-master variants "
@@ -341,8 +374,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         if "peak_allocated_gib" in r:
             r["peak_memory_vs_bf16"] = r["peak_allocated_gib"] / peer["peak_allocated_gib"]
 
-    seeds = range(args.curve_steps) if args.curve_data == "varied" else [0] * args.curve_steps
+    seeds = [0] * args.curve_steps if args.curve_data == "repeated" else range(args.curve_steps)
     batches = [make_batch(cfg, args.batch, args.seq, args.image_px, args.device, seed=s) for s in seeds]
+    if args.curve_data == "zipf":
+        batches = [zipf_answers(b, cfg, seed=s) for b, s in zip(batches, seeds)]
     if args.curve_variants is not None:
         curve_variants = ["bf16"] + [v for v in args.curve_variants.split(",") if v]
     else:
@@ -364,7 +399,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     _save(result, args.out)
     if args.grad_check:
         result["grad_agreement"] = {
-            v: grad_agreement(v, cfg, batches[0], args) for v in variants if "_fp8_" in v
+            v: grad_agreement(v, cfg, batches[0] if batches else batch, args) for v in variants if "_fp8_" in v
         }
         print(json.dumps(result["grad_agreement"], indent=1))
 
