@@ -288,6 +288,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         utils.log_rank_zero(log, f"Precision: {self._precision.describe()}")
         with training.set_default_dtype(self._precision.master_dtype), torch.device("meta"):
             model = config.instantiate(cfg_model)
+        self._precision.store_frozen_in_compute_dtype(model)  # no fp32 master for what does not train
         self._checkpointer.check_model_keys(model)  # on the whole model: a weight no stage reads is an error
         self._mesh = self._dims.build_mesh(self._device.type)
         set_mesh_timeout(self._mesh, self._distributed_timeout)
