@@ -178,6 +178,16 @@ def _measured_runs():
 
 
 @pytest.mark.skipif(not _measured_runs(), reason="no H200 results in bench/results")
+def test_fp32_masters_count_trained_parameters_at_four_bytes_and_frozen_ones_at_two(tiny_model):
+    lo = Layout(seq_len=64, batch_size=2, compile=True, optimizer="adam", optimizer_fused=True, num_output_chunks=1,
+                image_px=56, master_bytes=4)
+    (r,) = plan_memory(tiny_model, lo, gpu_gib=1.0).ranks
+    trainable = L * LAYER + 2 * V * H + H + PROJECTOR
+    assert r.parameters == 4 * trainable + 2 * VISION  # the frozen tower has no master (held in bf16)
+    assert r.gradients == 4 * trainable
+    assert r.optimizer_state == 2 * 4 * trainable
+
+
 def test_prediction_within_10_percent_of_h200_peak(tmp_path):
     sys.path.insert(0, str(REPO / "bench"))
     from _slice import slice_hf_config

@@ -127,16 +127,23 @@ class PartParams:
     fp8_per_tp_rank: float = 0.0
     fp8_largest_per_tp_rank: float = 0.0
 
-    def bytes_per_tp_rank(self, element_bytes: int) -> float:
+    def bytes_per_tp_rank(self, element_bytes: int, frozen_bytes: Optional[int] = None) -> float:
         """Bytes one TP rank holds: FP8 elements at one byte, the others at ``element_bytes``.
 
         Args:
             element_bytes (int): bytes of a non-FP8 element (the master or the compute dtype).
+            frozen_bytes (Optional[int]): bytes of a frozen non-FP8 element, when it differs (the recipe holds
+                frozen parameters in the compute dtype under wider masters). Default is None: ``element_bytes``.
 
         Returns:
             float: bytes.
         """
-        return (self.per_tp_rank - self.fp8_per_tp_rank) * element_bytes + self.fp8_per_tp_rank
+        frozen = self.per_tp_rank - self.fp8_per_tp_rank - self.trainable_per_tp_rank
+        return (
+            self.trainable_per_tp_rank * element_bytes
+            + frozen * (element_bytes if frozen_bytes is None else frozen_bytes)
+            + self.fp8_per_tp_rank
+        )
 
 
 @dataclass
@@ -615,7 +622,8 @@ def plan_memory(
             if s == last_stage:
                 names += ["norm", "output"]
         held = [parts[n] for n in names if n in parts]
-        params = sum(p.bytes_per_tp_rank(master_bytes) for p in held) / shard
+        # frozen parameters have no master: the recipe holds them in the compute dtype
+        params = sum(p.bytes_per_tp_rank(master_bytes, lo.dtype_bytes) for p in held) / shard
         trainable = sum(p.trainable_per_tp_rank for p in held) / shard
         grads = trainable * master_bytes
         opt = trainable * state_bytes * n_states
