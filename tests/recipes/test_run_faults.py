@@ -133,13 +133,6 @@ def test_each_step_trains_logs_its_lr_and_validates_as_transformers(tune, tmp_pa
     assert m[1]["val_loss"] != m[3]["val_loss"]
 
 
-def test_pipeline_layout_runs_on_the_demo_with_the_default_microbatches(tune, tmp_path):
-    # no pipeline_microbatches override: the documented default (the pipeline degree, 2) applies
-    proc = tune(*DEMO_2, f"output_dir={tmp_path}", "pipeline_parallel_dim=2", "max_steps_per_epoch=1")
-    assert "schedule 1F1B, 2 micro-batches" in proc.stdout + proc.stderr
-    assert sorted(_metrics(tmp_path)) == [1]
-
-
 def test_world_size_error_repeats_the_whole_command(tune, tmp_path):
     proc = tune(
         *DEMO,
