@@ -16,7 +16,8 @@ from ``bench/_slice.py``'s HF config (every width of the 128B model, ``--layers`
     fp8_scaled_mm   ``fp8_base: True, fp8_matmul: scaled_mm``: input quantised per tensor, ``torch._scaled_mm``
 
 Every variant gets the same base: each decoder linear is drawn N(0, 0.02), quantised per tensor to FP8 E4M3
-(scale = amax / 448); the FP8 variants keep the bytes and the scale, the bf16 variant the dequantised values. The
+(scale = amax / 448, stored as a 0-d bf16 tensor as in Mistral's checkpoints); the FP8 variants keep the bytes and
+the scale, the bf16 variant the dequantised values (the same bits as the FP8 base's on-the-fly dequantisation). The
 other weights are drawn from a generator seeded by the parameter's name. One step = forward (with activation
 checkpointing of every decoder layer, as the config has it; ``--no-ac`` turns it off), torchtune's chunked CE,
 backward, Adam over the trainable parameters, ``zero_grad``. Printed: median step time, peak allocated memory,
@@ -100,11 +101,12 @@ def _init(model: torch.nn.Module, fp8: bool, dtype: torch.dtype) -> None:
         if not _BASE_LINEAR.match(name):
             p.copy_(w)
             continue
-        scale = w.abs().amax() / FP8_MAX
-        q = (w / scale).to(FP8_DTYPE)
+        # a 0-d bf16 scale, as Mistral's checkpoints store weight_scale_inv (the loader keeps its dtype)
+        scale = (w.abs().amax() / FP8_MAX).to(torch.bfloat16)
+        q = (w / scale.float()).to(FP8_DTYPE)
         if fp8:
             p.copy_(q)
-            getattr(modules[name[: -len(".weight")]], SCALE_NAME).fill_(scale)
+            modules[name[: -len(".weight")]].register_buffer(SCALE_NAME, scale)
         else:
             p.copy_(dequantize_weight(q, scale, dtype))
 
