@@ -160,7 +160,8 @@ def time_variant(name: str, hf, plugin, prompts: Dict, args) -> Dict:
         compiled = torch.compile(
             generation.generate_next_token, fullgraph=True, dynamic=False, mode=mode, backend=args.compile_backend
         )
-        plugin.setup_caches(batch_size=batch, dtype=args.dtype, decoder_max_seq_len=prompt_len + args.new_tokens)
+        with torch.device(args.device):  # torchtune's KVCache allocates on the default device
+            plugin.setup_caches(batch_size=batch, dtype=args.dtype, decoder_max_seq_len=prompt_len + args.new_tokens)
     run = (
         plugin_generate_fn(plugin, prompts, compiled) if name.startswith("plugin")
         else hf_generate_fn(hf, prompts, static=name == "hf_static")
