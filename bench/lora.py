@@ -4,7 +4,7 @@
     python bench/lora.py --layers 4 --out bench/results/lora_h200.json
     # here, to test the script (fp32; checks that the FP8 base with on-the-fly dequantisation gives the loss
     # of the compute-dtype base holding the same dequantised values)
-    PYTHONPATH=plugin python bench/lora.py --tiny --device cpu
+    PYTHONPATH=plugin python bench/lora.py --tiny --device cpu   # scaled_mm runs on the CPU too
 
 The model is the plugin's :func:`~torchtune_mistral3.models.mistral3.mistral3_lora_from_hf_config` with the
 LoRA settings of ``configs/mistral3p5_medpix_lora.yaml`` (rank 8, alpha 32, adapters on q/k/v/output and the MLP
@@ -16,7 +16,8 @@ from ``bench/_slice.py``'s HF config (every width of the 128B model, ``--layers`
     fp8_scaled_mm   ``fp8_base: True, fp8_matmul: scaled_mm``: input quantised per tensor, ``torch._scaled_mm``
 
 Every variant gets the same base: each decoder linear is drawn N(0, 0.02), quantised per tensor to FP8 E4M3
-(scale = amax / 448); the FP8 variants keep the bytes and the scale, the bf16 variant the dequantised values. The
+(scale = amax / 448, stored as a 0-d bf16 tensor as in Mistral's checkpoints); the FP8 variants keep the bytes and
+the scale, the bf16 variant the dequantised values (the same bits as the FP8 base's on-the-fly dequantisation). The
 other weights are drawn from a generator seeded by the parameter's name. One step = forward (with activation
 checkpointing of every decoder layer, as the config has it; ``--no-ac`` turns it off), torchtune's chunked CE,
 backward, Adam over the trainable parameters, ``zero_grad``. Printed: median step time, peak allocated memory,
@@ -100,11 +101,12 @@ def _init(model: torch.nn.Module, fp8: bool, dtype: torch.dtype) -> None:
         if not _BASE_LINEAR.match(name):
             p.copy_(w)
             continue
-        scale = w.abs().amax() / FP8_MAX
-        q = (w / scale).to(FP8_DTYPE)
+        # a 0-d bf16 scale, as Mistral's checkpoints store weight_scale_inv (the loader keeps its dtype)
+        scale = (w.abs().amax() / FP8_MAX).to(torch.bfloat16)
+        q = (w / scale.float()).to(FP8_DTYPE)
         if fp8:
             p.copy_(q)
-            getattr(modules[name[: -len(".weight")]], SCALE_NAME).fill_(scale)
+            modules[name[: -len(".weight")]].register_buffer(SCALE_NAME, scale)
         else:
             p.copy_(dequantize_weight(q, scale, dtype))
 
@@ -167,7 +169,8 @@ def time_variant(name: str, cfg: Dict, batch: Dict, args) -> Dict:
 
 
 def _fp8_mm_ok(device: str) -> bool:
-    return device == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
+    # torch._scaled_mm runs on the CPU too (the smoke test), and on CUDA from FP8 tensor cores on (sm_89)
+    return device != "cuda" or torch.cuda.get_device_capability() >= (8, 9)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
@@ -194,7 +197,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     skipped = [v for v in variants if v == "fp8_scaled_mm" and not _fp8_mm_ok(args.device)]
     variants = [v for v in variants if v not in skipped]
     for v in skipped:
-        print(f"skipping {v}: torch._scaled_mm needs CUDA capability >= 8.9 ({args.device} here)")
+        print(f"skipping {v}: torch._scaled_mm needs CUDA capability >= 8.9")
     if "bf16" not in variants:
         variants.insert(0, "bf16")
 

@@ -19,10 +19,12 @@ def test_decode_bench_tiny_cpu_tokens_agree_with_transformers(tmp_path):
     # the compiled decode step through dynamo's aot_eager backend: fullgraph, one graph for all calls of a batch size
     result = _bench().main([
         "--tiny", "--device", "cpu", "--batches", "2", "--new-tokens", "6",
-        "--variants", "plugin_eager,plugin_compile,hf_eager", "--compile-backend", "aot_eager", "--out", str(out),
+        "--variants", "plugin_eager,plugin_compile,hf_eager,hf_static", "--compile-backend", "aot_eager",
+        "--out", str(out),
     ])
     assert json.loads(out.read_text())["tokens_agree"] == result["tokens_agree"]
-    assert result["tokens_agree"] == {"plugin_eager_b2": 1.0, "plugin_compile_b2": 1.0}
+    # (hf_static: transformers' static cache, uncompiled off CUDA)
+    assert result["tokens_agree"] == {"plugin_eager_b2": 1.0, "plugin_compile_b2": 1.0, "hf_static_b2": 1.0}
     rows = {r["variant"]: r for r in result["rows"]}
     assert all("error" not in r for r in rows.values()), rows
     assert rows["plugin_compile"]["compiled_graphs"] == 1
