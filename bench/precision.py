@@ -94,6 +94,7 @@ def build(
             output_trainable=train_embeddings,
             max_seq_len=seq_len,
         )
+    policy.store_frozen_in_compute_dtype(model)  # as the recipe does (the 2026-12-02 H200 runs predate this)
     _init(model, init, seed=0)  # same weights (up to the master dtype's rounding) for every variant
     with training.set_default_dtype(policy.compute_dtype), torch.device(device):
         for m in model.modules():
