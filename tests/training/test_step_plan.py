@@ -97,11 +97,12 @@ def test_cli_prints_the_step_plan_with_the_cost_balanced_split(capsys):
     assert main(["--config", "mistral3p5_medpix", "plan.world_size=64", "plan.json=True"]) == 0
     out = json.loads(capsys.readouterr().out)
     step = out["step"]
-    split = step["layer_split"]
-    assert sum(split) == 88 and [r["layers"] for r in out["ranks_gib"]] == split  # both plans cut the same stages
-    # cost-balanced: every stage's compute within one decoder layer of the mean
-    per_stage = [r["forward_s"] + r["backward_s"] for r in step["ranks"]]
-    layer = (per_stage[3] - 0) / split[3]  # a middle stage is layers only
+    split, per_stage = step["layer_split"], step["stage_s"]
+    assert sum(split) == 88 and len(per_stage) == len(split)
+    held = [sum(split[s] for s in r["stages"]) for r in step["ranks"]]
+    assert [r["layers"] for r in out["ranks_gib"]] == held  # both plans cut the same stages
+    # cost-balanced: every stage's forward + backward within one decoder layer's of the mean
+    layer = per_stage[3] / split[3]  # a middle stage is layers only
     mean = sum(per_stage) / len(per_stage)
     assert max(per_stage) - mean <= layer and mean - min(per_stage) <= layer
     assert 0 < step["mfu"] < 1 and step["real_tokens_per_s_per_gpu"] > 0
