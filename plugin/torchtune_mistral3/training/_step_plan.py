@@ -170,15 +170,20 @@ class CostTable:
         base = self._layer_at(1, batch, seq, ac, compiled)
         if base is None:
             raise ValueError(f"cost table has no decoder-layer entries at TP1 with ac={ac}, compiled={compiled}")
-        shards = sorted(int(k) for k in self.data["layer"]
-                        if int(k) > 1 and self._layer_entries(int(k), ac, compiled))
+
+        def shard_degrees(c: bool) -> List[int]:
+            return sorted(int(k) for k in self.data["layer"] if int(k) > 1 and self._layer_entries(int(k), ac, c))
+
+        # the shard's efficiency loss from the same kind of layer, else from the compiled one
+        kind = compiled if shard_degrees(compiled) else True
+        shards = shard_degrees(kind)
         loss = 1.0
         if not shards and tp > 1:  # a provisional table's assumed efficiency of a TP8 shard
             loss = (1.0 / float(self.data.get("tp8_shard_efficiency", 1.0))) ** (math.log(tp) / math.log(8))
         if shards and tp > 1:
             k = shards[-1]
-            fk, bk = self._layer_at(k, batch, seq, ac, compiled)
-            f1, b1 = base
+            fk, bk = self._layer_at(k, batch, seq, ac, kind)
+            f1, b1 = self._layer_at(1, batch, seq, ac, kind)
             loss = ((fk + bk) * k / (f1 + b1)) ** (math.log(tp) / math.log(k))
         return base[0] / tp * loss, base[1] / tp * loss
 
