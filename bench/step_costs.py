@@ -336,7 +336,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true", help="eager (the table records which)")
-    ap.add_argument("--budget-s", type=float, default=170.0, help="skip sections that would start after this")
+    ap.add_argument("--budget-s", type=float, default=150.0, help="skip sections that would start after this")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
