@@ -58,33 +58,44 @@ def _policy(name: str):
 
 @torch.no_grad()
 def _init(model: torch.nn.Module, how: str, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
+    """Draw every matrix in fp32 from a generator on the parameters' device, parameter by parameter in a fixed
+    order, so that every variant starts from the same weights (up to its master dtype's rounding)."""
+    for i, (name, p) in enumerate(model.named_parameters()):
         if p.dim() < 2:
             continue
+        gen = torch.Generator(device=p.device).manual_seed(seed * 100003 + i)
         std = 0.02 if how == "std" else (1.0 if "tok_embeddings" in name else p.shape[1] ** -0.5)
-        p.copy_(torch.randn(p.shape, generator=gen) * std)
+        p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32) * std)
 
 
-def build(name: str, cfg: Dict, device: str, compile_model: bool, init: str, seq_len: int):
-    """The variant's model (policy applied as the recipe applies it) and optimizer."""
+def build(
+    name: str,
+    cfg: Dict,
+    device: str,
+    compile_model: bool,
+    init: str,
+    seq_len: int,
+    train_embeddings: bool,
+    lr: float = 1e-5,
+):
+    """The variant's model (policy applied as the recipe applies it, built on ``device``) and optimizer."""
     from torch.distributed.device_mesh import init_device_mesh
     from torchtune import training
     from torchtune_mistral3.models.mistral3 import mistral3_from_hf_config
     from torchtune_mistral3.training import StochasticRoundingAdamW, convert_to_fp8, shard_model
 
     policy = _policy(name)
-    with training.set_default_dtype(policy.master_dtype), torch.device("cpu"):
+    with training.set_default_dtype(policy.master_dtype), torch.device(device):
         model = mistral3_from_hf_config(
             checkpoint_dir=write_config_dir(cfg),
             vision_trainable=False,
             projector_trainable=True,
-            embeddings_trainable=True,
-            output_trainable=True,
+            embeddings_trainable=train_embeddings,
+            output_trainable=train_embeddings,
             max_seq_len=seq_len,
         )
+    policy.store_frozen_in_compute_dtype(model)  # as the recipe does (the 2026-12-02 H200 runs predate this)
     _init(model, init, seed=0)  # same weights (up to the master dtype's rounding) for every variant
-    model.to(device)
     with training.set_default_dtype(policy.compute_dtype), torch.device(device):
         for m in model.modules():
             if hasattr(m, "rope_init"):
@@ -105,9 +116,9 @@ def build(name: str, cfg: Dict, device: str, compile_model: bool, init: str, seq
         )
     trainable = [p for p in model.parameters() if p.requires_grad]
     if name == "sr":
-        opt = StochasticRoundingAdamW(trainable, lr=1e-5, weight_decay=0.0)
+        opt = StochasticRoundingAdamW(trainable, lr=lr, weight_decay=0.0)
     else:
-        opt = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.0, fused=(device == "cuda"))
+        opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0, fused=(device == "cuda"))
     model.train()
     return model, opt
 
@@ -121,14 +132,15 @@ def step_fn(model, opt, compile_loss: bool):
         training.compile_loss(loss_fn, verbose=False)
     model.set_num_output_chunks(loss_fn.num_output_chunks)
 
-    def step(batch: Dict) -> float:
+    def step(batch: Dict, update: bool = True) -> float:
         encoder_input = {"image": {k: batch[k] for k in ("pixel_values", "image_sizes", "images_per_sample")}}
         labels = batch["labels"]
         shifted = torch.hstack((labels[:, 1:], torch.full_like(labels[:, :1], -100)))
         loss = loss_fn(model(batch["tokens"], encoder_input=encoder_input, mask=None, input_pos=None), shifted)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if update:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
     return step
@@ -140,8 +152,21 @@ def _sync(device: str) -> None:
 
 
 def time_variant(name, cfg, batch, args) -> Dict:
-    torch._dynamo.reset()
-    model, opt = build(name, cfg, args.device, args.compile, args.init, batch["tokens"].shape[1])
+    _release(args.device)
+    try:
+        model, opt = build(name, cfg, args.device, args.compile, args.init, batch["tokens"].shape[1],
+                           args.train_embeddings)
+        return _time_built(name, model, opt, batch, args)
+    except torch.OutOfMemoryError as e:  # recorded, not fatal: the other variants still run
+        print(f"{name}: out of memory ({str(e).splitlines()[0]})")
+        return {"variant": name, "error": "out of memory"}
+    finally:
+        model = opt = None
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _time_built(name, model, opt, batch, args) -> Dict:
     step = step_fn(model, opt, args.compile)
     for _ in range(args.warmup):
         step(batch)
@@ -157,15 +182,129 @@ def time_variant(name, cfg, batch, args) -> Dict:
     res = {"variant": name, "median_step_s": statistics.median(times), "step_s": times}
     if args.device == "cuda":
         res["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
+    # The same step in its two parts: forward + backward of the batch, then the optimizer step alone. A real
+    # step accumulates many micro-batches per optimizer step (64 samples of 2048 tokens at the peer's global
+    # batch), so the optimizer's share, which the fp32 master weights make larger, shrinks with accumulation.
+    fwd_bwd, optim = [], []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        step(batch, update=False)
+        _sync(args.device)
+        t1 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(args.device)
+        fwd_bwd.append(t1 - t)
+        optim.append(time.perf_counter() - t1)
+    res["median_fwd_bwd_s"] = statistics.median(fwd_bwd)
+    res["median_optimizer_s"] = statistics.median(optim)
+    res["accum"] = args.accum
+    res["step_s_at_accum"] = args.accum * res["median_fwd_bwd_s"] + res["median_optimizer_s"]
     del model, opt
     return res
 
 
 def loss_curve(name, cfg, batches: List[Dict], args) -> List[float]:
-    torch._dynamo.reset()
-    model, opt = build(name, cfg, args.device, args.compile, args.init, batches[0]["tokens"].shape[1])
+    _release(args.device)
+    model, opt = build(name, cfg, args.device, args.compile, args.init, batches[0]["tokens"].shape[1],
+                       args.train_embeddings, lr=args.curve_lr)
     step = step_fn(model, opt, args.compile)
-    return [step(b) for b in batches]
+    losses = [step(b) for b in batches]
+    del model, opt
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return losses
+
+
+def _grad_kind(name: str) -> str:
+    for kind in ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3"):
+        if f".{kind}." in name:
+            return kind
+    return "other"
+
+
+def _release(device: str) -> None:
+    """Drop compiled graphs and free the memory of the models built before."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def grad_agreement(name: str, cfg, batch: Dict, args) -> Dict:
+    """How far the FP8 variant's first-step weight gradients of the decoder linears are from ``mixed``'s.
+
+    Both start from the same weights and see the same batch (eager, no optimizer step). Per linear kind: the
+    cosine of the two gradients and the relative error ``|g_fp8 - g| / |g|``, summed over layers; plus both
+    first losses. A low cosine means FP8's quantised gradients point elsewhere than bf16's.
+    """
+    grads, losses = {}, {}
+    for v in ("mixed", name):
+        _release(args.device)
+        model, opt = build(v, cfg, args.device, False, args.init, batch["tokens"].shape[1], args.train_embeddings)
+        loss_fn_step = step_fn(model, _NoStep(), False)
+        losses[v] = loss_fn_step(batch)
+        grads[v] = {
+            n: p.grad.detach().float().clone()
+            for n, p in model.named_parameters()
+            if p.grad is not None and n.startswith("decoder.layers.") and p.dim() == 2
+        }
+        del model, opt, loss_fn_step
+    _release(args.device)
+    out = {"first_loss": losses}
+    for kind in ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3"):
+        dot = ref2 = q2 = err2 = 0.0
+        for n, g in grads["mixed"].items():
+            if _grad_kind(n) != kind:
+                continue
+            h = _full(grads[name][n])
+            g = _full(g)
+            dot += float((g * h).sum())
+            ref2 += float((g * g).sum())
+            q2 += float((h * h).sum())
+            err2 += float(((h - g) ** 2).sum())
+        if ref2:
+            out[kind] = {"cosine": dot / (ref2 * q2) ** 0.5, "rel_error": (err2 / ref2) ** 0.5}
+    return out
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class _NoStep:
+    """Optimizer stand-in for :func:`grad_agreement`: keeps the gradients."""
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+
+def zipf_answers(batch: Dict, cfg: Dict, seed: int, support: int = 4096, exponent: float = 1.1) -> Dict:
+    """``batch`` with its answer tokens redrawn from one fixed Zipf distribution (learnable, never repeated).
+
+    Uniform random answers (``varied``) hold nothing to learn but the flat unigram, so every policy's curve stays
+    near ``ln(vocab)``; the same batch every step (``repeated``) is memorised. Here every step's answers are new
+    draws from one Zipf law (``p_k ~ 1 / (k + 1) ** exponent`` over ``support`` token ids, mapped through a fixed
+    random permutation of the vocabulary above 100), as natural text's unigram is: the loss falls by several nats
+    towards the law's entropy, and the models learn it through the trained decoder layers.
+    """
+    vocab = cfg["text_config"]["vocab_size"]
+    support = min(support, vocab - 100)
+    ids = torch.randperm(vocab - 100, generator=torch.Generator().manual_seed(1234))[:support] + 100
+    probs = 1.0 / torch.arange(1, support + 1, dtype=torch.float64) ** exponent
+    answer = batch["labels"] != -100
+    draws = torch.multinomial(probs, int(answer.sum()), replacement=True, generator=torch.Generator().manual_seed(seed))
+    out = dict(batch)
+    out["tokens"], out["labels"] = batch["tokens"].clone(), batch["labels"].clone()
+    values = ids[draws].to(batch["tokens"].device)
+    out["tokens"][answer] = values
+    out["labels"][answer] = values
+    return out
 
 
 def _fp8_ok(device: str) -> bool:
@@ -184,9 +323,18 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--accum", type=int, default=32,
+                    help="micro-batches per optimizer step for the projected step time (32 x 2 x 2048 = 64 samples)")
     ap.add_argument("--curve-steps", type=int, default=60)
-    ap.add_argument("--curve-data", choices=("varied", "repeated"), default="varied")
+    ap.add_argument("--curve-lr", type=float, default=1e-5, help="AdamW learning rate of the loss curves")
+    ap.add_argument("--curve-data", choices=("varied", "repeated", "zipf"), default="varied")
     ap.add_argument("--init", choices=("scaled", "std"), default="scaled")
+    ap.add_argument("--train-embeddings", action="store_true",
+                    help="train the embeddings and head too (at full width with 4 layers the fp32-master variants "
+                    "then need more than one H200; by default they are frozen, as on a middle pipeline stage)")
+    ap.add_argument("--curve-variants", default=None, help="default: bf16, mixed and every FP8 variant timed")
+    ap.add_argument("--grad-check", action="store_true",
+                    help="first-step gradient agreement of each FP8 variant with mixed (see grad_agreement)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.tiny:
@@ -209,48 +357,87 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         variants.insert(0, "bf16")
 
     batch = make_batch(cfg, args.batch, args.seq, args.image_px, args.device)
-    result = {"args": vars(args), "skipped": skipped, "timing": [], "curves": {}}
+    result = {"args": vars(args), "skipped": skipped, "timing": [], "curves": {}, "torch": torch.__version__}
+    if args.device == "cuda":
+        result["device_name"] = torch.cuda.get_device_name()
     for v in variants:
         result["timing"].append(time_variant(v, cfg, batch, args))
         print(json.dumps(result["timing"][-1]))
+    _save(result, args.out)
     peer = result["timing"][0]
     for r in result["timing"]:
+        if "error" in r or "error" in peer:
+            continue
+        r["fwd_bwd_speed_vs_bf16"] = peer["median_fwd_bwd_s"] / r["median_fwd_bwd_s"]
+        r["speed_at_accum_vs_bf16"] = peer["step_s_at_accum"] / r["step_s_at_accum"]
         r["step_time_vs_bf16"] = r["median_step_s"] / peer["median_step_s"]
         r["speed_vs_bf16"] = peer["median_step_s"] / r["median_step_s"]
         if "peak_allocated_gib" in r:
             r["peak_memory_vs_bf16"] = r["peak_allocated_gib"] / peer["peak_allocated_gib"]
 
-    seeds = range(args.curve_steps) if args.curve_data == "varied" else [0] * args.curve_steps
+    seeds = [0] * args.curve_steps if args.curve_data == "repeated" else range(args.curve_steps)
     batches = [make_batch(cfg, args.batch, args.seq, args.image_px, args.device, seed=s) for s in seeds]
-    curve_variants = ["bf16", "mixed"] + [v for v in variants if "_fp8_" in v]
-    for v in dict.fromkeys(curve_variants):
+    if args.curve_data == "zipf":
+        batches = [zipf_answers(b, cfg, seed=s) for b, s in zip(batches, seeds)]
+    if args.curve_variants is not None:
+        curve_variants = ["bf16"] + [v for v in args.curve_variants.split(",") if v]
+    else:
+        curve_variants = ["bf16", "mixed"] + [v for v in variants if "_fp8_" in v]
+    curve_variants = [v for v in curve_variants if not ("_fp8_" in v and not _fp8_ok(args.device))]
+    for v in dict.fromkeys(curve_variants if args.curve_steps else []):
         result["curves"][v] = loss_curve(v, cfg, batches, args)
     tail = min(10, args.curve_steps)
-    ref = statistics.fmean(result["curves"]["bf16"][-tail:])
-    result["curve_gap_vs_bf16"] = {
-        v: statistics.fmean(c[-tail:]) / ref - 1 for v, c in result["curves"].items() if v != "bf16"
-    }
+    if result["curves"]:
+        ref = statistics.fmean(result["curves"]["bf16"][-tail:])
+        result["curve_gap_vs_bf16"] = {
+            v: statistics.fmean(c[-tail:]) / ref - 1 for v, c in result["curves"].items() if v != "bf16"
+        }
+        result["curve_max_step_gap_vs_bf16"] = {
+            v: max(abs(a / b - 1) for a, b in zip(c, result["curves"]["bf16"]))
+            for v, c in result["curves"].items()
+            if v != "bf16"
+        }
+    _save(result, args.out)
+    if args.grad_check:
+        result["grad_agreement"] = {
+            v: grad_agreement(v, cfg, batches[0] if batches else batch, args) for v in variants if "_fp8_" in v
+        }
+        print(json.dumps(result["grad_agreement"], indent=1))
 
-    print(f"{'variant':<22} {'step s':>8} {'speed x':>8} {'peak GiB':>9} {'mem x':>6}")
+    print(f"{'variant':<22} {'step s':>8} {'speed x':>8} {'peak GiB':>9} {'mem x':>6} {'fwd+bwd s':>10} "
+          f"{'optim s':>8} {'fb x':>6} {'accum x':>8}")
     for r in result["timing"]:
+        if "error" in r:
+            print(f"{r['variant']:<22} {r['error']}")
+            continue
         print(
             f"{r['variant']:<22} {r['median_step_s']:8.3f} {r['speed_vs_bf16']:8.3f} "
-            f"{r.get('peak_allocated_gib', float('nan')):9.2f} {r.get('peak_memory_vs_bf16', float('nan')):6.3f}"
+            f"{r.get('peak_allocated_gib', float('nan')):9.2f} {r.get('peak_memory_vs_bf16', float('nan')):6.3f} "
+            f"{r['median_fwd_bwd_s']:10.3f} {r['median_optimizer_s']:8.3f} {r['fwd_bwd_speed_vs_bf16']:6.3f} "
+            f"{r['speed_at_accum_vs_bf16']:8.3f}"
         )
     names = list(result["curves"])
     print("step " + " ".join(f"{n:>20}" for n in names))
-    for i in range(args.curve_steps):
+    for i in range(args.curve_steps if names else 0):
         print(f"{i + 1:>4} " + " ".join(f"{result['curves'][n][i]:20.4f}" for n in names))
-    print(
-        "mean of the last",
-        tail,
-        "losses vs bf16:",
-        ", ".join(f"{v} {g:+.3%}" for v, g in result["curve_gap_vs_bf16"].items()),
-    )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    if names:
+        print(
+            "mean of the last",
+            tail,
+            "losses vs bf16:",
+            ", ".join(f"{v} {g:+.3%}" for v, g in result["curve_gap_vs_bf16"].items()),
+            "| largest per-step gap:",
+            ", ".join(f"{v} {g:.3%}" for v, g in result["curve_max_step_gap_vs_bf16"].items()),
+        )
+    _save(result, args.out)
     return result
+
+
+def _save(result: Dict, path: Optional[str]) -> None:
+    """Write what is measured so far (a later phase that fails keeps the earlier ones)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

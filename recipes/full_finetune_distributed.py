@@ -44,7 +44,8 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
 from torchtune.config._utils import _get_component_from_path
 from torchtune_mistral3.checkpointing import load_into_module
-from torchtune_mistral3.models.mistral3 import check_tokenizer_fits_model
+from torchtune_mistral3.data import collate_for_dataset
+from torchtune_mistral3.models.mistral3 import block_causal_mask, check_tokenizer_fits_model
 from torchtune_mistral3.training import (
     IndexedCollate,
     IndexedDataset,
@@ -62,6 +63,7 @@ from torchtune_mistral3.training import (
     command_line_overrides,
     convert_to_fp8,
     cost_balanced_stage_extras,
+    count_step_data,
     distributed_timeout,
     ensure_single_process_env,
     explain_collective_timeouts,
@@ -286,6 +288,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         utils.log_rank_zero(log, f"Precision: {self._precision.describe()}")
         with training.set_default_dtype(self._precision.master_dtype), torch.device("meta"):
             model = config.instantiate(cfg_model)
+        self._precision.store_frozen_in_compute_dtype(model)  # no fp32 master for what does not train
         self._checkpointer.check_model_keys(model)  # on the whole model: a weight no stage reads is an error
         self._mesh = self._dims.build_mesh(self._device.type)
         set_mesh_timeout(self._mesh, self._distributed_timeout)
@@ -392,7 +395,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             ds = ConcatDataset([config.instantiate(c, self._tokenizer) for c in cfg_dataset])
         else:
             ds = config.instantiate(cfg_dataset, self._tokenizer)
-        collate = _get_component_from_path(collate_fn)
+        collate = collate_for_dataset(ds, _get_component_from_path(collate_fn))  # packs get the packed collate
         sampler = StatefulDistributedSampler(ds, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=shuffle)
         return StatefulDataLoader(
             dataset=IndexedDataset(ds),  # the batches carry their dataset rows, named when a step fails
@@ -428,6 +431,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         and data-parallel ranks add up to the token-mean loss, and so do their gradients. Under pipeline
         parallelism the share lives on the last stage (None on other ranks).
         """
+        if "document_ids" in batch:  # packed sequences: the block-causal mask, built on the device
+            batch["mask"] = block_causal_mask(batch.pop("document_ids"))
         if self._pipeline is not None:
             self._pad_for_pipeline(batch)
             labels = self._shifted_labels(batch)
@@ -468,16 +473,13 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         for b in batches:
             utils.batch_to_device(b, self._device)
         num_tokens = self._count_label_tokens(batches).clamp(min=1)
-        input_tokens = torch.as_tensor(
-            sum((b["tokens"] != self._tokenizer.pad_id).sum() for b in batches), device=self._device
-        )
-        torch.distributed.all_reduce(input_tokens, group=self._mesh["dp"].get_group())
+        out = count_step_data(batches, len(self._step_rows), self._tokenizer.pad_id, self._mesh["dp"].get_group())
         loss = torch.zeros((), device=self._device)
         for b in batches:
             share = self._loss_share(b, num_tokens)
             if share is not None:
                 loss += share
-        out = {"loss": self._reduce_loss(loss), "label_tokens": int(num_tokens), "input_tokens": int(input_tokens)}
+        out.update(loss=self._reduce_loss(loss), label_tokens=int(num_tokens))
         trainable = [p for part in self._model_parts for p in part.parameters() if p.requires_grad]
         if self._clip_grad_norm is not None:
             out["grad_norm"] = float(
@@ -634,6 +636,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         pbar.set_postfix(postfix)
         if self.global_step % self._log_every_n_steps == 0 or "val_loss" in metrics:
             logged = {k: v for k, v in metrics.items() if k not in ("input_tokens", "label_tokens")}
+            logged["real_tokens"] = metrics["input_tokens"]
             if self._log_peak_memory_stats:
                 logged.update(training.get_memory_stats(device=self._device))
             self._metric_logger.log_dict(logged, step=self.global_step)

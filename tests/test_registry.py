@@ -1,6 +1,7 @@
 """The plugin registers with the stock `tune` CLI through its entry point and start-up hook."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -34,9 +35,43 @@ def test_tune_cp_and_cat_resolve_plugin_configs_by_name(tune, tmp_path):
     assert "tensor_parallel_dim: 8" in cat and "pipeline_parallel_dim: 8" in cat
 
 
-def test_tune_validate_accepts_names_for_every_shipped_config(tune):
+# `tune validate <name>` for every shipped config in ONE interpreter: the stock CLI's own parser and subcommand
+# (torchtune._cli.tune.TuneCLIParser, as `tune` runs it), one config after the other; a refusal (the parser's
+# error exits with code 2) is reported for its config and the loop goes on.
+_VALIDATE_EACH = textwrap.dedent(
+    """
+    import sys
+    from torchtune._cli.tune import TuneCLIParser
+
+    for name in sys.argv[1:]:
+        print(f"=== {name}", flush=True)
+        sys.argv = ["tune", "validate", name]
+        parser = TuneCLIParser()
+        try:
+            parser.run(parser.parse_args())
+        except SystemExit as e:
+            print(f"exit {e.code}", flush=True)
+    """
+)
+
+
+def _validate_each(names):
+    proc = subprocess.run([sys.executable, "-c", _VALIDATE_EACH, *names], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    blocks = proc.stdout.split("=== ")[1:]
+    return {b.split("\n", 1)[0]: b.split("\n", 1)[1] for b in blocks}, proc.stderr
+
+
+def test_tune_validate_accepts_names_for_every_shipped_config(tmp_path):
+    bad = tmp_path / "bad.yaml"  # an argument the builder does not take: the loop must see it refused
+    bad.write_text("tokenizer:\n  _component_: torchtune_mistral3.models.mistral3.mistral3_transform\n"
+                   "  path: /nowhere/tekken.json\n  no_such_argument: 1\n")
+    out, err = _validate_each([*PLUGIN_CONFIGS, str(bad)])
+    assert list(out) == [*PLUGIN_CONFIGS, str(bad)]
     for name in PLUGIN_CONFIGS:
-        assert "Config is well-formed!" in tune("validate", name).stdout, name
+        assert out[name].strip() == "Config is well-formed!", (name, out[name], err)
+    assert out[str(bad)].strip() == "exit 2" and "no_such_argument" in err
 
 
 def test_the_recipe_name_runs_the_plugin_recipe():

@@ -15,7 +15,9 @@ r"""Print the per-GPU memory and the step time a config's layout needs, before b
 - ``plan.size``: a named size (mistral3p5_128b, ministral3_3b/8b/14b) when ``checkpoint_dir`` holds no
   config.json; default from the config's ``hf_repo``.
 - ``plan.image_px`` (default 532, a 512 px MedPix image after Pixtral resizing), ``plan.images_per_sample``
-  (default 1), ``plan.allocator_margin`` (default 0.10), ``plan.reserve_gib`` (default 2), ``plan.json``
+  (default 1), ``plan.images_per_pack`` (with ``dataset.packed=True``, where ``batch_size`` counts packs of
+  ``max_seq_len`` tokens; default: the samples a pack holds at MedPix's mean of 575 tokens, times
+  ``images_per_sample``), ``plan.allocator_margin`` (default 0.10), ``plan.reserve_gib`` (default 2), ``plan.json``
   (print JSON instead of the tables).
 - Step time (``training/_step_plan.py``): ``plan.time`` (default True; False prints memory only), ``plan.gpu``
   (h100 or h200; default h100), ``plan.cost_table`` (a ``bench/step_costs.py`` JSON; default the shipped one),
@@ -42,6 +44,7 @@ from torchtune_mistral3.training._memory_plan import (
     MemoryPlan,
     build_meta_model,
     format_plan,
+    lora_options,
     plan_memory,
     plan_to_json,
 )
@@ -150,6 +153,8 @@ def layout_from_config(cfg: DictConfig) -> Tuple[Layout, dict]:
         num_output_chunks=chunks,
         images_per_sample=int(plan.get("images_per_sample", 1)),
         image_px=int(plan.get("image_px", 532)),
+        packed=bool((cfg.get("dataset", {}) or {}).get("packed", False)),
+        images_per_pack=int(plan["images_per_pack"]) if plan.get("images_per_pack", None) is not None else None,
     )
     options = {
         "gpu_gib": float(plan.get("gpu_gib", 80.0)),
@@ -181,12 +186,13 @@ def plan_config(cfg: DictConfig) -> Tuple[MemoryPlan, dict]:
     """
     layout, options = layout_from_config(cfg)
     model_cfg = cfg.get("model", {}) or {}
-    flags = {k: bool(model_cfg[k]) for k in _TRAINABLE_FLAGS if k in model_cfg}
+    lora = lora_options(model_cfg)  # a LoRA builder takes its *_trainable choices with its LoRA arguments
+    flags = {k: bool(model_cfg[k]) for k in _TRAINABLE_FLAGS if k in model_cfg and lora is None}
     flags["max_seq_len"] = layout.seq_len
-    component = str(model_cfg.get("_component_", "")).rsplit(".", 1)[-1]
+    component = str(model_cfg.get("_component_", "")).rsplit(".", 1)[-1].removesuffix("_lora")
     plan = cfg.get("plan", {}) or {}
     size = plan.get("size") or (component if component in NAMED_SIZES else HF_REPO_TO_SIZE.get(cfg.get("hf_repo")))
-    model = build_meta_model(model_cfg.get("checkpoint_dir", cfg.get("checkpoint_dir")), size=size, **flags)
+    model = build_meta_model(model_cfg.get("checkpoint_dir", cfg.get("checkpoint_dir")), size=size, lora=lora, **flags)
     table = CostTable.load(options["cost_table"])
     if layout.pp > 1 and layout.layer_split is None:  # the recipe's cost-balanced split
         layout.stage_extras = cost_balanced_stage_extras(model, cfg)

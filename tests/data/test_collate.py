@@ -93,3 +93,23 @@ def test_zero_padding_is_bottom_right():
 def test_mismatched_lengths_fail_clearly():
     with pytest.raises(ValueError, match="sample 0: 2 tokens but 1 labels"):
         padded_collate_mistral3([{"tokens": [1, 2], "labels": [1]}])
+
+
+def test_packed_collate_refuses_packs_of_other_lengths_and_mixed_datasets():
+    from torch.utils.data import ConcatDataset
+    from torchtune_mistral3.data import collate_for_dataset, padded_collate_packed_mistral3
+
+    def pack(n, seq_lens):
+        return {"tokens": [5] * n, "labels": [-100] * n, "input_pos": list(range(n)), "seq_lens": seq_lens}
+
+    with pytest.raises(ValueError, match=r"packs of different lengths \[4, 6\]"):
+        padded_collate_packed_mistral3([pack(4, [4]), pack(6, [6])])
+    with pytest.raises(ValueError, match=r"pack 1: seq_lens \[3\]"):
+        padded_collate_packed_mistral3([pack(4, [4]), pack(4, [3])])
+
+    class Packs(list):
+        packed = True
+
+    with pytest.raises(ValueError, match="mixes packed=True and packed=False"):
+        collate_for_dataset(ConcatDataset([Packs([1]), [1]]), padded_collate_mistral3)
+    assert collate_for_dataset(ConcatDataset([Packs([1]), Packs([2])]), None) is padded_collate_packed_mistral3

@@ -15,12 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import load_dataset
 from PIL import Image
-from torchtune_mistral3.data import padded_collate_mistral3
+from torchtune_mistral3.data import collate_for_dataset, padded_collate_mistral3, padded_collate_packed_mistral3
 from torchtune_mistral3.datasets import (
     MEDPIX_SAMPLE_DIR,
     _medpix,
     medpix_dataset,
     medpix_sample_dataset,
+    pack_first_fit,
     validation_cases,
 )
 from torchtune_mistral3.models.mistral3._transform import mistral3_transform
@@ -233,7 +234,7 @@ def test_bad_rows_raise_naming_row_and_column_or_are_skipped(transform, tmp_path
         medpix_dataset(transform, source="parquet", data_files=path, split_by_case=False)
 
 
-def test_row_ids_survive_filtering_and_packed_is_refused(transform, tmp_path):
+def test_row_ids_survive_filtering(transform, tmp_path):
     table = _set(pq.read_table(MEDPIX_SAMPLE_DIR / "train.parquet"), "image_id", 20, {"bytes": b"xx", "path": None})
     path = _write(table, tmp_path / "t.parquet")
     modes = table.column("mode").to_pylist()
@@ -246,8 +247,6 @@ def test_row_ids_survive_filtering_and_packed_is_refused(transform, tmp_path):
     bad = ds._data["__medpix_row__"].index(20)
     with pytest.raises(ValueError, match="row 20:"):
         ds[bad]
-    with pytest.raises(ValueError, match="packing"):
-        medpix_dataset(transform, source="parquet", data_files=path, packed=True)
 
 
 def test_split_by_case_needs_case_id(transform, tmp_path):
@@ -329,3 +328,54 @@ def test_too_long_row_stops_tune_run_at_setup_or_is_skipped(tune, tmp_path):
     proc = tune(*run, f"output_dir={tmp_path / 'skip'}", "dataset.skip_bad_rows=True", "dataset_val.skip_bad_rows=True")
     assert f"skipped {len(too_long)} too long row(s) of 24" in proc.stderr + proc.stdout
     assert (tmp_path / "skip" / "epoch_0").is_dir()
+
+
+def test_pack_first_fit():
+    # hand-derived: 5 -> pack 0, 4 -> pack 1, 3 fills pack 0, 2 -> pack 1, 8 -> pack 2, 1 -> pack 1
+    assert pack_first_fit([5, 4, 3, 2, 8, 1], max_seq_len=8) == [[0, 2], [1, 3, 5], [4]]
+    # window 1: only the newest pack stays open
+    assert pack_first_fit([5, 4, 3, 2], max_seq_len=8, window=1) == [[0], [1, 2], [3]]
+    with pytest.raises(ValueError, match="sample 1 has 9 tokens"):
+        pack_first_fit([1, 9], max_seq_len=8)
+
+
+def test_packed_sample_equals_unpacked_samples():
+    # reference: the same rows unpacked (full pixel transform); each pack is their concatenation + padding
+    max_seq_len = 105  # some samples (up to 117 tokens) are truncated, some answers cut off entirely (skipped)
+    transform = mistral3_transform(str(TEKKEN), max_seq_len=max_seq_len, max_image_size=224)
+    plain = medpix_sample_dataset(transform, skip_bad_rows=True)
+    packed = medpix_sample_dataset(transform, skip_bad_rows=True, packed=True)
+    assert sorted(r for p in packed.packs for r in p) == list(range(len(plain)))
+    assert len(packed) < len(plain) and collate_for_dataset(packed, None) is padded_collate_packed_mistral3
+    assert collate_for_dataset(plain, padded_collate_mistral3) is padded_collate_mistral3
+    truncated = 0
+    for index in range(len(packed)):
+        pack = packed[index]
+        assert len(pack["tokens"]) == len(pack["labels"]) == len(pack["input_pos"]) == max_seq_len
+        start, images = 0, []
+        for k, row in enumerate(packed.packs[index]):
+            sample = plain[row]
+            n = len(sample["tokens"])
+            truncated += n == max_seq_len
+            assert pack["seq_lens"][k] == n and pack["rows"][k] == row
+            assert pack["tokens"][start : start + n] == sample["tokens"]
+            assert pack["labels"][start : start + n] == [-100] + sample["labels"][1:]
+            assert pack["input_pos"][start : start + n] == list(range(n))
+            images += sample["encoder_input"]["image"]["images"]
+            assert pack["images_per_sample"][k] == len(sample["encoder_input"]["image"]["images"])
+            start += n
+        assert pack["tokens"][start:] == [transform.pad_id] * (max_seq_len - start)
+        assert set(pack["labels"][start:]) <= {-100} and sum(pack["seq_lens"]) == max_seq_len
+        got = pack["encoder_input"]["image"]["images"]
+        assert len(got) == len(images) and all(a.equal(b) for a, b in zip(got, images))
+    assert truncated > 0  # a sample longer than max_seq_len is truncated as unpacked and fills a pack alone
+    batch = padded_collate_packed_mistral3([packed[0], packed[1]])
+    unpacked = padded_collate_mistral3([plain[r] for r in packed.packs[0] + packed.packs[1]])
+    assert batch["encoder_input"]["image"]["image_sizes"].equal(unpacked["encoder_input"]["image"]["image_sizes"])
+    assert batch["encoder_input"]["image"]["images_per_sample"].tolist() == [
+        sum(packed[i]["images_per_sample"]) for i in (0, 1)
+    ]
+    for i in (0, 1):
+        expected = [d for d, n in enumerate(packed[i]["seq_lens"]) for _ in range(n)]
+        assert batch["document_ids"][i].tolist() == expected
+        assert batch["input_pos"][i].tolist() == packed[i]["input_pos"]

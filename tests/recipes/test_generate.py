@@ -108,3 +108,44 @@ def json_cfg(**kwargs):
     from omegaconf import OmegaConf
 
     return OmegaConf.create(json.loads(json.dumps(kwargs)))
+
+
+def test_stock_generation_config_still_runs_the_stock_recipe(tmp_path, tune):
+    """`tune run generate --config generation` (torchtune's own config, a tiny Llama-2 and SentencePiece model
+    swapped in by overrides) runs torchtune's InferenceRecipe, whose greedy text equals torchtune's generate here."""
+    import sentencepiece
+    from torchtune import generation
+    from torchtune.data import Message
+    from torchtune.models.llama2 import llama2, llama2_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["tell me a joke about the scan", "what imaging modality is shown here"] * 40))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "spm"), vocab_size=48, model_type="bpe", bos_id=1, eos_id=2,
+        unk_id=0, pad_id=-1, hard_vocab_limit=False, minloglevel=2,
+    )
+    vocab = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "spm.model")).vocab_size()
+    dims = dict(vocab_size=vocab, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=128)
+    torch.manual_seed(0)
+    model = llama2(**dims).eval()
+    (tmp_path / "ckpt").mkdir()
+    torch.save(model.state_dict(), tmp_path / "ckpt" / "model.pt")
+    proc = tune(
+        "run", "generate", "--config", "generation", "device=cpu", "dtype=fp32", "max_new_tokens=6", "top_k=1",
+        "checkpointer._component_=torchtune.training.FullModelTorchTuneCheckpointer",
+        f"checkpointer.checkpoint_dir={tmp_path / 'ckpt'}", "checkpointer.checkpoint_files=[model.pt]",
+        f"output_dir={tmp_path / 'out'}", f"tokenizer.path={tmp_path / 'spm.model'}",
+        "model._component_=torchtune.models.llama2.llama2", *[f"model.{k}={v}" for k, v in dims.items()],
+    )
+    log = proc.stdout + proc.stderr
+    assert "Model is initialized with precision torch.float32." in log  # the stock InferenceRecipe's own line
+    assert "Model loaded in" not in log  # not the plugin's generation
+    tokenizer = llama2_tokenizer(str(tmp_path / "spm.model"), prompt_template=None)  # as the stock config has it
+    messages = [Message(role="user", content="Tell me a joke."), Message(role="assistant", content="")]
+    prompt = torch.tensor(tokenizer({"messages": messages}, inference=True)["tokens"])
+    with torch.no_grad():
+        model.setup_caches(batch_size=1, dtype=torch.float32, decoder_max_seq_len=prompt.numel() + 6)
+        out, _ = generation.generate(model, prompt, max_generated_tokens=6, pad_id=tokenizer.pad_id, top_k=1,
+                                     stop_tokens=tokenizer.stop_tokens)
+    assert out.shape[1] > prompt.numel()
+    assert tokenizer.decode(out[0].tolist()) in log

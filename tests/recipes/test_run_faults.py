@@ -93,10 +93,23 @@ def test_nonfinite_steps_are_skipped_up_to_the_limit_on_every_rank(tune, tmp_pat
     assert not (out / "epoch_0").exists() and not (out / "training_state").exists()
 
 
-def test_first_step_trains_and_each_step_logs_the_lr_it_used(tune, tmp_path):
+def test_each_step_trains_logs_its_lr_and_validates_as_transformers(tune, tmp_path):
+    """One run checks the lr schedule, that step 1 trains, and the validation loss (one `tune run` for both)."""
+    from torchtune_mistral3.reference_check import first_step_batches, load_run_config, transformers_loss
+
     out = tmp_path / "run"
-    # one batch (rows 0 and 1) repeated: 3 epochs of 1 step, no shuffling
-    tune(*DEMO, f"output_dir={out}", *QUIET, "epochs=3", "max_steps_per_epoch=1")
+    # one batch (rows 0 and 1) repeated: 3 epochs of 1 step, no shuffling; validation after every step
+    overrides = [
+        f"output_dir={out}",
+        "dtype=fp32",
+        "shuffle=False",
+        "epochs=3",
+        "max_steps_per_epoch=1",
+        "run_val_every_n_steps=1",
+        "max_val_steps=2",
+        "checkpointer.save_dtype=fp32",
+    ]
+    tune(*DEMO, *overrides)
     m = _metrics(out)
     assert sorted(m) == [1, 2, 3]
     # cosine_with_warmup, lr 3e-3, 2 warm-up steps, 3 steps, min_lr 3e-4, by hand: step n of the warm-up runs
@@ -108,12 +121,16 @@ def test_first_step_trains_and_each_step_logs_the_lr_it_used(tune, tmp_path):
     assert m[1]["loss"] != m[2]["loss"]
     assert m[2]["loss"] < m[1]["loss"]
 
-
-def test_pipeline_layout_runs_on_the_demo_with_the_default_microbatches(tune, tmp_path):
-    # no pipeline_microbatches override: the documented default (the pipeline degree, 2) applies
-    proc = tune(*DEMO_2, f"output_dir={tmp_path}", "pipeline_parallel_dim=2", "max_steps_per_epoch=1")
-    assert "schedule 1F1B, 2 micro-batches" in proc.stdout + proc.stderr
-    assert sorted(_metrics(tmp_path)) == [1]
+    assert all("val_loss" in m[n] for n in (1, 2, 3))
+    # the validation of step 3 ran on the weights saved at the end: the first 2 validation batches, by transformers
+    cfg = load_run_config("mistral3p5_medpix_demo", overrides)
+    cfg.dataset, cfg.gradient_accumulation_steps = cfg.dataset_val, 2
+    cfg.batch_size = cfg.get("batch_size_val", cfg.batch_size)
+    batches = first_step_batches(cfg)
+    expected, tokens = transformers_loss(str(out / "epoch_2"), batches, torch.float32)
+    assert tokens > 0
+    assert m[3]["val_loss"] == pytest.approx(expected, rel=1e-5)
+    assert m[1]["val_loss"] != m[3]["val_loss"]
 
 
 def test_world_size_error_repeats_the_whole_command(tune, tmp_path):
@@ -221,33 +238,6 @@ def _hf_model(checkpoint_dir):
     return Mistral3ForConditionalGeneration.from_pretrained(
         checkpoint_dir, dtype=torch.float32, attn_implementation="eager", **kwargs
     ).eval()
-
-
-def test_validation_loss_equals_transformers_on_the_validation_rows(tune, tmp_path):
-    from torchtune_mistral3.reference_check import first_step_batches, load_run_config, transformers_loss
-
-    out = tmp_path / "run"
-    overrides = [
-        f"output_dir={out}",
-        "dtype=fp32",
-        "shuffle=False",
-        "max_steps_per_epoch=2",
-        "run_val_every_n_steps=1",
-        "max_val_steps=2",
-        "checkpointer.save_dtype=fp32",
-    ]
-    tune(*DEMO, *overrides)
-    m = _metrics(out)
-    assert "val_loss" in m[1] and "val_loss" in m[2]
-    # the validation of step 2 ran on the weights saved at the end: the first 2 validation batches, by transformers
-    cfg = load_run_config("mistral3p5_medpix_demo", overrides)
-    cfg.dataset, cfg.gradient_accumulation_steps = cfg.dataset_val, 2
-    cfg.batch_size = cfg.get("batch_size_val", cfg.batch_size)
-    batches = first_step_batches(cfg)
-    expected, tokens = transformers_loss(str(out / "epoch_0"), batches, torch.float32)
-    assert tokens > 0
-    assert m[2]["val_loss"] == pytest.approx(expected, rel=1e-5)
-    assert m[1]["val_loss"] != m[2]["val_loss"]
 
 
 def test_label_smoothing_of_the_loss_is_honoured(tune, tmp_path):

@@ -22,7 +22,8 @@ COMMON = [
 
 LAYOUTS = {
     "tp2": (2, ["tensor_parallel_dim=2"]),
-    "pp2_1f1b": (2, ["pipeline_parallel_dim=2", "pipeline_schedule=1F1B", "pipeline_microbatches=2"]),
+    # no pipeline_microbatches: the documented default (the pipeline degree, 2) applies
+    "pp2_1f1b": (2, ["pipeline_parallel_dim=2", "pipeline_schedule=1F1B"]),
     "pp2_gpipe": (2, ["pipeline_parallel_dim=2", "pipeline_schedule=GPipe", "pipeline_microbatches=2"]),
     "pp2_interleaved_4_stages": (
         2, ["pipeline_parallel_dim=2", "pipeline_schedule=Interleaved1F1B", "pipeline_microbatches=2"]),
@@ -89,6 +90,8 @@ def test_layout_equals_one_process(tune, tmp_path, checkpoint, single, layout):
         assert all(h < total for h in held)
         tp = 2 if "tensor_parallel_dim=2" in overrides else 1
         assert sum(held) * tp >= total
+    if layout == "pp2_1f1b":
+        assert "schedule 1F1B, 2 micro-batches" in output
 
 
 def _load_all(directory):

@@ -112,6 +112,21 @@ def test_single_gpu_plan_hand_derived(tiny_model):
     assert plan.fits == (r.peak / GIB * 1.1 + 2.0 <= 1.0)
 
 
+def test_packed_batch_counts_packs_and_their_images(tiny_model):
+    # batch_size counts packs of seq_len tokens; the images of a pack replace the images of a sample
+    lo = Layout(seq_len=64, batch_size=2, compile=True, image_px=56, packed=True, images_per_pack=3)
+    (r,) = plan_memory(tiny_model, lo).ranks
+    per_layer = 8 * H + 4 * NH * HD + 4 * NKV * HD + 6 * F + 4 * NH  # as in the hand-derived single-GPU plan
+    projector = 4 * H + 2 * DV + 2 * 4 * DV + 8 * 4 * DV
+    assert r.activations_per_microbatch == L * per_layer * 2 * 64 + projector * 2 * 3 * 4  # 3 images of 2x2 tokens
+    # without images_per_pack: the samples a pack holds at MedPix's mean length, one image each
+    assert Layout(seq_len=2048, packed=True).images_per_sequence == 2048 // 575 == 3
+    assert Layout(seq_len=2048, packed=True, images_per_sample=2).images_per_sequence == 6
+    assert Layout(seq_len=2048, images_per_sample=2).images_per_sequence == 2
+    with pytest.raises(ValueError, match="in a pack need more than seq_len=64"):
+        plan_memory(tiny_model, Layout(seq_len=64, image_px=56, packed=True, images_per_pack=11))
+
+
 def test_activation_checkpointing_keeps_layer_inputs_only(tiny_model):
     lo = Layout(seq_len=64, batch_size=1, activation_checkpointing=True, compile=True, image_px=56)
     (r,) = plan_memory(tiny_model, lo).ranks
@@ -163,6 +178,16 @@ def _measured_runs():
 
 
 @pytest.mark.skipif(not _measured_runs(), reason="no H200 results in bench/results")
+def test_fp32_masters_count_trained_parameters_at_four_bytes_and_frozen_ones_at_two(tiny_model):
+    lo = Layout(seq_len=64, batch_size=2, compile=True, optimizer="adam", optimizer_fused=True, num_output_chunks=1,
+                image_px=56, master_bytes=4)
+    (r,) = plan_memory(tiny_model, lo, gpu_gib=1.0).ranks
+    trainable = L * LAYER + 2 * V * H + H + PROJECTOR
+    assert r.parameters == 4 * trainable + 2 * VISION  # the frozen tower has no master (held in bf16)
+    assert r.gradients == 4 * trainable
+    assert r.optimizer_state == 2 * 4 * trainable
+
+
 def test_prediction_within_10_percent_of_h200_peak(tmp_path):
     sys.path.insert(0, str(REPO / "bench"))
     from _slice import slice_hf_config
@@ -228,3 +253,75 @@ def test_fsdp_shards_model_state_over_data_parallel(tiny_model):
     assert four.gradients == one.gradients / 4
     assert four.optimizer_state == one.optimizer_state / 4
     assert four.activations == one.activations  # each rank still runs its own micro-batch
+
+
+# LoRA as mistral3p5_medpix_lora sets it (rank R here): adapters on q/k/v/o and the MLP of every layer and on the
+# projector, the decoder base frozen in FP8, everything else frozen in bf16.
+R = 4
+TINY_LORA = dict(lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True,
+                 lora_rank=R, lora_alpha=8, projector_trainable="lora", fp8_base=True)
+LAYER_ADAPTERS = R * ((H + NH * HD) + 2 * (H + NKV * HD) + (NH * HD + H) + 3 * (H + F))  # A: r x in, B: out x r
+PROJECTOR_ADAPTERS = R * ((4 * DV + DV) + (DV + H) + (H + H))  # patch_merger, linear_1, linear_2
+
+
+@pytest.fixture(scope="module")
+def tiny_lora_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_fp8_ckpt")
+    config = {**_tiny_config(), "quantization_config": {"quant_method": "fp8", "activation_scheme": "static"}}
+    (d / "config.json").write_text(json.dumps(config))
+    return build_meta_model(str(d), lora=TINY_LORA, max_seq_len=256)
+
+
+def test_lora_fp8_base_plan_hand_derived(tiny_lora_model):
+    # 1 GPU, 1 x 64 tokens, eager, activation checkpointing, fused Adam, 8 output chunks, one 56 px image, bf16
+    lo = Layout(seq_len=64, activation_checkpointing=True, optimizer="adam", optimizer_fused=True, image_px=56,
+                master_bytes=2)
+    (r,) = plan_memory(tiny_lora_model, lo).ranks
+    trainable = L * LAYER_ADAPTERS + PROJECTOR_ADAPTERS
+    bf16 = L * 2 * H + 2 * V * H + H + VISION + PROJECTOR + trainable  # norms, embedding, head, tower, adapters
+    assert r.parameters == L * LAYER_MATMUL * 1 + bf16 * 2  # the FP8 base at one byte per weight
+    assert r.gradients == 2 * trainable
+    assert r.optimizer_state == 2 * 2 * trainable
+    tokens, image_tokens = 64, 4
+    projector = 4 * H + 2 * DV + 2 * 4 * DV + 8 * 4 * DV
+    assert r.activations_per_microbatch == L * 2 * H * tokens + projector * image_tokens
+    saved = (10 * H + 2 * V + 4 * V) * tokens  # eager loss: fp32 log-probabilities too
+    assert r.logits_and_loss == saved + tokens / 8 * V * 10  # the frozen head has no weight gradient
+    dequantized = H * F * 2  # w1/w2/w3, the largest FP8 weights, dequantised to bf16 for their matmul
+    assert dequantized > 16 * (8 * DV + 3 * FV) * 2  # larger than the tower's forward transient here
+    static = r.parameters + r.optimizer_state
+    assert r.phases["forward_backward"] == static + r.activations + r.logits_and_loss + dequantized
+    # FSDP over 4: a layer's and the next one's all-gathered weights (FP8 base as FP8 bytes), plus the dequantised one
+    (r4,) = plan_memory(tiny_lora_model, Layout(**{**lo.__dict__, "dp": 4})).ranks
+    layer_bytes = LAYER_MATMUL + (2 * H + LAYER_ADAPTERS) * 2
+    assert r4.phases["forward_backward"] == (
+        r4.parameters + r4.optimizer_state + r4.activations + r4.logits_and_loss + 2 * layer_bytes + dequantized
+    )
+    assert r4.parameters == r.parameters / 4
+
+
+def test_cli_mistral3p5_medpix_lora_on_8_h100(capsys):
+    from torchtune_mistral3.plan import main
+
+    assert main(["--config", "mistral3p5_medpix_lora", "plan.world_size=8", "plan.gpu_gib=79.6",
+                 "plan.image_px=1036"]) == 0
+    out = capsys.readouterr().out
+    assert "TP=1 PP=1 DP=8 (8 GPUs)" in out and "master bf16" in out and "FITS" in out
+    (row,) = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    # rank 8: 88 layers x 7 adapted linears + the projector's three; bf16 gradients sharded over 8 GPUs
+    h, q, kv, f = 12288, 96 * 128, 8 * 128, 28672
+    adapters = 88 * 8 * ((h + q) + 2 * (h + kv) + (q + h) + 3 * (h + f)) + 8 * ((5 * 1664) + (1664 + h) + 2 * h)
+    assert float(row[3]) == round(2 * adapters / 8 / GIB, 2)
+    # parameters: the FP8 decoder base (88 x 1.384B weights) at one byte, the rest of the published 127.70B
+    # (embedding, head, tower, projector, norms) and the adapters at two, sharded over 8 GPUs
+    fp8_base = 88 * (2 * h * q + 2 * h * kv + 3 * h * f)
+    expected = (fp8_base + 2 * (127.70e9 - fp8_base + adapters)) / 8 / GIB
+    assert float(row[2]) == pytest.approx(expected, abs=0.01)
+def test_cli_reads_a_packed_dataset(capsys):
+    from torchtune_mistral3.plan import main
+
+    args = ["--config", "mistral3p5_medpix", "plan.world_size=64", "plan.json=False"]
+    assert main([*args, "dataset.packed=True", "plan.images_per_pack=3"]) == 0
+    assert "micro-batch(es) of 1 x 2048 tokens (packs of 3 image(s))" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "(1 image(s) each)" in capsys.readouterr().out

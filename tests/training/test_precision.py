@@ -117,6 +117,33 @@ def test_mixed_precision_on_a_mesh_of_one_is_bf16_compute_into_fp32_master(one_p
     assert not torch.equal(g, g.to(torch.bfloat16).float())
 
 
+def test_frozen_parameters_in_bf16_give_the_fp32_master_results(one_process_group):
+    """Frozen layers held in bf16 (no master) give the losses and gradients of frozen fp32 masters cast by FSDP2."""
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 16), torch.randn(4, 8)
+    policy = _policy(dtype="bf16")
+    results = []
+    for store in (False, True):
+        model = _tiny()
+        model[0].requires_grad_(False)  # a frozen first layer, as the vision tower is
+        if store:
+            assert policy.store_frozen_in_compute_dtype(model) == 16 * 32 + 32
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))
+        shard_model(model, [lambda n, m: n == "2"], cpu_offload=False, reshard_after_forward=True,
+                    dp_mesh=mesh["dp"], mp_policy=policy.mp_policy())
+        loss = ((model(x).float() - y) ** 2).sum()
+        loss.backward()
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+        frozen, trained = model[0].weight, model[3].weight
+        assert frozen.dtype == (torch.bfloat16 if store else torch.float32) and trained.dtype == torch.float32
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys() and "0.weight" not in grads_a
+    for n in grads_a:
+        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=0, atol=0, msg=n)
+    assert _policy(dtype="bf16", master_dtype="bf16").store_frozen_in_compute_dtype(_tiny()) == 0
+
+
 def test_stochastic_rounding_keeps_updates_that_round_to_nearest_loses():
     """Updates far below half a bf16 ulp: the mean of the stochastically rounded weights follows fp32 AdamW."""
     steps, lr = 50, 1e-4

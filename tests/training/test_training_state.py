@@ -139,3 +139,31 @@ def test_unreadable_layout_file_counts_as_damage(process_group, tmp_path):
     (tmp_path / "training_state" / "step_2" / "layout.json").write_text('{"world_si')
     directory, extra, _ = _load(tmp_path)
     assert directory.name == "step_1" and extra["global_step"] == 1
+
+
+def _partly_frozen(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_frozen_parameters_stay_out_of_the_state_and_keep_their_loaded_values(process_group, tmp_path):
+    saved_model, optimizer = _partly_frozen(0)
+    parts = [saved_model]
+    directory = save_training_state(tmp_path, 1, layout=LAYOUT, model_parts=parts, optimizer=optimizer, extra={})
+    on_disk = torch.load(next(directory.glob("rank_*.pt")), weights_only=False)
+    assert set(on_disk["model"][0]) == {"1.weight", "1.bias"}  # the frozen layer is not written
+    resumed, optimizer = _partly_frozen(1)  # what the checkpoint loaded at set-up, here other values
+    frozen_before = resumed[0].weight.clone()
+    load_training_state(tmp_path, layout=LAYOUT, model_parts=[resumed], optimizer=optimizer)
+    assert torch.equal(resumed[1].weight, saved_model[1].weight)
+    assert torch.equal(resumed[0].weight, frozen_before)
+    # a run that now trains what the saved run kept frozen cannot take its state
+    unfrozen, optimizer = _partly_frozen(2)
+    unfrozen[0].requires_grad_(True)
+    with pytest.raises(ValueError, match=r"no saved value for the trainable \['0.weight', '0.bias'\]"):
+        load_training_state(tmp_path, layout=LAYOUT, model_parts=[unfrozen], optimizer=optimizer)

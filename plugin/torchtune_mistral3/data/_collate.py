@@ -1,7 +1,7 @@
 """Collate for Mistral 3 VLM samples: right-padded tokens/labels plus one padded tensor of all the batch's images."""
 
 import math
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import torch
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
@@ -78,3 +78,68 @@ def padded_collate_mistral3(
             "image": {"pixel_values": pixel_values, "image_sizes": image_sizes, "images_per_sample": images_per_sample}
         },
     }
+
+
+def padded_collate_packed_mistral3(
+    batch: List[Dict[str, Any]],
+    padding_idx: int = 11,
+    ignore_idx: int = CROSS_ENTROPY_IGNORE_IDX,
+) -> Dict[str, Any]:
+    """Collate packs of :class:`~torchtune_mistral3.datasets.PackedDataset` (all ``max_seq_len`` tokens long).
+
+    Tokens, labels and images as :func:`padded_collate_mistral3` (``images_per_sample`` counts the images of each
+    pack, i.e. of each row of the batch), plus the per-sample positions and the document of every token, from
+    which :func:`~torchtune_mistral3.models.mistral3.block_causal_mask` builds the attention mask on the device.
+
+    Args:
+        batch (List[Dict[str, Any]]): packs with ``tokens``, ``labels``, ``input_pos``, ``seq_lens`` and
+            ``encoder_input``, all of one length.
+        padding_idx (int): token padding id (unused: packs are padded already). Default is 11.
+        ignore_idx (int): label padding id (unused). Default is -100.
+
+    Returns:
+        Dict[str, Any]: the keys of :func:`padded_collate_mistral3`, plus ``input_pos`` LongTensor [B, S]
+        (restarting at 0 for every sample) and ``document_ids`` LongTensor [B, S] (index of the token's sample
+        within its pack; the padding tail is one more document).
+
+    Raises:
+        ValueError: if the packs differ in length or their ``seq_lens`` do not cover them.
+
+    Example:
+        >>> batch = padded_collate_packed_mistral3([packs[0], packs[1]])
+        >>> batch["document_ids"][0, :6]
+        tensor([0, 0, 0, 1, 1, 1])
+    """
+    lengths = {len(p["tokens"]) for p in batch}
+    if len(lengths) > 1:
+        raise ValueError(f"packs of different lengths {sorted(lengths)} in one batch: packs are max_seq_len long")
+    out = padded_collate_mistral3(batch, padding_idx=padding_idx, ignore_idx=ignore_idx)
+    for i, p in enumerate(batch):
+        if sum(p["seq_lens"]) != len(p["tokens"]) or len(p["input_pos"]) != len(p["tokens"]):
+            raise ValueError(f"pack {i}: seq_lens {p['seq_lens']} and input_pos do not cover {len(p['tokens'])} tokens")
+    out["input_pos"] = torch.tensor([p["input_pos"] for p in batch], dtype=torch.long)
+    out["document_ids"] = torch.stack(
+        [torch.repeat_interleave(torch.as_tensor(p["seq_lens"], dtype=torch.long)) for p in batch]
+    ).reshape(len(batch), -1)
+    return out
+
+
+def collate_for_dataset(dataset: Any, collate_fn: Callable) -> Callable:
+    """The collate a dataset needs: packs (``dataset.packed``) get :func:`padded_collate_packed_mistral3`.
+
+    Args:
+        dataset (Any): the training or validation dataset (a ``ConcatDataset`` counts as packed if all its
+            parts are).
+        collate_fn (Callable): the config's ``collate_fn``, for unpacked data.
+
+    Returns:
+        Callable: the collate function.
+
+    Raises:
+        ValueError: if packed and unpacked datasets are mixed.
+    """
+    parts = getattr(dataset, "datasets", [dataset])
+    packed = [bool(getattr(d, "packed", False)) for d in parts]
+    if any(packed) and not all(packed):
+        raise ValueError("the dataset list mixes packed=True and packed=False datasets; set packed on all of them")
+    return padded_collate_packed_mistral3 if all(packed) else collate_fn

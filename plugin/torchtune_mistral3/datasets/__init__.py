@@ -8,6 +8,7 @@ from ._medpix import (
     open_image,
     validation_cases,
 )
+from ._packed import PackedDataset, pack_first_fit
 
 __all__ = [
     "MEDPIX_SAMPLE_DIR",
@@ -17,5 +18,7 @@ __all__ = [
     "medpix_dataset",
     "medpix_sample_dataset",
     "open_image",
+    "pack_first_fit",
+    "PackedDataset",
     "validation_cases",
 ]

@@ -4,7 +4,7 @@ import hashlib
 import io
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -15,6 +15,8 @@ from torchtune.data import Message
 from torchtune.datasets import SFTDataset
 from torchtune.datasets._sft import SFTTransform
 from torchtune.modules.transforms import Transform
+
+from ._packed import PackedDataset
 
 log = logging.getLogger(__name__)
 
@@ -212,22 +214,25 @@ def _find_bad_rows(
     return bad
 
 
-def _find_too_long_rows(data: Dataset, message_transform: Transform, model_transform: Transform) -> Dict[int, str]:
-    """Position -> problem for rows whose answer ``max_seq_len`` would cut off entirely (image headers only).
+def _measure_rows(
+    data: Dataset, message_transform: Transform, model_transform: Transform
+) -> Tuple[List[Optional[int]], Dict[int, str]]:
+    """Token count of every row after truncation, and position -> problem for rows ``max_seq_len`` cuts off.
 
-    Needs a model transform with ``check_length(messages)`` (:class:`~torchtune_mistral3.models.mistral3.
-    Mistral3Transform`); other transforms are not checked.
+    A row whose answer would start after ``max_seq_len`` is a problem (its count is None). Uses the model
+    transform's ``check_length(messages)`` (:class:`~torchtune_mistral3.models.mistral3.Mistral3Transform`),
+    with image headers only (no pixels).
     """
-    check = getattr(model_transform, "check_length", None)
+    check = model_transform.check_length
+    lengths: List[Optional[int]] = []
     bad: Dict[int, str] = {}
-    if check is None:
-        return bad
     for i, row in enumerate(data):
         try:
-            check(message_transform(row, load_image=False)["messages"])
+            lengths.append(check(message_transform(row, load_image=False)["messages"]))
         except ValueError as e:  # the data errors of the transforms (a too-long sample, an unreadable image)
+            lengths.append(None)
             bad[i] = str(e)
-    return bad
+    return lengths, bad
 
 
 def _drop_bad_rows(data: Dataset, bad: Dict[int, str], source: str, skip: bool, kind: str) -> Dataset:
@@ -317,7 +322,7 @@ def medpix_dataset(
     filter_fn: Optional[Callable] = None,
     packed: bool = False,
     **load_dataset_kwargs: Dict[str, Any],
-) -> MedPixDataset:
+) -> Union[MedPixDataset, PackedDataset]:
     """MedPix-VQA (or any data in its schema) for visual question answering, as torchtune's ``vqa_dataset``.
 
     Columns (MedPix-VQA schema; other names via ``column_map``):
@@ -351,6 +356,11 @@ def medpix_dataset(
     transform's ``max_seq_len`` is a bad row as above (error naming the row, its token count and
     ``max_seq_len``, or skipped and counted with ``skip_bad_rows=True``). ``check_lengths=False`` turns this off.
 
+    Packed (``packed=True``): the measured token counts pack whole samples into sequences of ``max_seq_len``
+    tokens with :func:`~torchtune_mistral3.datasets.pack_first_fit` (a pure function of the rows, so the same
+    on every rank and run); a sample longer than ``max_seq_len`` is truncated as above and fills a pack alone.
+    Collate the packs with :func:`~torchtune_mistral3.data.padded_collate_packed_mistral3` (the recipe does).
+
     Args:
         model_transform (Transform): e.g. :func:`~torchtune_mistral3.models.mistral3.mistral3_transform`.
         source (str): HF hub id, or a builder (``"parquet"``, ``"json"``, ``"arrow"``, ``"imagefolder"``) with
@@ -370,15 +380,19 @@ def medpix_dataset(
         new_system_prompt (Optional[str]): system prompt for every sample. Default is None.
         filter_fn (Optional[Callable]): ``datasets.Dataset.filter`` predicate on raw rows (images undecoded).
             Default is None.
-        packed (bool): not supported for multimodal data. Default is False.
+        packed (bool): pack whole samples (with their images) into sequences of exactly the model transform's
+            ``max_seq_len`` tokens (:class:`~torchtune_mistral3.datasets.PackedDataset`); implies the length check
+            (every row is measured, from image headers). Default is False.
         **load_dataset_kwargs (Dict[str, Any]): other ``load_dataset`` arguments (``name``, ``data_dir``, ...).
 
     Returns:
-        MedPixDataset: an ``SFTDataset`` whose samples hold ``tokens``, ``mask``, ``labels``, ``encoder_input``,
-        ``mode`` and ``case_id``.
+        Union[MedPixDataset, PackedDataset]: an ``SFTDataset`` whose samples hold ``tokens``, ``mask``,
+        ``labels``, ``encoder_input``, ``mode`` and ``case_id``; with ``packed=True`` a :class:`PackedDataset`
+        of those samples.
 
     Raises:
-        ValueError: if ``packed``, a required column is missing, the split cannot be made, or a bad row is found.
+        ValueError: if ``packed`` without a measuring model transform or ``max_seq_len``, a required column is
+            missing, the split cannot be made, or a bad row is found.
 
     Example:
         >>> ds = medpix_dataset(transform)                                   # the hub data set
@@ -392,8 +406,6 @@ def medpix_dataset(
           data_files: /data/medpix/*.parquet
           split: train
     """
-    if packed:
-        raise ValueError("Multimodal datasets don't support packing; set packed=False")
     columns = _resolve_columns(column_map)
     splits = _load_splits(source, data_files, load_dataset_kwargs)
     base = split.split("[")[0].split("+")[0]
@@ -435,13 +447,31 @@ def medpix_dataset(
     if filter_fn is not None:
         data = data.filter(filter_fn)
     message_transform = MedPixToMessages(column_map, image_dir=image_dir, new_system_prompt=new_system_prompt)
-    if check_lengths:
-        too_long = _find_too_long_rows(data, message_transform, model_transform)
+    measure = (check_lengths or packed) and hasattr(model_transform, "check_length")
+    if packed and not measure:
+        raise ValueError(
+            f"packed=True needs a model transform that measures samples without pixels (check_length), "
+            f"such as torchtune_mistral3.models.mistral3.mistral3_transform; got {type(model_transform).__name__}"
+        )
+    if packed and getattr(model_transform, "max_seq_len", None) is None:
+        raise ValueError("packed=True packs to the tokenizer's max_seq_len: set tokenizer.max_seq_len")
+    if measure:
+        lengths, too_long = _measure_rows(data, message_transform, model_transform)
         data = _drop_bad_rows(data, too_long, source, skip_bad_rows, "too long")
-    return MedPixDataset(data, message_transform, model_transform, source)
+        lengths = [n for n in lengths if n is not None]
+    dataset = MedPixDataset(data, message_transform, model_transform, source)
+    if not packed:
+        return dataset
+    packs = PackedDataset(dataset, lengths, model_transform.max_seq_len, padding_idx=model_transform.pad_id)
+    fill = sum(lengths) / max(len(packs) * packs.max_seq_len, 1)
+    log.info("%s: %d samples packed into %d sequences of %d tokens (%.1f%% real tokens)",
+             source, len(dataset), len(packs), packs.max_seq_len, 100 * fill)
+    return packs
 
 
-def medpix_sample_dataset(model_transform: Transform, *, split: str = "train", **kwargs: Any) -> MedPixDataset:
+def medpix_sample_dataset(
+    model_transform: Transform, *, split: str = "train", **kwargs: Any
+) -> Union[MedPixDataset, PackedDataset]:
     """The MedPix-schema sample shipped with the package: real (MIT-licensed) CT, MR, X-ray, NM and US images.
 
     33 question/answer rows on 12 cases: ``train.parquet`` 24 rows of 9 cases, ``validation.parquet`` 9 rows of 3
@@ -450,10 +480,10 @@ def medpix_sample_dataset(model_transform: Transform, *, split: str = "train", *
     Args:
         model_transform (Transform): the model transform.
         split (str): ``"train"`` or ``"validation"``. Default is ``"train"``.
-        **kwargs (Any): other :func:`medpix_dataset` arguments.
+        **kwargs (Any): other :func:`medpix_dataset` arguments (``packed=True`` included).
 
     Returns:
-        MedPixDataset: the dataset.
+        Union[MedPixDataset, PackedDataset]: the dataset.
     """
     files = {name: str(MEDPIX_SAMPLE_DIR / f"{name}.parquet") for name in ("train", "validation")}
     return medpix_dataset(model_transform, source="parquet", data_files=files, split=split, **kwargs)

@@ -87,6 +87,18 @@ def collate_prompts(samples: Sequence[Dict[str, Any]], pad_id: int) -> Dict[str,
     return {"tokens": tokens, "encoder_input": batch["encoder_input"]}
 
 
+def _check_caches_fit(model: nn.Module, prompt: torch.Tensor, max_generated_tokens: int) -> None:
+    """Raise unless the model's KV caches hold ``prompt``'s batch and ``max_generated_tokens`` more positions."""
+    cache = next(m.kv_cache for m in model.modules() if getattr(m, "kv_cache", None) is not None)
+    needed = prompt.shape[1] + max_generated_tokens
+    if cache.k_cache.shape[0] != prompt.shape[0] or model.decoder_max_cache_seq_len < needed:
+        raise ValueError(
+            f"the model's KV caches are set up for batch {cache.k_cache.shape[0]} and "
+            f"{model.decoder_max_cache_seq_len} positions, but this call needs batch {prompt.shape[0]} and {needed}: "
+            "call model.setup_caches(...) again with these sizes (after delete_kv_caches), or delete the caches"
+        )
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -105,7 +117,9 @@ def generate(
     """Generate from a batch of (image +) text prompts with torchtune's :func:`~torchtune.generation.generate`.
 
     Args:
-        model (nn.Module): a Mistral 3 fusion model without KV caches set up (they are made for this call).
+        model (nn.Module): a Mistral 3 fusion model. Without KV caches set up, caches are made for this call;
+            caches the caller set up (``model.setup_caches``, batch size of ``prompt``, room for the prompt and
+            ``max_generated_tokens``) are reset and reused, so that a compiled decode step keeps its buffers.
         prompt (torch.Tensor): left-padded prompt tokens ``[b, s_p]`` (see :func:`collate_prompts`).
         max_generated_tokens (int): most tokens to generate per prompt.
         pad_id (int): padding id of ``prompt``.
@@ -121,6 +135,9 @@ def generate(
 
     Returns:
         torch.Tensor: prompt + generated tokens ``[b, s_p + n]``; tokens after a sample's stop token are 0.
+
+    Raises:
+        ValueError: if the caller's caches have another batch size or too few positions.
     """
     image_input = (encoder_input or {}).get("image")
     has_images = image_input is not None and image_input["image_sizes"].shape[0] > 0
@@ -135,6 +152,10 @@ def generate(
         custom_generate_next_token=custom_generate_next_token,
     )
     if not use_kv_cache:
+        return generation.generate(target, prompt, **kwargs)[0]
+    if model.caches_are_setup():
+        _check_caches_fit(model, prompt, max_generated_tokens)
+        model.reset_caches()
         return generation.generate(target, prompt, **kwargs)[0]
     dtype = model.tok_embeddings.weight.dtype
     with local_kv_cache(

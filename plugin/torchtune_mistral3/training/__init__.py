@@ -40,7 +40,7 @@ from ._precision import (
     precision_policy,
     shard_model,
 )
-from ._sample_index import IndexedCollate, IndexedDataset, pop_sample_indices
+from ._sample_index import IndexedCollate, IndexedDataset, count_step_data, pop_sample_indices
 from ._step_plan import cost_balanced_stage_extras
 from ._stock import load_plugin_recipe, load_stock_recipe, stock_recipe_path
 from ._tp import apply_tensor_parallel, resolve_tp_plan, train_context, uses_loss_parallel
@@ -59,6 +59,7 @@ __all__ = [
     "command_line_overrides",
     "convert_to_fp8",
     "cost_balanced_stage_extras",
+    "count_step_data",
     "cosine_with_warmup",
     "cut_pipeline_stage",
     "DEFAULT_DISTRIBUTED_TIMEOUT_S",

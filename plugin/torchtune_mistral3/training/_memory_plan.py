@@ -27,6 +27,14 @@ under checkpointing) + hidden-state gradients; (c) end of backward: all gradient
 workspace; (d) optimizer step: all gradients + the optimizer's temporaries (a foreach Adam allocates one
 state-sized list; a fused or compiled step none). On the H200 slice (bench/results/step_speed_h200*.json) the
 predicted peaks are within -0.3%..+2.7% of ``torch.cuda.max_memory_allocated``.
+
+LoRA (a ``*_lora`` builder, ``lora=`` of :func:`build_meta_model`): the counts follow from the modules, as for a
+full fine-tune: gradients and optimizer state cover the trainable (adapter) parameters only, and a frozen FP8
+base (``fp8_base: True``) holds one byte per weight element (its 0-d scales are not counted). Each FP8 matmul
+dequantises its weight for the call: the largest FP8 weight of a layer in the compute dtype is a transient,
+beside the FSDP2 all-gather of a layer (FP8 bytes for the FP8 weights). Activations per token are the full
+fine-tune's: the adapters' inputs are the tensors the frozen linears would save, and their rank-wide outputs
+(``2 r`` bytes per adapted linear and token) are not counted.
 """
 
 import fnmatch
@@ -37,6 +45,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 GIB = 1024**3
+# MedPix-VQA's mean sample length: NeMo AutoModel's Ministral-3 golden values report ~4,600 tokens per step of 8
+# samples (issue #14); the default number of samples (hence images) a packed sequence holds.
+MEDPIX_MEAN_SAMPLE_TOKENS = 575
 _BYTES_NAME = {2: "bf16", 4: "fp32", 1: "8-bit"}
 
 # Eager / compiled bytes per token of one decoder layer, measured on the H200 slice (bench/step_speed.py:
@@ -106,11 +117,33 @@ class PartParams:
         total (int): elements in the unsharded model.
         per_tp_rank (float): elements one TP rank holds.
         trainable_per_tp_rank (float): trainable elements one TP rank holds.
+        fp8_per_tp_rank (float): of ``per_tp_rank``, the elements stored in FP8 (one byte; frozen LoRA bases).
+        fp8_largest_per_tp_rank (float): the largest single FP8 weight one TP rank holds.
     """
 
     total: int = 0
     per_tp_rank: float = 0.0
     trainable_per_tp_rank: float = 0.0
+    fp8_per_tp_rank: float = 0.0
+    fp8_largest_per_tp_rank: float = 0.0
+
+    def bytes_per_tp_rank(self, element_bytes: int, frozen_bytes: Optional[int] = None) -> float:
+        """Bytes one TP rank holds: FP8 elements at one byte, the others at ``element_bytes``.
+
+        Args:
+            element_bytes (int): bytes of a non-FP8 element (the master or the compute dtype).
+            frozen_bytes (Optional[int]): bytes of a frozen non-FP8 element, when it differs (the recipe holds
+                frozen parameters in the compute dtype under wider masters). Default is None: ``element_bytes``.
+
+        Returns:
+            float: bytes.
+        """
+        frozen = self.per_tp_rank - self.fp8_per_tp_rank - self.trainable_per_tp_rank
+        return (
+            self.trainable_per_tp_rank * element_bytes
+            + frozen * (element_bytes if frozen_bytes is None else frozen_bytes)
+            + self.fp8_per_tp_rank
+        )
 
 
 @dataclass
@@ -149,6 +182,11 @@ class Layout:
         num_output_chunks (int): ``CEWithChunkedOutputLoss.num_output_chunks``. Default is 8.
         images_per_sample (int): images per sample. Default is 1.
         image_px (int): side of a square image after Pixtral resizing (a multiple of patch x merge). Default is 532.
+        packed (bool): ``dataset.packed``: ``batch_size`` counts packs of exactly ``seq_len`` tokens, each holding
+            ``images_per_pack`` images (the block-causal mask adds no activation memory: FlexAttention keeps
+            the same per-token tensors as causal SDPA). Default is False.
+        images_per_pack (Optional[int]): images in one pack; None means ``images_per_sample`` times the samples a
+            pack holds at MedPix's mean of ``MEDPIX_MEAN_SAMPLE_TOKENS`` tokens per sample. Default is None.
     """
 
     tp: int = 1
@@ -172,6 +210,17 @@ class Layout:
     num_output_chunks: int = 8
     images_per_sample: int = 1
     image_px: int = 532
+    packed: bool = False
+    images_per_pack: Optional[int] = None
+
+    @property
+    def images_per_sequence(self) -> int:
+        """int: images in one sequence of the batch (a sample, or a pack of samples)."""
+        if not self.packed:
+            return self.images_per_sample
+        if self.images_per_pack is not None:
+            return self.images_per_pack
+        return max(1, self.seq_len // MEDPIX_MEAN_SAMPLE_TOKENS) * self.images_per_sample
 
 
 @dataclass
@@ -264,13 +313,19 @@ class MemoryPlan:
 # --------------------------------------------------------------------------------------------- model
 
 
-def build_meta_model(checkpoint_dir: Optional[str] = None, size: Optional[str] = None, **flags: Any):
+def build_meta_model(
+    checkpoint_dir: Optional[str] = None, size: Optional[str] = None, lora: Optional[Dict[str, Any]] = None,
+    **flags: Any,
+):
     """Build the model on the meta device from ``checkpoint_dir/config.json`` or a named size.
 
     Args:
         checkpoint_dir (Optional[str]): HF checkpoint directory with config.json. Default is None.
         size (Optional[str]): one of :data:`NAMED_SIZES`, used when ``checkpoint_dir`` has no config.json.
             Default is None.
+        lora (Optional[Dict[str, Any]]): the LoRA builder's arguments (``lora_attn_modules``, ``lora_rank``,
+            ``fp8_base``, ``decoder_trainable``, ...; :func:`~torchtune_mistral3.models.mistral3.mistral3_lora`);
+            None builds the model without adapters. Default is None.
         **flags (Any): builder overrides (``vision_trainable``, ``max_seq_len``, ...).
 
     Returns:
@@ -283,15 +338,36 @@ def build_meta_model(checkpoint_dir: Optional[str] = None, size: Optional[str] =
 
     from torchtune_mistral3.models import mistral3 as family
 
+    suffix, kwargs = ("", flags) if lora is None else ("_lora", {**lora, **flags})
     with torch.device("meta"):
         if checkpoint_dir is not None and (Path(checkpoint_dir) / "config.json").is_file():
-            return family.mistral3_from_hf_config(checkpoint_dir, **flags)
+            builder = family.mistral3_from_hf_config if lora is None else family.mistral3_lora_from_hf_config
+            return builder(checkpoint_dir, **kwargs)
         if size in NAMED_SIZES:
-            return getattr(family, size)(**flags)
+            return getattr(family, size + suffix)(**kwargs)
     raise ValueError(
         f"no {Path(str(checkpoint_dir)) / 'config.json'} and no named size ({size!r}): give the checkpoint "
         f"directory, or plan.size= one of {', '.join(NAMED_SIZES)}"
     )
+
+
+# The LoRA builders' own arguments (models/mistral3/_lora_builders.py), as a config's ``model`` node gives them.
+LORA_KEYS = ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank", "lora_alpha",
+             "lora_dropout", "decoder_trainable", "vision_trainable", "projector_trainable", "fp8_base", "fp8_matmul")
+
+
+def lora_options(model_cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The LoRA arguments of a config's ``model`` node, or None when its builder is not a ``*_lora`` one.
+
+    Args:
+        model_cfg (Dict[str, Any]): the ``model`` node (``_component_`` and the builder's arguments).
+
+    Returns:
+        Optional[Dict[str, Any]]: ``build_meta_model``'s ``lora`` argument.
+    """
+    if "_lora" not in str(model_cfg.get("_component_", "")).rsplit(".", 1)[-1]:
+        return None
+    return {k: (list(model_cfg[k]) if k == "lora_attn_modules" else model_cfg[k]) for k in LORA_KEYS if k in model_cfg}
 
 
 def model_dims(model) -> ModelDims:
@@ -309,13 +385,13 @@ def model_dims(model) -> ModelDims:
     return ModelDims(
         vocab_size=model.tok_embeddings.num_embeddings,
         hidden=model.tok_embeddings.embedding_dim,
-        ffn=layer.mlp.w1.out_features,
+        ffn=layer.mlp.w1.weight.shape[0],  # nn.Linear, LoRALinear and FP8 bases alike
         num_heads=layer.attn.num_heads,
         num_kv_heads=layer.attn.num_kv_heads,
         head_dim=layer.attn.head_dim,
         num_layers=len(model.decoder.layers),
         vision_hidden=vlayer.attn.embed_dim,
-        vision_ffn=vlayer.mlp.w1.out_features,
+        vision_ffn=vlayer.mlp.w1.weight.shape[0],
         vision_heads=vlayer.attn.num_heads,
         vision_layers=len(vision.layers),
         patch_size=vision.patch_size,
@@ -371,6 +447,9 @@ def count_parts(model, tp: int, tp_plan: Optional[Dict[str, Any]] = None) -> Dic
         part.per_tp_rank += local
         if p.requires_grad:
             part.trainable_per_tp_rank += local
+        if p.element_size() == 1:  # a frozen FP8 LoRA base
+            part.fp8_per_tp_rank += local
+            part.fp8_largest_per_tp_rank = max(part.fp8_largest_per_tp_rank, local)
     return parts
 
 
@@ -510,10 +589,12 @@ def plan_memory(
     mb = lo.batch_size // lo.microbatches
     tokens = mb * lo.seq_len
     side = lo.image_px // (dims.patch_size * dims.merge)
-    image_tokens = mb * lo.images_per_sample * side * side
+    images = lo.images_per_sequence
+    image_tokens = mb * images * side * side
     patches = image_tokens * dims.merge**2
-    if side * (side + 1) * lo.images_per_sample > lo.seq_len:
-        raise ValueError(f"{lo.images_per_sample} image(s) of {lo.image_px} px need more than seq_len={lo.seq_len}")
+    if side * (side + 1) * images > lo.seq_len:
+        what = "a pack" if lo.packed else "a sample"
+        raise ValueError(f"{images} image(s) of {lo.image_px} px in {what} need more than seq_len={lo.seq_len}")
 
     parts = count_parts(model, lo.tp, tp_plan)
     v, split, rank_stages = _stages(lo, dims.num_layers)
@@ -541,7 +622,8 @@ def plan_memory(
             if s == last_stage:
                 names += ["norm", "output"]
         held = [parts[n] for n in names if n in parts]
-        params = sum(p.per_tp_rank for p in held) * master_bytes / shard
+        # frozen parameters have no master: the recipe holds them in the compute dtype
+        params = sum(p.bytes_per_tp_rank(master_bytes, lo.dtype_bytes) for p in held) / shard
         trainable = sum(p.trainable_per_tp_rank for p in held) / shard
         grads = trainable * master_bytes
         opt = trainable * state_bytes * n_states
@@ -576,10 +658,15 @@ def plan_memory(
             forward_transients["vision_forward"] = (
                 patches * (8 * dims.vision_hidden + 3 * dims.vision_ffn) * lo.dtype_bytes
             )
+        layer_parts = [parts[n] for n in names if n.startswith("layer.") and n in parts]
+        # a frozen FP8 base dequantises one weight at a time for its matmul (forward and backward)
+        dequantized = max((p.fp8_largest_per_tp_rank for p in layer_parts), default=0.0) * lo.dtype_bytes
+        if dequantized:
+            forward_transients["fp8_dequantize"] = dequantized
         if shard > 1 or casts:
-            # this layer's and the prefetched next layer's gathered weights, in the compute dtype
-            biggest = max((parts[n].per_tp_rank for n in names if n.startswith("layer.")), default=0.0)
-            forward_transients["fsdp_all_gather"] = 2 * biggest * lo.dtype_bytes
+            # this layer's and the prefetched next layer's gathered weights, in the compute dtype (FP8 ones as FP8)
+            biggest = max((p.bytes_per_tp_rank(lo.dtype_bytes) for p in layer_parts), default=0.0)
+            forward_transients["fsdp_all_gather"] = 2 * biggest + dequantized
         fb_transient = max(forward_transients.values())
         embed_grad = parts["embeddings"].trainable_per_tp_rank * master_bytes / shard if first else 0.0
         embed_bwd = 6 * dims.hidden * tokens if first and embed_grad else 0.0
@@ -613,9 +700,11 @@ def format_plan(plan: MemoryPlan) -> str:
         str: the table and the verdict.
     """
     lo = plan.layout
+    images = f"packs of {lo.images_per_sequence} image(s)" if lo.packed else f"{lo.images_per_sequence} image(s) each"
     lines = [
         f"layout: TP={lo.tp} PP={lo.pp} DP={lo.dp} ({lo.tp * lo.pp * lo.dp} GPUs), schedule {lo.schedule}, "
-        f"{lo.microbatches} micro-batch(es) of {lo.batch_size // lo.microbatches} x {lo.seq_len} tokens, "
+        f"{lo.microbatches} micro-batch(es) of {lo.batch_size // lo.microbatches} x {lo.seq_len} tokens "
+        f"({images}), "
         f"grad accumulation {lo.grad_accum}, activation checkpointing {'on' if lo.activation_checkpointing else 'off'},"
         f" compile {'on' if lo.compile else 'off'}, optimizer {lo.optimizer}{' (fused)' if lo.optimizer_fused else ''}"
         f", compute {_BYTES_NAME[lo.dtype_bytes]} / master {_BYTES_NAME[lo.master_bytes or lo.dtype_bytes]}"

@@ -69,6 +69,30 @@ class PrecisionPolicy:
         param_dtype = self.compute_dtype if self.casts_parameters else None
         return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=self.reduce_dtype)
 
+    def store_frozen_in_compute_dtype(self, model: nn.Module) -> int:
+        """Hold the frozen parameters in the compute dtype when the masters are wider (call before sharding).
+
+        A frozen parameter (the vision tower, the embeddings or head when not trained) has no master to keep:
+        FSDP2 would only cast it to the compute dtype before every forward and backward, each micro-batch, and
+        hold it at twice the bytes. Stored in the compute dtype, its values are those casts' (the checkpoint is
+        read in the master dtype and rounded once, on the copy into the parameter), and FSDP2 skips the cast
+        (it needs one dtype among a group's trainable parameters only).
+
+        Args:
+            model (nn.Module): the model or a pipeline stage, on any device (meta is fine).
+
+        Returns:
+            int: the number of parameter elements now held in the compute dtype.
+        """
+        if not self.casts_parameters:
+            return 0
+        moved = 0
+        for p in model.parameters():
+            if not p.requires_grad and p.dtype == self.master_dtype:
+                p.data = p.data.to(self.compute_dtype)
+                moved += p.numel()
+        return moved
+
     def describe(self) -> str:
         """str: one line for the log, e.g. ``compute bf16, master fp32, reduce fp32``."""
         text = (

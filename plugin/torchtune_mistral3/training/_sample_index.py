@@ -1,6 +1,6 @@
 """Carry each sample's dataset index through the data loader, so a failing step can name its rows."""
 
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import Dataset
@@ -28,6 +28,9 @@ class IndexedDataset(Dataset):
 class IndexedCollate:
     """Collate ``(index, sample)`` pairs with ``collate``; the indices go under ``SAMPLE_INDEX_KEY``.
 
+    A pack of samples (an item with ``rows``, see :class:`~torchtune_mistral3.datasets.PackedDataset`) contributes
+    the dataset rows of its samples instead of its own index, so the indices name (and count) samples either way.
+
     Args:
         collate (Callable[[List[Any]], Dict[str, Any]]): the collate function of the plain samples.
     """
@@ -37,7 +40,8 @@ class IndexedCollate:
 
     def __call__(self, items: List[Tuple[int, Any]]) -> Dict[str, Any]:
         batch = self.collate([sample for _, sample in items])
-        batch[SAMPLE_INDEX_KEY] = torch.tensor([index for index, _ in items], dtype=torch.long)
+        indices = [row for index, sample in items for row in sample.get("rows", [index])]
+        batch[SAMPLE_INDEX_KEY] = torch.tensor(indices, dtype=torch.long)
         return batch
 
 
@@ -52,3 +56,30 @@ def pop_sample_indices(batch: Dict[str, Any]) -> List[int]:
     """
     indices = batch.pop(SAMPLE_INDEX_KEY, None)
     return [] if indices is None else [int(i) for i in indices.tolist()]
+
+
+def count_step_data(
+    batches: Sequence[Dict[str, Any]],
+    num_samples: int,
+    pad_id: int,
+    group: Optional[torch.distributed.ProcessGroup] = None,
+) -> Dict[str, float]:
+    """Samples, real (non-padding) tokens and padding fraction of one optimizer step, over data-parallel ranks.
+
+    Args:
+        batches (Sequence[Dict[str, Any]]): this rank's micro-batches (``tokens`` on the device).
+        num_samples (int): samples in them (``len`` of the popped sample indices; a pack counts its samples).
+        pad_id (int): the padding token.
+        group (Optional[torch.distributed.ProcessGroup]): the data-parallel group. Default is None (the world).
+
+    Returns:
+        Dict[str, float]: ``samples``, ``input_tokens`` (real tokens) and ``padding_fraction`` (padding over all
+        token slots of the step).
+    """
+    device = batches[0]["tokens"].device
+    real = sum((b["tokens"] != pad_id).sum() for b in batches)
+    slots = sum(b["tokens"].numel() for b in batches)
+    counts = torch.stack([torch.as_tensor(x, device=device, dtype=torch.long) for x in (num_samples, real, slots)])
+    torch.distributed.all_reduce(counts, group=group)
+    samples, real, slots = counts.tolist()
+    return {"samples": samples, "input_tokens": real, "padding_fraction": 1 - real / max(slots, 1)}

@@ -112,7 +112,7 @@ def save_training_state(
         partial.mkdir(parents=True)
     dist.barrier()
     state = {
-        "model": [{k: _local(v).detach().cpu() for k, v in part.state_dict().items()} for part in model_parts],
+        "model": [_changing_state(part) for part in model_parts],
         "optimizer": _optimizer_state_to_local(optimizer.state_dict()),
         "extra": extra,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
@@ -272,11 +272,35 @@ def load_training_state(
     raise RuntimeError(f"No training state in {Path(output_dir) / STATE_DIR} is readable: {'; '.join(failures)}")
 
 
+def _changing_state(part: nn.Module) -> Dict[str, torch.Tensor]:
+    """This rank's trainable parameters and persistent buffers of ``part``, on the CPU.
+
+    Frozen parameters (a frozen vision tower, a LoRA run's whole base) are left out: the resumed run loads them
+    from ``checkpointer.checkpoint_dir`` at set-up, as the first run did, and training never changes them.
+    """
+    return {k: _local(v).detach().cpu() for k, v in part.state_dict(keep_vars=True).items() if _changes(v)}
+
+
+def _changes(value: torch.Tensor) -> bool:
+    """bool: a state-dict entry that training can change (a trainable parameter or a buffer)."""
+    return not isinstance(value, nn.Parameter) or value.requires_grad
+
+
 def _apply(state: Dict[str, Any], model_parts: Sequence[nn.Module], optimizer: Optimizer) -> None:
     with torch.no_grad():
         for part, saved in zip(model_parts, state["model"]):
-            for key, value in part.state_dict().items():
-                _local(value).copy_(saved[key])
+            current = part.state_dict(keep_vars=True)
+            missing = [k for k, v in current.items() if k not in saved and _changes(v)]
+            if missing:
+                raise ValueError(
+                    f"The training state has no saved value for the trainable {missing[:4]}"
+                    f"{' and more' if len(missing) > 4 else ''}: it was written by a run that kept them frozen. "
+                    "Resume with the same *_trainable settings as that run, or start afresh with "
+                    "resume_from_checkpoint=False."
+                )
+            for key, value in current.items():
+                if key in saved:  # older states hold the frozen weights too: the same values, copied again
+                    _local(value.detach()).copy_(saved[key])
     optimizer.load_state_dict(state["optimizer"])
     _optimizer_state_to_dtensor(optimizer)
     torch.set_rng_state(state["rng"]["torch"])

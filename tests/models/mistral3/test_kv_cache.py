@@ -109,3 +109,22 @@ def test_setup_caches_takes_the_stock_recipes_arguments(pair):
         from torchtune.modules.common_utils import delete_kv_caches
 
         delete_kv_caches(model)
+
+
+def test_caches_set_up_by_the_caller_are_reset_and_reused(pair):
+    from torchtune.modules.common_utils import delete_kv_caches
+
+    _, model = pair
+    batch = _prompts()
+    fresh = _plugin(model, batch)
+    model.setup_caches(batch_size=2, dtype=torch.float32, decoder_max_seq_len=batch["tokens"].shape[1] + NEW_TOKENS)
+    try:
+        k_cache = model.decoder.layers[0].attn.kv_cache.k_cache
+        first = _plugin(model, batch)
+        again = _plugin(model, batch)  # the first call's entries are gone (reset), not attended to
+        assert model.decoder.layers[0].attn.kv_cache.k_cache is k_cache  # the same buffers, kept for the caller
+        assert torch.equal(first, fresh) and torch.equal(again, fresh)
+        with pytest.raises(ValueError, match="set up for batch 2 and .* needs batch 1"):
+            _plugin(model, {"tokens": batch["tokens"][:1], "encoder_input": None})
+    finally:
+        delete_kv_caches(model)

@@ -238,7 +238,7 @@ def test_trainable_defaults_and_switches():
     assert trainable(only_head) == dict(vision=False, projector=False, embed=False, output=True, body=False)
 
 
-def test_explicit_causal_mask_takes_the_expanded_path_and_agrees():
+def test_explicit_causal_mask_agrees_with_the_implicit_one():
     model = plugin_from_hf(tiny_hf_model())
     batch = tiny_batch()
     b, s = batch["tokens"].shape

@@ -1,3 +1,4 @@
+from ._attention import block_causal_mask
 from ._component_builders import ministral3_decoder, mistral3, mistral3_projector, pixtral_vision_encoder
 from ._convert_weights import hf_key_to_tune, mistral3_hf_to_tune, mistral3_tune_to_hf, tune_key_to_hf
 from ._demo_checkpoint import DEMO_HF_CONFIG, write_demo_checkpoint
@@ -24,6 +25,7 @@ from ._tokenizer import Mistral3Tokenizer, check_tokenizer_fits_model
 from ._transform import Mistral3Transform, PixtralImageTransform, medical_image_to_rgb, mistral3_transform
 
 __all__ = [
+    "block_causal_mask",
     "ministral3_3b_lora",
     "ministral3_8b_lora",
     "ministral3_14b_lora",

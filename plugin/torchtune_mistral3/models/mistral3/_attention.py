@@ -6,12 +6,50 @@ Staying ``MultiHeadAttention`` instances keeps torchtune's machinery working on 
 the ``attn.{q,k,v,output}_proj`` names.
 """
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torchtune.modules import MultiHeadAttention
+
+_compiled_flex_attention = None
+
+
+def block_causal_mask(document_ids: torch.Tensor) -> Union[BlockMask, torch.Tensor]:
+    """The block-causal document mask of packed sequences: a token attends to earlier tokens of its own sample.
+
+    On CUDA a FlexAttention :class:`~torch.nn.attention.flex_attention.BlockMask` (compressed, no ``s x s``
+    tensor; blocks outside every sample are skipped by the kernel). Elsewhere a dense boolean mask, because
+    torch's FlexAttention has no backward on the CPU; :class:`Mistral3Attention` gives both the same meaning.
+
+    Args:
+        document_ids (torch.Tensor): sample index of every token within its pack, shape ``[b, s]``, on the device
+            the model runs on (see :func:`~torchtune_mistral3.data.padded_collate_packed_mistral3`).
+
+    Returns:
+        Union[BlockMask, torch.Tensor]: a BlockMask of shape ``[b, 1, s, s]`` on CUDA, else a boolean tensor
+        ``[b, s, s]`` (True attends).
+    """
+    b, s = document_ids.shape
+    if document_ids.device.type != "cuda":
+        causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
+        return causal & (document_ids[:, :, None] == document_ids[:, None, :])
+
+    def mask_mod(batch, head, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (document_ids[batch, q_idx] == document_ids[batch, kv_idx])
+
+    return create_block_mask(mask_mod, b, None, s, s, device=document_ids.device)
+
+
+@torch.compiler.disable(recursive=False)
+def _flex_attention_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+    """FlexAttention with grouped KV heads read in place, compiled once (eager flex is a slow reference only)."""
+    global _compiled_flex_attention
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _positions_2d(input_pos: Optional[torch.Tensor], b: int, s: int) -> Optional[torch.Tensor]:
@@ -57,8 +95,9 @@ class Mistral3Attention(MultiHeadAttention):
             x (torch.Tensor): query input, shape ``[b, s_x, d]``.
             y (Optional[torch.Tensor]): key/value input, shape ``[b, s_y, d]``; None only while decoding from a
                 KV cache. Default is None.
-            mask (Optional[torch.Tensor]): boolean ``[b, s_x, s_y]`` mask (True attends) or a flex ``BlockMask``;
-                None means causal, computed inside SDPA without materialising a mask. Default is None.
+            mask (Optional[torch.Tensor]): boolean ``[b, s_x, s_y]`` mask (True attends) or a flex ``BlockMask``
+                (:func:`block_causal_mask` of packed sequences); None means causal, computed inside SDPA without
+                materialising a mask. Without a KV cache neither expands the KV heads. Default is None.
             input_pos (Optional[torch.Tensor]): positions ``[b, s_x]``; None means ``0..s_x-1``. Default is None.
 
         Returns:
@@ -100,11 +139,24 @@ class Mistral3Attention(MultiHeadAttention):
                 k, v = self.kv_cache.update(k, v)
 
         dropout_p = self.attn_dropout if self.training else 0.0
-        if self.num_heads != self.num_kv_heads and mask is None and self.kv_cache is None:
-            # Plain causal training batches: SDPA reads the shared KV heads itself, so no n_h/n_kv-fold copies
-            # of k and v are made and kept for backward (measured on H200: same output, less memory and time).
+        gqa = self.num_heads != self.num_kv_heads
+        if isinstance(mask, BlockMask):
+            # Packed sequences on CUDA: the block-causal document mask, KV heads shared in place.
+            if dropout_p > 0.0:
+                raise ValueError("packed sequences (FlexAttention) do not support attention dropout; set it to 0")
+            output = _flex_attention_gqa(q, k, v, mask)
+        elif self.kv_cache is None and (gqa or mask is not None) and self.is_causal:
+            # Training batches, plain causal or with a boolean (packed) mask: SDPA reads the shared KV heads
+            # itself, so no n_h/n_kv-fold copies of k and v are made and kept for backward (measured on H200:
+            # same output, less memory and time).
             output = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout_p, is_causal=self.is_causal, enable_gqa=True
+                q,
+                k,
+                v,
+                attn_mask=None if mask is None else mask[:, None],
+                dropout_p=dropout_p,
+                is_causal=mask is None,
+                enable_gqa=gqa,
             )
         else:
             if self.num_heads != self.num_kv_heads:

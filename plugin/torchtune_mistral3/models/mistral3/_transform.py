@@ -298,23 +298,24 @@ class Mistral3Transform(ModelTokenizer, Transform):
         """The same tokenizer with images reduced to their token grid (no pixels are read or resized)."""
         return Mistral3Tokenizer(self.tokenizer.path, image_transform=_ImageGrid(self.image_transform))
 
-    def check_length(self, messages: List[Message]) -> None:
+    def check_length(self, messages: List[Message]) -> int:
         """Check, without processing pixels, that a training conversation keeps a trained token after truncation.
 
         Only the image sizes are needed (``PIL.Image.open`` reads them from the header), so a data set can be
-        checked when it is built instead of failing at the step that reads a too-long sample.
+        checked (and packed) when it is built instead of failing at the step that reads a too-long sample.
 
         Args:
             messages (List[Message]): the conversation; images may be opened lazily (not loaded).
+
+        Returns:
+            int: the sample's token count after truncation (what :meth:`__call__` returns, without pixels).
 
         Raises:
             ValueError: if the answer would be cut off entirely (the message names the token count, the
                 ``max_seq_len`` and what to change), or the conversation cannot be tokenized.
         """
-        if self.max_seq_len is None:
-            return
         tokens, mask, _ = self._length_tokenizer.tokenize_conversation(messages)
-        self._cut(tokens, mask, inference=False)
+        return self._cut(tokens, mask, inference=False)[0]
 
     def __call__(self, sample: Mapping[str, Any], inference: bool = False) -> Mapping[str, Any]:
         """Tokenize ``sample["messages"]`` and process its images.

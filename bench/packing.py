@@ -1,0 +1,427 @@
+"""Packed sequences against padded batches on the width-faithful Mistral Medium 3.5 slice (bench/_slice.py).
+
+The same synthetic MedPix-like samples are laid out three ways and trained on (forward + backward, no optimizer
+step) by the plugin's model:
+
+    packed       whole samples first-fit into ``max_seq_len`` packs (``PackedDataset``; block-causal
+                 FlexAttention mask, positions per sample), ``--pack-batch`` packs per micro-batch
+    pad_longest  batches of ``--batch`` samples padded to their longest sample (the TP / FSDP layouts)
+    pad_max      batches of ``--batch`` samples padded to ``max_seq_len`` (the pipeline path)
+
+Synthetic mix (``--samples`` samples, seed 0): one image per sample, height and width drawn independently from
+300..1024 px (mixed aspect), resized by the Pixtral rule (multiples of 28 px) to
+``rows x ([IMG] * cols + [IMG_BREAK])`` tokens; a question of 10..40 tokens and an answer of 20..300 tokens
+(+ ``</s>``), all uniform; labels on the answer. A sample is about 130..1,700 tokens (MedPix: ~575).
+
+Reported per layout, all per real (non-padding) token or per image, all from the same run:
+
+- ``full_step``: the whole slice (tower + projector + embeddings + N decoder layers + head + chunked CE);
+- ``decoder_layers``: the N decoder layers alone, on the layout's batch shapes, mask and positions;
+- ``tower``: vision tower + projector per image (the same images in every layout: its cost follows the images);
+- ``projected_88_layers``: ``full_step + (88 - N) / N * decoder_layers`` (the rest of the model does not grow);
+- ``attention``: the attention op alone at full width (96 query / 8 KV heads of 128), forward + backward:
+  causal SDPA with shared KV heads for the padded layouts; for packs FlexAttention with the BlockMask (what the
+  model runs), SDPA per sample, ``torch.nn.attention.varlen`` (flash varlen) if present, and SDPA with a dense
+  boolean mask; packed outputs are checked against SDPA per sample;
+- peak memory of each full step.
+
+Ratios printed at the end: decoder-layer real tokens/s packed / pad_max and packed / pad_longest (targets >= 2.5
+and >= 1.3), the same for the 88-layer projection, and block-causal attention per real token against causal
+attention of pad_longest (target <= 1).
+
+    # on one H200 (about 2 minutes: model build, FlexAttention compile, 2 passes per measurement)
+    python bench/packing.py --layers 4 --out bench/results/packing_h200.json
+    # here, to test the script
+    PYTHONPATH=plugin python bench/packing.py --device cpu --tiny --dtype fp32 --layers 1 --samples 4 --repeats 1 \
+        --warmup 0
+"""
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _slice import BOS, EOS, INST, INST_END, image_layout, slice_hf_config  # noqa: E402
+from step_speed import build_plugin, matmul_peak  # noqa: E402
+
+GIB = 1024**3
+FULL_LAYERS = 88
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def synthetic_mix(n: int, vocab: int, tiny: bool, seed: int = 0) -> List[Dict]:
+    """``n`` MedPix-like samples as the dataset gives them (tokens, labels, one image tensor); see the docstring."""
+    from torchtune_mistral3.models.mistral3._transform import pixtral_image_size
+
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    side = (28, 84) if tiny else (300, 1024)
+    question, answer = ((2, 6), (2, 20)) if tiny else ((10, 40), (20, 300))
+    samples = []
+    for _ in range(n):
+        h, w = pixtral_image_size(uniform(*side), uniform(*side), max_image_size=1540, token_size=28)
+        prompt = [BOS, INST] + image_layout(h // 28, w // 28)
+        prompt += torch.randint(100, vocab, (uniform(*question),), generator=g).tolist() + [INST_END]
+        reply = torch.randint(100, vocab, (uniform(*answer),), generator=g).tolist() + [EOS]
+        samples.append({
+            "tokens": prompt + reply,
+            "labels": [-100] * len(prompt) + reply,
+            "encoder_input": {"image": {"images": [torch.randn(3, h, w, generator=g)]}},
+        })
+    return samples
+
+
+def layouts(samples: List[Dict], max_seq_len: int, batch: int, pack_batch: int) -> Dict[str, List[Dict]]:
+    """Micro-batches of the three layouts (CPU tensors, collated as the recipe does)."""
+    from torchtune_mistral3.data import padded_collate_mistral3, padded_collate_packed_mistral3
+    from torchtune_mistral3.datasets import PackedDataset
+
+    packs = PackedDataset(samples, [len(s["tokens"]) for s in samples], max_seq_len)
+    items = [packs[i] for i in range(len(packs))]
+    groups = [samples[i : i + batch] for i in range(0, len(samples), batch)]
+    return {
+        "packed": [padded_collate_packed_mistral3(items[i : i + pack_batch]) for i in range(0, len(items), pack_batch)],
+        "pad_longest": [padded_collate_mistral3(g) for g in groups],
+        "pad_max": [padded_collate_mistral3(g, pad_to_multiple_of=max_seq_len) for g in groups],
+    }
+
+
+def to_device(batch: Dict, device: str, dtype: torch.dtype) -> Dict:
+    """The batch on ``device`` with the recipe's step preparation: block-causal mask, shifted labels."""
+    from torchtune import utils
+    from torchtune_mistral3.models.mistral3 import block_causal_mask
+
+    batch = {k: v for k, v in batch.items()}
+    batch["encoder_input"] = {"image": dict(batch["encoder_input"]["image"])}
+    utils.batch_to_device(batch, torch.device(device))
+    image = batch["encoder_input"]["image"]
+    image["pixel_values"] = image["pixel_values"].to(dtype)
+    if "document_ids" in batch:
+        batch["mask"] = block_causal_mask(batch["document_ids"])
+    labels = batch.pop("labels")
+    batch["shifted"] = torch.hstack((labels[:, 1:], torch.full_like(labels[:, :1], -100)))
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+def timed(fn: Callable[[], None], device: str, repeats: int, warmup: int) -> Dict:
+    """Median seconds of ``fn`` over ``repeats`` after ``warmup`` calls, and the peak memory of the timed calls."""
+    for _ in range(warmup):
+        fn()
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    out = {"s": statistics.median(times), "all_s": times}
+    if cuda:
+        out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
+    return out
+
+
+def full_step(model, loss_fn, batches: List[Dict]) -> Callable[[], None]:
+    """Forward + backward of the whole model over ``batches`` (loss normalised by the answer tokens)."""
+    num_tokens = sum(int((b["shifted"] != -100).sum()) for b in batches)
+
+    def run():
+        for b in batches:
+            logits = model(b["tokens"], mask=b.get("mask"), encoder_input=b["encoder_input"],
+                           input_pos=b.get("input_pos"))
+            (loss_fn(logits, b["shifted"]) * (b["shifted"] != -100).sum() / num_tokens).backward()
+            del logits
+        model.zero_grad(set_to_none=True)
+
+    return run
+
+
+def layers_step(model, batches: List[Dict], hidden: int, dtype: torch.dtype) -> Callable[[], None]:
+    """Forward + backward of the decoder layers alone on the batches' shapes, masks and positions."""
+    inputs = [torch.randn(*b["tokens"].shape, hidden, device=b["tokens"].device, dtype=dtype) * 0.1
+              for b in batches]
+
+    def run():
+        for b, x in zip(batches, inputs):
+            h = x.requires_grad_(True)
+            for layer in model.decoder.layers:
+                h = layer(h, mask=b.get("mask"), input_pos=b.get("input_pos"))
+            h.backward(torch.ones_like(h))
+            x.grad = None
+        model.zero_grad(set_to_none=True)
+
+    return run
+
+
+def tower_step(model, batches: List[Dict]) -> Callable[[], None]:
+    """Vision tower (frozen) + projector (trained) forward + backward over the images of ``batches``."""
+    encoder = model.encoders["image"]
+
+    def run():
+        for b in batches:
+            image = b["encoder_input"]["image"]
+            encoder(image["pixel_values"], image["image_sizes"]).float().sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    return run
+
+
+# ----------------------------------------------------------------------------------------------- attention
+
+
+def _qkv(b: int, s: int, heads: int, kv_heads: int, dim: int, device: str, dtype: torch.dtype):
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(b, heads, s, dim, device=device, dtype=dtype, generator=g)
+    k = torch.randn(b, kv_heads, s, dim, device=device, dtype=dtype, generator=g)
+    v = torch.randn(b, kv_heads, s, dim, device=device, dtype=dtype, generator=g)
+    return [t.requires_grad_(True) for t in (q, k, v)]
+
+
+def _per_sample_sdpa(q, k, v, seq_lens: List[List[int]]):
+    """Causal SDPA per sample of each pack (shared KV heads), concatenated back."""
+    rows = []
+    for i, lens in enumerate(seq_lens):
+        parts = zip(q[i : i + 1].split(lens, dim=2), k[i : i + 1].split(lens, dim=2), v[i : i + 1].split(lens, dim=2))
+        rows.append(torch.cat([F.scaled_dot_product_attention(a, b_, c, is_causal=True, enable_gqa=True)
+                               for a, b_, c in parts], dim=2))
+    return torch.cat(rows, dim=0)
+
+
+def _varlen(q, k, v, seq_lens: List[List[int]]):
+    """torch's flash varlen attention over all samples of all packs (one [T, H, D] sequence)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    lens = [n for row in seq_lens for n in row]
+    cu = torch.tensor([0] + lens, device=q.device).cumsum(0).to(torch.int32)
+    flat = [t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (q, k, v)]
+    params = inspect.signature(varlen_attn).parameters
+    kwargs = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    else:  # an older varlen without GQA: expand the KV heads
+        rep = q.shape[1] // k.shape[1]
+        flat[1], flat[2] = (t.repeat_interleave(rep, dim=1) for t in flat[1:])
+    out = varlen_attn(*flat, cu, cu, max(lens), max(lens), **kwargs)
+    return out.reshape(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
+
+
+def attention_cases(
+    cases: Dict[str, List[Dict]], dims: Dict, device: str, dtype: torch.dtype, repeats: int, warmup: int
+) -> Dict:
+    """Forward + backward of the attention op alone for each layout's micro-batches (see the module docstring)."""
+    from torchtune_mistral3.models.mistral3._attention import _flex_attention_gqa
+
+    heads, kv_heads, dim = dims["num_attention_heads"], dims["num_key_value_heads"], dims["head_dim"]
+    out = {}
+
+    def measure(name: str, batches: List[Dict], attend: Callable) -> None:
+        tensors = [_qkv(*b["tokens"].shape, heads, kv_heads, dim, device, dtype) for b in batches]
+
+        def run():
+            for b, (q, k, v) in zip(batches, tensors):
+                attend(b, q, k, v).backward(torch.ones_like(q))
+                for t in (q, k, v):
+                    t.grad = None
+
+        try:
+            out[name] = timed(run, device, repeats, warmup)
+        except Exception as e:  # noqa: BLE001 - an unavailable kernel is reported, the others still run
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(f"attention {name:28s} {_fmt(out[name])}", flush=True)
+
+    def causal(b, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    measure("pad_longest_sdpa_causal", cases["pad_longest"], causal)
+    measure("pad_max_sdpa_causal", cases["pad_max"], causal)
+    packed = cases["packed"]
+    lens = [[[int(n) for n in torch.unique_consecutive(d, return_counts=True)[1]] for d in b["document_ids"]]
+            for b in packed]
+    index = {id(b): i for i, b in enumerate(packed)}
+    if device == "cuda":
+        measure("packed_flex_blockmask", packed, lambda b, q, k, v: _flex_attention_gqa(q, k, v, b["mask"]))
+    else:
+        out["packed_flex_blockmask"] = {"skipped": "FlexAttention has no backward on the CPU"}
+    measure("packed_sdpa_per_sample", packed, lambda b, q, k, v: _per_sample_sdpa(q, k, v, lens[index[id(b)]]))
+    if device == "cuda":
+        measure("packed_varlen", packed, lambda b, q, k, v: _varlen(q, k, v, lens[index[id(b)]]))
+    else:
+        out["packed_varlen"] = {"skipped": "flash varlen is CUDA only"}
+
+    def dense(b, q, k, v):
+        m = b["dense_mask"] if isinstance(b["mask"], BlockMask) else b["mask"]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m[:, None], enable_gqa=True)
+
+    for b in packed:
+        if isinstance(b["mask"], BlockMask):  # the same mask as a dense boolean tensor
+            d = b["document_ids"]
+            s = d.shape[1]
+            b["dense_mask"] = torch.ones(s, s, dtype=torch.bool, device=d.device).tril() & (d[:, :, None] == d[:, None])
+    measure("packed_sdpa_dense_mask", packed, dense)
+
+    # agreement of the packed kernels with SDPA per sample (bf16, forward)
+    with torch.no_grad():
+        b = packed[0]
+        q, k, v = _qkv(*b["tokens"].shape, heads, kv_heads, dim, device, dtype)
+        ref = _per_sample_sdpa(q, k, v, lens[0]).float()
+        checks = {"sdpa_dense_mask": lambda: dense(b, q, k, v)}
+        if device == "cuda":
+            checks["flex_blockmask"] = lambda: _flex_attention_gqa(q, k, v, b["mask"])
+            checks["varlen"] = lambda: _varlen(q, k, v, lens[0])
+        for name, fn in checks.items():
+            try:
+                out[f"max_abs_diff_{name}_vs_per_sample"] = float((fn().float() - ref).abs().max())
+            except Exception as e:  # noqa: BLE001
+                out[f"max_abs_diff_{name}_vs_per_sample"] = f"{type(e).__name__}: {str(e)[:200]}"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def _fmt(r: Dict) -> str:
+    if "s" not in r:
+        return str(r.get("error", r.get("skipped")))[:120]
+    return f"{r['s'] * 1e3:9.1f} ms  peak {r.get('peak_allocated_gib', float('nan')):6.1f} GiB"
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if not a or not b else a / b
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="tiny dims and images, to test the script on CPU")
+    ap.add_argument("--layers", type=int, default=4, help="decoder layers of the slice")
+    ap.add_argument("--samples", type=int, default=48, help="synthetic samples (48: ~8%% padding in the packs)")
+    ap.add_argument("--max-seq-len", type=int, default=None, help="default 2048 (256 with --tiny)")
+    ap.add_argument("--batch", type=int, default=8, help="samples per padded micro-batch")
+    ap.add_argument("--pack-batch", type=int, default=1, help="packs per micro-batch")
+    ap.add_argument("--repeats", type=int, default=1, help="timed passes over the data per measurement")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed passes first (compiles FlexAttention)")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="fp32 makes the CPU smoke fast")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    from torchtune.modules.loss import CEWithChunkedOutputLoss
+
+    t_start = time.perf_counter()
+    max_seq_len = args.max_seq_len or (256 if args.tiny else 2048)
+    cfg = slice_hf_config(args.layers, tiny=args.tiny)
+    text = cfg["text_config"]
+    samples = synthetic_mix(args.samples, text["vocab_size"], args.tiny)
+    cases_cpu = layouts(samples, max_seq_len, args.batch, args.pack_batch)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    cases = {name: [to_device(b, args.device, dtype) for b in batches] for name, batches in cases_cpu.items()}
+    real = sum(len(s["tokens"]) for s in samples)
+    images = len(samples)
+    result = {
+        "command": "python bench/packing.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "host": platform.node(),
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "layers": args.layers,
+        "max_seq_len": max_seq_len,
+        "samples": args.samples,
+        "images": images,
+        "real_tokens": real,
+        "sample_tokens": {"min": min(len(s["tokens"]) for s in samples), "max": max(len(s["tokens"]) for s in samples),
+                          "mean": real / len(samples)},
+        "matmul_peak_tflops": matmul_peak(args.device),
+        "layouts": {},
+    }
+    for name, batches in cases.items():
+        slots = sum(b["tokens"].numel() for b in batches)
+        result["layouts"][name] = {"micro_batches": len(batches), "shape": list(batches[0]["tokens"].shape),
+                                   "token_slots": slots, "padding_fraction": 1 - real / slots}
+        print(f"{name:12s} {len(batches)} micro-batches of {list(batches[0]['tokens'].shape)}, "
+              f"padding {1 - real / slots:.1%}", flush=True)
+
+    torch._dynamo.config.cache_size_limit = 64
+    model = build_plugin(cfg, args.device, compile_model=False, ac=False, max_seq_len=max_seq_len)
+    if dtype != torch.bfloat16:  # the CPU smoke in fp32 (a bf16 model keeps its fp32 RoPE tables)
+        model = model.to(dtype)
+    loss_fn = CEWithChunkedOutputLoss(num_output_chunks=8)
+    model.set_num_output_chunks(loss_fn.num_output_chunks)
+    result["build_s"] = time.perf_counter() - t_start
+
+    tower = timed(tower_step(model, cases["pad_longest"]), args.device, args.repeats, args.warmup)
+    result["tower"] = dict(tower, s_per_image=tower["s"] / images)
+    print(f"tower + projector {_fmt(tower)}  {tower['s'] / images * 1e3:.2f} ms/image", flush=True)
+    for name, batches in cases.items():
+        r = result["layouts"][name]
+        r["full_step"] = timed(full_step(model, loss_fn, batches), args.device, args.repeats, args.warmup)
+        r["decoder_layers"] = timed(
+            layers_step(model, batches, text["hidden_size"], dtype), args.device, args.repeats, args.warmup
+        )
+        full_s, layers_s = r["full_step"]["s"], r["decoder_layers"]["s"]
+        projected = full_s + (FULL_LAYERS - args.layers) / args.layers * layers_s
+        r["real_tokens_per_s"] = {
+            "full_step_slice": real / full_s,
+            "decoder_layers": real / layers_s,
+            "projected_88_layers": real / projected,
+        }
+        r["decoder_layer_s_per_real_token"] = layers_s / args.layers / real
+        r["projected_88_layers_s"] = projected
+        print(f"{name:12s} full {_fmt(r['full_step'])} | layers {_fmt(r['decoder_layers'])} | "
+              f"88-layer projection {projected:.2f} s, {real / projected:.0f} real tok/s", flush=True)
+        if args.out:
+            _write(args.out, result)
+    del model
+    result["attention"] = attention_cases(cases, text, args.device, dtype, args.repeats, args.warmup)
+
+    lay, att = result["layouts"], result["attention"]
+
+    def tps(name, key):
+        return lay[name]["real_tokens_per_s"][key]
+
+    result["ratios"] = {
+        "decoder_layers_packed_vs_pad_max": _ratio(tps("packed", "decoder_layers"), tps("pad_max", "decoder_layers")),
+        "decoder_layers_packed_vs_pad_longest": _ratio(tps("packed", "decoder_layers"),
+                                                       tps("pad_longest", "decoder_layers")),
+        "projected_88_packed_vs_pad_max": _ratio(tps("packed", "projected_88_layers"),
+                                                 tps("pad_max", "projected_88_layers")),
+        "projected_88_packed_vs_pad_longest": _ratio(tps("packed", "projected_88_layers"),
+                                                     tps("pad_longest", "projected_88_layers")),
+    }
+    base = att.get("pad_longest_sdpa_causal", {}).get("s")
+    for name in ("packed_flex_blockmask", "packed_sdpa_per_sample", "packed_varlen", "packed_sdpa_dense_mask"):
+        # same real tokens in every layout: time ratio = per-real-token ratio (< 1 is faster than unpacked)
+        result["ratios"][f"attention_{name}_vs_pad_longest_per_real_token"] = _ratio(att.get(name, {}).get("s"), base)
+    result["total_s"] = time.perf_counter() - t_start
+    print(json.dumps(result["ratios"], indent=1))
+    print(f"total {result['total_s']:.0f} s")
+    if args.out:
+        _write(args.out, result)
+    return result
+
+
+def _write(path: str, result: Dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Packed batches (``dataset.packed=True``) through the real `tune run` command (CPU, gloo, fp32).
+
+The layout tests' 4-layer model and helpers: every parallel layout gives the one-process packed losses and
+grad norms over 3 steps of 2 packs, and a packed run stopped after step 2 and resumed gives the
+uninterrupted run's step 3 (the packed loader's position restored: step 3 reads packs 4 and 5).
+"""
+
+import shutil
+
+import pytest
+
+from tests.recipes.test_tune_run_parallel_layouts import LAYOUTS, _run, checkpoint  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.integration
+
+# 128-token packs of ~45-token samples (positions pass the demo model's YaRN L0 of 32 inside every sample)
+PACKED = ["dataset.packed=True", "tokenizer.max_seq_len=128", "save_every_n_steps=1"]
+PACKED_LAYOUTS = ["tp2", "pp2_1f1b", "pp2_interleaved_4_stages", "fsdp2_tp2"]
+
+
+@pytest.fixture(scope="module")
+def single_packed(tmp_path_factory, checkpoint):  # noqa: F811
+    from tests.conftest import run_tune
+
+    out = tmp_path_factory.mktemp("single_packed")
+    metrics, _ = _run(run_tune, out, checkpoint, 1, PACKED)
+    return out, metrics
+
+
+def test_packed_steps_log_samples_real_tokens_and_padding(single_packed):
+    _, metrics = single_packed
+    assert sorted(metrics) == [1, 2, 3]
+    for m in metrics.values():
+        # 2 packs of 128 tokens per step hold more than 2 samples; real tokens + padding fill the 256 slots
+        assert m["samples"] > 2
+        assert m["real_tokens"] == pytest.approx(256 * (1 - m["padding_fraction"]))
+        assert 0 < m["padding_fraction"] < 0.5
+
+
+@pytest.mark.parametrize("layout", PACKED_LAYOUTS)
+def test_packed_layout_equals_one_process(tune, tmp_path, checkpoint, single_packed, layout):  # noqa: F811
+    nproc, overrides = LAYOUTS[layout]
+    _, ref = single_packed
+    metrics, _ = _run(tune, tmp_path, checkpoint, nproc, [*PACKED, *overrides])
+    assert sorted(metrics) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert metrics[step]["samples"] == ref[step]["samples"], step
+        assert metrics[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5), step
+        assert metrics[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-4), step
+
+
+def test_packed_resume_equals_uninterrupted(tune, tmp_path, checkpoint, single_packed):  # noqa: F811
+    ref_dir, ref = single_packed
+    # a run that stopped after step 2 (the states of steps 2 and 3 are kept)
+    shutil.copytree(ref_dir / "training_state" / "step_2", tmp_path / "training_state" / "step_2")
+    metrics, output = _run(tune, tmp_path, checkpoint, 1, [*PACKED, "resume_from_checkpoint=True"])
+    assert "Resumed from" in output
+    assert sorted(metrics) == [3]
+    assert metrics[3] == ref[3] | {"tokens_per_second_per_gpu": metrics[3]["tokens_per_second_per_gpu"]}
