@@ -336,7 +336,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true", help="eager (the table records which)")
-    ap.add_argument("--budget-s", type=float, default=170.0, help="skip sections that would start after this")
+    ap.add_argument("--budget-s", type=float, default=150.0, help="skip sections that would start after this")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -445,7 +445,30 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     del first, vision, projector
     free()
 
-    # 3. the TP shard of a decoder layer
+    # 3. optimizer step per parameter
+    layer_numel = 7 * (h * t["intermediate_size"]) if args.tiny else 1_384_120_320
+    for dtype, fused in ((torch.bfloat16, True), (torch.float32, True), (torch.float32, False)):
+        for numel in (layer_numel, layer_numel // 8):
+            if budget.allows(f"optimizer {dtype} fused={fused} {numel}"):
+                r = dict(dtype=str(dtype).split(".")[-1], fused=fused, **time_optimizer(timer, numel, dtype, fused,
+                                                                                        device))
+                result["optimizer"].append(r)
+                print(f"adamw {r['dtype']} fused={fused} {r['params']}: {r['step_s'] * 1e3:.2f} ms", flush=True)
+                free()
+    save()
+
+    # 4. head + loss, full vocabulary and the TP shard
+    for tp in result["head"]:
+        for b, s in shapes:
+            if budget.allows(f"head tp{tp} {b}x{s}"):
+                r = dict(batch=b, seq=s, **time_head(timer, h, t["vocab_size"] // int(tp), b, s, device))
+                result["head"][tp].append(r)
+                print(f"head tp{tp} {b}x{s}: fwd {r['forward_s'] * 1e3:.2f} bwd {r['backward_s'] * 1e3:.2f} ms",
+                      flush=True)
+        free()
+    save()
+
+    # 5. the TP shard of a decoder layer
     if args.tp_shard > 1:
         shard_cfg = tp_shard_config(slice_hf_config(3, tiny=args.tiny), args.tp_shard)
         shard = _stage(shard_cfg, [1, 1, 1], 1, device, compiled, max_s)
@@ -463,7 +486,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         free()
     save()
 
-    # 3b. an eager layer (compile: False), for the planner's compile-off layouts
+    # 6. an eager layer (compile: False), for the planner's compile-off layouts
     if compiled and budget.allows("eager layer"):
         eager = _stage(slice_hf_config(3, tiny=args.tiny), [1, 1, 1], 1, device, False, max_s)
         for ac in (False, True):
@@ -480,28 +503,6 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         free()
     save()
 
-    # 4. head + loss, full vocabulary and the TP shard
-    for tp in result["head"]:
-        for b, s in shapes:
-            if budget.allows(f"head tp{tp} {b}x{s}"):
-                r = dict(batch=b, seq=s, **time_head(timer, h, t["vocab_size"] // int(tp), b, s, device))
-                result["head"][tp].append(r)
-                print(f"head tp{tp} {b}x{s}: fwd {r['forward_s'] * 1e3:.2f} bwd {r['backward_s'] * 1e3:.2f} ms",
-                      flush=True)
-        free()
-    save()
-
-    # 5. optimizer step per parameter
-    layer_numel = 7 * (h * t["intermediate_size"]) if args.tiny else 1_384_120_320
-    for dtype, fused in ((torch.bfloat16, True), (torch.float32, True), (torch.float32, False)):
-        for numel in (layer_numel, layer_numel // 8):
-            if budget.allows(f"optimizer {dtype} fused={fused} {numel}"):
-                r = dict(dtype=str(dtype).split(".")[-1], fused=fused, **time_optimizer(timer, numel, dtype, fused,
-                                                                                        device))
-                result["optimizer"].append(r)
-                print(f"adamw {r['dtype']} fused={fused} {r['params']}: {r['step_s'] * 1e3:.2f} ms", flush=True)
-                free()
-    save()
     print_checks(result)
     return result
 

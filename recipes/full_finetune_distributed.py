@@ -129,7 +129,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
     of the stock recipe keeps its meaning, except ``resume_from_checkpoint``, which continues exactly from the
     newest ``<output_dir>/training_state/step_<N>``. Extra keys: ``pipeline_parallel_dim`` (default 1),
     ``pipeline_schedule`` (default ``1F1B``), ``pipeline_microbatches`` (default: the pipeline degree),
-    ``pipeline_split`` (layers per stage, default balanced), ``pipeline_stages_per_rank``, ``dataset_val``,
+    ``pipeline_split`` (layers per stage, default cost-balanced), ``pipeline_stages_per_rank``, ``dataset_val``,
     ``batch_size_val``, ``run_val_every_n_steps``, ``max_val_steps``, ``save_every_n_steps``,
     ``prepare_checkpoint``, ``hf_repo``, ``max_nonfinite_steps`` (default 0), ``distributed_timeout_s``
     (default 1800), ``master_dtype`` (default fp32), ``reduce_dtype`` (default: the master dtype),

@@ -97,11 +97,49 @@ def test_cli_prints_the_step_plan_with_the_cost_balanced_split(capsys):
     assert main(["--config", "mistral3p5_medpix", "plan.world_size=64", "plan.json=True"]) == 0
     out = json.loads(capsys.readouterr().out)
     step = out["step"]
-    split = step["layer_split"]
-    assert sum(split) == 88 and [r["layers"] for r in out["ranks_gib"]] == split  # both plans cut the same stages
-    # cost-balanced: every stage's compute within one decoder layer of the mean
-    per_stage = [r["forward_s"] + r["backward_s"] for r in step["ranks"]]
-    layer = (per_stage[3] - 0) / split[3]  # a middle stage is layers only
+    split, per_stage = step["layer_split"], step["stage_s"]
+    assert sum(split) == 88 and len(per_stage) == len(split)
+    held = [sum(split[s] for s in r["stages"]) for r in step["ranks"]]
+    assert [r["layers"] for r in out["ranks_gib"]] == held  # both plans cut the same stages
+    # cost-balanced: every stage's forward + backward within one decoder layer's of the mean
+    layer = per_stage[3] / split[3]  # a middle stage is layers only
     mean = sum(per_stage) / len(per_stage)
     assert max(per_stage) - mean <= layer and mean - min(per_stage) <= layer
     assert 0 < step["mfu"] < 1 and step["real_tokens_per_s_per_gpu"] > 0
+
+
+def _synthetic_table():
+    # times from known formulas, so the fits can be checked against them at shapes not in the table
+    def layer(b, s, scale=1.0):
+        t = b * s
+        return {"batch": b, "seq": s, "ac": False, "forward_s": scale * (1e-3 + 2e-6 * t + 1e-10 * t * s),
+                "backward_s": scale * 2 * (1e-3 + 2e-6 * t + 1e-10 * t * s)}
+
+    shapes = [(1, 2048), (2, 2048), (1, 4096)]
+    return {
+        "dims": {"hidden": 16, "vision_hidden": 8, "vocab": 64, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8,
+                 "ffn": 32, "vision_layers": 1, "vision_ffn": 16},
+        "layer": {"1": [layer(b, s) for b, s in shapes], "8": [layer(b, s, scale=0.25) for b, s in shapes]},
+        "tower": [{"patches_per_image": p, "forward_s": 1e-3 + 1e-5 * sum(p) + 1e-9 * sum(x * x for x in p)}
+                  for p in ([400], [1444], [5476], [400, 1444])],
+        "projector": [{"image_tokens": n, "forward_s": 1e-6 * n, "backward_s": 2e-6 * n} for n in (100, 361)],
+        "embeddings": [{"batch": 1, "seq": s, "forward_s": 1e-7 * s, "backward_s": 1e-3} for s in (2048, 4096)],
+        "head": {"1": [{"batch": 1, "seq": s, "forward_s": 1e-6 * s, "backward_s": 2e-6 * s} for s in (2048, 4096)]},
+        "optimizer": [{"dtype": "bfloat16", "fused": True, "params": n, "step_s": 1e-4 + 5e-12 * n}
+                      for n in (10**8, 10**9)],
+    }
+
+
+def test_table_fits_reproduce_their_formulas_off_the_measured_shapes():
+    table = CostTable(_synthetic_table())
+    f, b = table.layer(1, 4, 1024, ac=False)  # 4 x 1024: no such entry
+    t = 4096
+    assert f == pytest.approx(1e-3 + 2e-6 * t + 1e-10 * t * 1024) and b == pytest.approx(2 * f)
+    # TP8 measured: exact; TP2: TP1 / 2 times the TP8 shard's loss (0.25 x 8 = 2) to the power log 2 / log 8
+    assert table.layer(8, 1, 2048, ac=False)[0] == pytest.approx(0.25 * (1e-3 + 2e-6 * 2048 + 1e-10 * 2048**2))
+    f1, _ = table.layer(1, 1, 2048, ac=False)
+    assert table.layer(2, 1, 2048, ac=False)[0] == pytest.approx(f1 / 2 * 2 ** (1 / 3))
+    assert table.tower([38 * 38, 74 * 74]) == pytest.approx(
+        1e-3 + 1e-5 * (1444 + 5476) + 1e-9 * (1444**2 + 5476**2))
+    assert table.projector(1369) == pytest.approx((1.369e-3, 2.738e-3))
+    assert table.optimizer(1.38e9, 2, True) == pytest.approx(1e-4 + 5e-12 * 1.38e9)

@@ -22,7 +22,8 @@ with its assumptions written into it):
 The pipeline part is replayed from the torch schedule's own per-rank action order (``pipeline_order`` of a
 schedule built over stand-in stages): each rank runs its actions in order, an action starts when the rank is free
 and its inputs have arrived (F after the previous stage's F of the micro-batch, B/I after this stage's F and the
-next stage's B/I, W after I). Zero-bubble I/W actions split a stage's backward by ``W_SHARE``. The step is
+next stage's B/I, W after I). Zero-bubble I/W actions split an eager stage's backward by ``W_SHARE``; a
+compiled layer's backward is one node, so its I action does all of it (W nothing). The step is
 ``gradient_accumulation_steps`` replays plus the slowest rank's optimizer step.
 
 H200 -> H100 (same dense bf16 peak, 989 TFLOP/s; HBM 4.8 vs 3.35 TB/s): the optimizer step (memory bound) is
@@ -169,15 +170,20 @@ class CostTable:
         base = self._layer_at(1, batch, seq, ac, compiled)
         if base is None:
             raise ValueError(f"cost table has no decoder-layer entries at TP1 with ac={ac}, compiled={compiled}")
-        shards = sorted(int(k) for k in self.data["layer"]
-                        if int(k) > 1 and self._layer_entries(int(k), ac, compiled))
+
+        def shard_degrees(c: bool) -> List[int]:
+            return sorted(int(k) for k in self.data["layer"] if int(k) > 1 and self._layer_entries(int(k), ac, c))
+
+        # the shard's efficiency loss from the same kind of layer, else from the compiled one
+        kind = compiled if shard_degrees(compiled) else True
+        shards = shard_degrees(kind)
         loss = 1.0
         if not shards and tp > 1:  # a provisional table's assumed efficiency of a TP8 shard
             loss = (1.0 / float(self.data.get("tp8_shard_efficiency", 1.0))) ** (math.log(tp) / math.log(8))
         if shards and tp > 1:
             k = shards[-1]
-            fk, bk = self._layer_at(k, batch, seq, ac, compiled)
-            f1, b1 = base
+            fk, bk = self._layer_at(k, batch, seq, ac, kind)
+            f1, b1 = self._layer_at(1, batch, seq, ac, kind)
             loss = ((fk + bk) * k / (f1 + b1)) ** (math.log(tp) / math.log(k))
         return base[0] / tp * loss, base[1] / tp * loss
 
@@ -395,7 +401,10 @@ def stage_time(
     ar = hw.all_reduce_s(act_bytes, tp)
     fwd = layers * (f_l * c + 2 * ar)
     bwd = layers * (b_l * c + (4 if ac else 2) * ar)
-    wgt = layers * W_SHARE * b_plain * c
+    # a compiled layer's backward is one AOTAutograd node: input and weight gradients come out together, so a
+    # zero-bubble schedule's I action does all of it and W nothing (assumed, not measured)
+    w_share = 0.0 if compiled else W_SHARE
+    wgt = layers * w_share * b_plain * c
     parts["layers"] = layers * (f_l + b_l) * c
     parts["tp_comm"] = layers * (4 + (2 if ac else 0)) * ar
     if first:
@@ -407,14 +416,14 @@ def stage_time(
         pf, pb = (x * k["projector"] for x in table.projector(mb.image_tokens))
         fwd += (ef + tower + pf) * c + ar  # the vocabulary-parallel embedding's all-reduce
         bwd += (eb + pb) * c
-        wgt += (eb + W_SHARE * pb) * c
+        wgt += (eb + W_SHARE * pb) * c  # the embedding and projector stay eager
         parts.update(embeddings=(ef + eb) * c, tower=tower * c, projector=(pf + pb) * c)
         parts["tp_comm"] += ar
     if last:
         hf, hb = (x * k["head"] for x in table.head(tp, mb.tokens))
         fwd += hf * c
         bwd += hb * c + ar  # the column-wise head's input gradient
-        wgt += W_SHARE * hb * c
+        wgt += W_SHARE * hb * c  # the head and loss stay eager (only the loss's CE is compiled)
         parts["head"] = (hf + hb) * c
         parts["tp_comm"] += ar
     return StageTime(fwd, bwd, wgt, parts)
@@ -756,6 +765,7 @@ class StepPlan:
         real_tokens (float): real tokens per step.
         model_flops (float): model FLOPs per step of the computed tokens.
         tower_split (bool): whether the tower's images are shared over the TP group.
+        stage_s (List[float]): forward + backward seconds of one micro-batch through each stage. Default is [].
     """
 
     layout: Layout
@@ -771,6 +781,7 @@ class StepPlan:
     real_tokens: float
     model_flops: float
     tower_split: bool
+    stage_s: List[float] = field(default_factory=list)
 
     @property
     def world(self) -> int:
@@ -798,7 +809,8 @@ class StepPlan:
 
         return {"layout": asdict(self.layout), "hardware": asdict(self.hardware), "table": self.table_source,
                 "provisional_table": self.provisional, "layer_split": self.layer_split, "tower_split": self.tower_split,
-                "ranks": [asdict(r) for r in self.ranks], "pipeline_s": self.pipeline_s, "step_s": self.step_s,
+                "ranks": [asdict(r) for r in self.ranks], "stage_s": self.stage_s,
+                "pipeline_s": self.pipeline_s, "step_s": self.step_s,
                 "samples": self.samples, "tokens": self.tokens, "real_tokens": self.real_tokens,
                 "real_tokens_per_s_per_gpu": self.real_tokens_per_s_per_gpu, "mfu": self.mfu,
                 "real_mfu": self.real_mfu}
@@ -931,6 +943,7 @@ def plan_step(
         ranks=ranks, pipeline_s=pipeline_s, step_s=step_s, samples=samples, tokens=samples * lo.seq_len,
         real_tokens=samples * float(real_tokens_per_sample),
         model_flops=model_flops_per_step(dims, lo, mb, samples, trains_projector), tower_split=tower_split,
+        stage_s=[t.forward + t.backward for t in times],
     )
 
 
