@@ -16,6 +16,8 @@ What the subclass adds to the stock recipe:
   optimizer states, ``reduce_dtype`` reduces the gradients (FSDP2's mixed precision on every layout, also with
   data parallel 1); bf16 stochastic rounding (``StochasticRoundingAdamW``); FP8 decoder linears (``fp8_recipe``);
 - the loss normalised by the answer tokens of the whole global batch (all micro-batches, all replicas);
+- packed datasets (``dataset.packed=True``; ``batch_size`` counts packs): the packed collate and the
+  block-causal document mask on the device; every step logs samples, real tokens and padding fraction;
 - freezing by builder flags (only trainable parameters reach the optimizer);
 - a step whose loss or grad norm is not finite is skipped (``max_nonfinite_steps``) or stops the run with
   its step and dataset rows; a save refuses non-finite weights, so no good state is ever overwritten;
@@ -44,7 +46,7 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
 from torchtune.config._utils import _get_component_from_path
 from torchtune_mistral3.checkpointing import load_into_module
-from torchtune_mistral3.data import collate_for_dataset
+from torchtune_mistral3.data import collate_for_dataset, config_is_packed
 from torchtune_mistral3.models.mistral3 import block_causal_mask, check_tokenizer_fits_model
 from torchtune_mistral3.training import (
     IndexedCollate,
@@ -218,7 +220,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             ac_option=cfg.get("ac_option", None),
         )
         self._tokenizer = config.instantiate(cfg.tokenizer)
-        check_tokenizer_fits_model(self._tokenizer, self._model_parts, pad_to_max_seq_len=self._dims.pp_enabled)
+        padded = self._dims.pp_enabled or config_is_packed(cfg.dataset)  # sequences of exactly max_seq_len tokens
+        check_tokenizer_fits_model(self._tokenizer, self._model_parts, pad_to_max_seq_len=padded)
         if hasattr(self._loss_fn, "num_output_chunks"):
             for part in self._model_parts:
                 if self._pipeline is None or part is self._model_parts[-1] and self._pipeline.has_last:

@@ -113,3 +113,11 @@ def test_packed_collate_refuses_packs_of_other_lengths_and_mixed_datasets():
     with pytest.raises(ValueError, match="mixes packed=True and packed=False"):
         collate_for_dataset(ConcatDataset([Packs([1]), [1]]), padded_collate_mistral3)
     assert collate_for_dataset(ConcatDataset([Packs([1]), Packs([2])]), None) is padded_collate_packed_mistral3
+
+
+def test_config_is_packed_reads_one_node_or_a_list():
+    from omegaconf import OmegaConf
+    from torchtune_mistral3.data import config_is_packed
+
+    cfg = OmegaConf.create({"one": {"packed": True}, "list": [{"split": "train"}, {"packed": True}], "off": {}})
+    assert config_is_packed(cfg.one) and config_is_packed(cfg.list) and not config_is_packed(cfg.off)

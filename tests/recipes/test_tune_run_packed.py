@@ -15,7 +15,9 @@ pytestmark = pytest.mark.integration
 
 # 128-token packs of ~45-token samples (positions pass the demo model's YaRN L0 of 32 inside every sample)
 PACKED = ["dataset.packed=True", "tokenizer.max_seq_len=128", "save_every_n_steps=1"]
-PACKED_LAYOUTS = ["tp2", "pp2_1f1b", "pp2_interleaved_4_stages", "fsdp2_tp2"]
+# layout -> extra overrides (activation checkpointing rides along with the 3-D layout: it must not change a loss)
+PACKED_LAYOUTS = {"tp2": [], "pp2_1f1b": [], "pp2_interleaved_4_stages": [],
+                  "fsdp2_tp2": ["enable_activation_checkpointing=True"]}
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +39,11 @@ def test_packed_steps_log_samples_real_tokens_and_padding(single_packed):
         assert 0 < m["padding_fraction"] < 0.5
 
 
-@pytest.mark.parametrize("layout", PACKED_LAYOUTS)
+@pytest.mark.parametrize("layout", list(PACKED_LAYOUTS))
 def test_packed_layout_equals_one_process(tune, tmp_path, checkpoint, single_packed, layout):  # noqa: F811
     nproc, overrides = LAYOUTS[layout]
     _, ref = single_packed
-    metrics, _ = _run(tune, tmp_path, checkpoint, nproc, [*PACKED, *overrides])
+    metrics, _ = _run(tune, tmp_path, checkpoint, nproc, [*PACKED, *overrides, *PACKED_LAYOUTS[layout]])
     assert sorted(metrics) == [1, 2, 3]
     for step in (1, 2, 3):
         assert metrics[step]["samples"] == ref[step]["samples"], step

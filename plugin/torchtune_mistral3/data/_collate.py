@@ -1,6 +1,7 @@
 """Collate for Mistral 3 VLM samples: right-padded tokens/labels plus one padded tensor of all the batch's images."""
 
 import math
+from collections.abc import Sequence
 from typing import Any, Callable, Dict, List
 
 import torch
@@ -143,3 +144,18 @@ def collate_for_dataset(dataset: Any, collate_fn: Callable) -> Callable:
     if any(packed) and not all(packed):
         raise ValueError("the dataset list mixes packed=True and packed=False datasets; set packed on all of them")
     return padded_collate_packed_mistral3 if all(packed) else collate_fn
+
+
+def config_is_packed(cfg_dataset: Any) -> bool:
+    """Whether a config's ``dataset`` node (or list of nodes) asks for packing (``packed: True``).
+
+    Known before the dataset is built, e.g. to check at setup that packs of ``max_seq_len`` fit the model.
+
+    Args:
+        cfg_dataset (Any): ``cfg.dataset``, a mapping or a list of mappings.
+
+    Returns:
+        bool: True if any node sets ``packed`` (:func:`collate_for_dataset` refuses a mix).
+    """
+    nodes = cfg_dataset if isinstance(cfg_dataset, Sequence) else [cfg_dataset]
+    return any(bool(node.get("packed", False)) for node in nodes)

@@ -141,3 +141,19 @@ def test_each_packed_sample_equals_transformers_alone(setup):
                 ).logits[0]
                 assert _rel(logits[p, start : start + n], expected) < 1e-5, (p, r)
                 start += n
+
+
+def test_flex_block_mask_path_equals_the_dense_mask_path(setup, monkeypatch):
+    # What CUDA runs (FlexAttention BlockMask, shared KV heads), forward only on the CPU (torch's CPU flex has no
+    # backward; eager flex stands in for the compiled kernel), against the dense boolean mask of the CPU path.
+    from torchtune_mistral3.models.mistral3 import _attention
+
+    monkeypatch.setattr(_attention, "_compiled_flex_attention", _attention.flex_attention)
+    _, model, samples = setup
+    dense = _packed_batch(samples)
+    dense.pop("labels")
+    flex = dict(dense, mask=_attention.flex_block_causal_mask(
+        padded_collate_packed_mistral3([_pack(samples, rows) for rows in PACKS])["document_ids"]))
+    assert isinstance(flex["mask"], _attention.BlockMask)
+    with torch.no_grad():
+        assert _rel(model(**flex), model(**dense)) < 1e-6

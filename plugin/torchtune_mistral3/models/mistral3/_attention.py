@@ -32,10 +32,23 @@ def block_causal_mask(document_ids: torch.Tensor) -> Union[BlockMask, torch.Tens
         Union[BlockMask, torch.Tensor]: a BlockMask of shape ``[b, 1, s, s]`` on CUDA, else a boolean tensor
         ``[b, s, s]`` (True attends).
     """
+    if document_ids.device.type == "cuda":
+        return flex_block_causal_mask(document_ids)
+    s = document_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
+    return causal & (document_ids[:, :, None] == document_ids[:, None, :])
+
+
+def flex_block_causal_mask(document_ids: torch.Tensor) -> BlockMask:
+    """The block-causal document mask as a FlexAttention BlockMask on ``document_ids``' device (any device).
+
+    Args:
+        document_ids (torch.Tensor): sample index of every token within its pack, shape ``[b, s]``.
+
+    Returns:
+        BlockMask: ``[b, 1, s, s]``; query ``i`` attends key ``j`` iff ``j <= i`` and both are in one sample.
+    """
     b, s = document_ids.shape
-    if document_ids.device.type != "cuda":
-        causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
-        return causal & (document_ids[:, :, None] == document_ids[:, None, :])
 
     def mask_mod(batch, head, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (document_ids[batch, q_idx] == document_ids[batch, kv_idx])
