@@ -12,6 +12,8 @@ What the subclass adds to the stock recipe:
 - a 3-D (pipeline, data, tensor) mesh: ``pipeline_parallel_dim``, ``tensor_parallel_dim``, data parallel
   takes the rest of the world size; ``pipeline_schedule``, ``pipeline_microbatches``;
 - gradient-norm clipping that is correct under TP, PP and FSDP together;
+- ``compile`` per transformer block after TP and activation checkpointing (torchtitan's order); under TP the
+  decoder blocks have static shapes and batches are padded to ``tokenizer.max_seq_len``;
 - a precision policy: ``dtype`` computes, ``master_dtype`` (default fp32) holds the parameters, gradients and
   optimizer states, ``reduce_dtype`` reduces the gradients (FSDP2's mixed precision on every layout, also with
   data parallel 1); bf16 stochastic rounding (``StochasticRoundingAdamW``); FP8 decoder linears (``fp8_recipe``);
