@@ -12,6 +12,8 @@ What the subclass adds to the stock recipe:
 - a 3-D (pipeline, data, tensor) mesh: ``pipeline_parallel_dim``, ``tensor_parallel_dim``, data parallel
   takes the rest of the world size; ``pipeline_schedule``, ``pipeline_microbatches``;
 - gradient-norm clipping that is correct under TP, PP and FSDP together;
+- ``compile`` per transformer block after TP and activation checkpointing (torchtitan's order); under TP the
+  decoder blocks have static shapes and batches are padded to ``tokenizer.max_seq_len``;
 - a precision policy: ``dtype`` computes, ``master_dtype`` (default fp32) holds the parameters, gradients and
   optimizer states, ``reduce_dtype`` reduces the gradients (FSDP2's mixed precision on every layout, also with
   data parallel 1); bf16 stochastic rounding (``StochasticRoundingAdamW``); FP8 decoder linears (``fp8_recipe``);
@@ -63,6 +65,7 @@ from torchtune_mistral3.training import (
     check_world_size,
     clip_grad_norm_,
     command_line_overrides,
+    compile_blocks,
     convert_to_fp8,
     cost_balanced_stage_extras,
     count_step_data,
@@ -73,6 +76,7 @@ from torchtune_mistral3.training import (
     is_stage_stand_in,
     load_stock_recipe,
     load_training_state,
+    needs_static_shapes,
     pipeline_step,
     pop_sample_indices,
     precision_policy,
@@ -161,6 +165,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         self._dims = ParallelDims(self.world_size, pp=self.pipeline_parallel_dim, tp=self.tensor_parallel_dim)
         self.data_parallel_dim = self._dims.dp
         self._loss_parallel = self._dims.tp_enabled and uses_loss_parallel(self.tensor_parallel_plan or {})
+        self._static_shapes = needs_static_shapes(cfg.get("compile", False), self._dims.tp_enabled)
         if self._dims.pp_enabled and self._enable_activation_offloading:
             raise ValueError("enable_activation_offloading is not supported with pipeline_parallel_dim > 1")
         self._run_val_every_n_steps = cfg.get("run_val_every_n_steps", None)
@@ -220,7 +225,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             ac_option=cfg.get("ac_option", None),
         )
         self._tokenizer = config.instantiate(cfg.tokenizer)
-        padded = self._dims.pp_enabled or config_is_packed(cfg.dataset)  # sequences of exactly max_seq_len tokens
+        # sequences of exactly max_seq_len tokens: pipeline stages, packs, compiled tensor-parallel blocks
+        padded = self._dims.pp_enabled or config_is_packed(cfg.dataset) or self._static_shapes
         check_tokenizer_fits_model(self._tokenizer, self._model_parts, pad_to_max_seq_len=padded)
         if hasattr(self._loss_fn, "num_output_chunks"):
             for part in self._model_parts:
@@ -301,14 +307,14 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         def parallelize(part: nn.Module) -> nn.Module:
             if self._precision.fp8_recipe is not None:  # torchao: convert, then TP, compile and FSDP2
                 convert_to_fp8(part, self._precision.fp8_recipe)
-            if self._compile:
-                training.compile_model(part, verbose=self._is_rank_zero)
             if self._dims.tp_enabled:
                 apply_tensor_parallel(part, self._mesh["tp"], self.tensor_parallel_plan)
             if enable_activation_checkpointing and ac_mode is None:
                 training.set_activation_checkpointing(part, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
             elif ac_mode is not None:
                 stock.apply_selective_activation_checkpointing(part, ac_mode, ac_option)
+            if self._compile:  # per block, after TP and AC (torchtitan's order); static shapes under TP
+                compile_blocks(part, static_decoder_shapes=self._static_shapes, verbose=self._is_rank_zero)
             # FSDP2 also runs on a data-parallel mesh of 1 when it casts fp32 master weights to the compute dtype
             if self._dims.dp_enabled or self._precision.casts_parameters:
                 shard_model(
@@ -418,10 +424,13 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         return torch.hstack((labels[:, 1:], torch.full_like(labels[:, :1], self._loss_fn.ignore_index)))
 
     def _pad_for_pipeline(self, batch: Dict[str, Any]) -> None:
-        """Pipeline stages are shaped once: pad every batch to the tokenizer's ``max_seq_len``."""
+        """Pipeline stages and compiled TP blocks are shaped once: pad every batch to ``tokenizer.max_seq_len``."""
         length = self._tokenizer.max_seq_len
         if length is None:
-            raise ValueError("pipeline_parallel_dim > 1 needs a fixed sequence length: set tokenizer.max_seq_len")
+            raise ValueError(
+                "pipeline_parallel_dim > 1 and compile=True with tensor_parallel_dim > 1 need a fixed sequence "
+                "length: set tokenizer.max_seq_len"
+            )
         extra = length - batch["tokens"].shape[1]
         if extra > 0:
             batch["tokens"] = F.pad(batch["tokens"], (0, extra), value=self._tokenizer.pad_id)
@@ -441,6 +450,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             labels = self._shifted_labels(batch)
             with train_context(self._loss_parallel):
                 return pipeline_step(self._pipeline, batch, labels, num_tokens, forward_only=forward_only)
+        if self._static_shapes:
+            self._pad_for_pipeline(batch)
         labels = self._shifted_labels(batch)
         with train_context(self._loss_parallel):
             with self.activations_handling_ctx:

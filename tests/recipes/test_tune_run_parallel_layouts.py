@@ -20,16 +20,20 @@ COMMON = [
     "clip_grad_norm=0.5", "checkpointer.save_dtype=fp32", "prepare_checkpoint=null", "tokenizer.max_seq_len=256",
 ]
 
+# The TP layouts run compiled (per-block torch.compile, static shapes, batches padded to max_seq_len) and must
+# still equal the eager single process; the harness tests (tests/training) keep eager TP covered.
+COMPILED = ["compile=True"]
+
 LAYOUTS = {
-    "tp2": (2, ["tensor_parallel_dim=2"]),
+    "tp2": (2, ["tensor_parallel_dim=2", *COMPILED]),
     # no pipeline_microbatches: the documented default (the pipeline degree, 2) applies
     "pp2_1f1b": (2, ["pipeline_parallel_dim=2", "pipeline_schedule=1F1B"]),
     "pp2_gpipe": (2, ["pipeline_parallel_dim=2", "pipeline_schedule=GPipe", "pipeline_microbatches=2"]),
     "pp2_interleaved_4_stages": (
         2, ["pipeline_parallel_dim=2", "pipeline_schedule=Interleaved1F1B", "pipeline_microbatches=2"]),
     "pp2_zero_bubble_v": (2, ["pipeline_parallel_dim=2", "pipeline_schedule=ZBVZeroBubble", "pipeline_microbatches=2"]),
-    "tp2_pp2": (4, ["tensor_parallel_dim=2", "pipeline_parallel_dim=2", "pipeline_microbatches=2"]),
-    "fsdp2_tp2": (4, ["tensor_parallel_dim=2", "batch_size=1"]),
+    "tp2_pp2": (4, ["tensor_parallel_dim=2", "pipeline_parallel_dim=2", "pipeline_microbatches=2", *COMPILED]),
+    "fsdp2_tp2": (4, ["tensor_parallel_dim=2", "batch_size=1", *COMPILED]),
 }
 
 
@@ -67,6 +71,9 @@ def test_layout_equals_one_process(tune, tmp_path, checkpoint, single, layout):
     # a data-parallel layout splits the same global batch of 2 over its replicas
     metrics, output = _run(tune, tmp_path, checkpoint, nproc, overrides)
     assert sorted(metrics) == [1, 2, 3]
+    if "compile=True" in overrides:
+        compiled = r"Compiled \d+ transformer blocks with torch.compile \(decoder blocks with static shapes\)"
+        assert re.search(compiled, output)
     for step in (1, 2, 3):
         assert metrics[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5), step
         # Adam divides by sqrt of tiny second moments, so float-rounding differences of the reductions
@@ -125,6 +132,8 @@ def single_mixed(tmp_path_factory, checkpoint):
 def test_layout_equals_one_process_under_mixed_precision(tune, tmp_path, checkpoint, single_mixed, layout):
     nproc, overrides = LAYOUTS[layout]
     ref_dir, ref = single_mixed
+    # eager: compiling bf16 blocks on 2 CPU cores would cost CI minutes the fp32 compiled runs already spend
+    overrides = [o for o in overrides if o not in COMPILED]
     metrics, output = _run(tune, tmp_path, checkpoint, nproc, [*MIXED, *overrides])
     assert "Precision: compute bf16, master (parameters, gradients, optimizer states) fp32" in output
     assert sorted(metrics) == [1, 2]

@@ -203,7 +203,9 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
         apply_tensor_parallel,
         build_pipeline,
         clip_grad_norm_,
+        compile_blocks,
         is_stage_stand_in,
+        needs_static_shapes,
         pipeline_step,
         resolve_layer_split,
         set_fsdp_gradient_sum,
@@ -236,10 +238,14 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
     use_lp = dims.tp_enabled and uses_loss_parallel(plan)
 
     def parallelize(m: nn.Module) -> nn.Module:
-        # The order the recipe uses: TP -> activation checkpointing -> FSDP2 -> rope_init -> load.
+        # The order the recipe uses: TP -> activation checkpointing -> compile -> FSDP2 -> rope_init -> load.
         if dims.tp_enabled:
             apply_tensor_parallel(m, mesh["tp"], plan)
         tt.set_activation_checkpointing(m, auto_wrap_policy={TransformerSelfAttentionLayer})
+        if cfg.get("compile"):
+            report["compiled_blocks"] = compile_blocks(
+                m, static_decoder_shapes=needs_static_shapes(True, dims.tp_enabled), verbose=False
+            )
         if dims.dp_enabled:
             shard_if = [lambda name, sub: not is_stage_stand_in(sub) and tt.get_shard_conditions(name, sub)]
             tt.shard_model(m, shard_if, cpu_offload=False, dp_mesh=mesh["dp"])
@@ -255,6 +261,7 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
         )
         return m
 
+    report = {}
     pipeline = None
     if dims.pp_enabled:
         pipeline = build_pipeline(
@@ -273,7 +280,7 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
     names = sorted(n for n, _ in named)
     local_numel = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
     full_numel = sum(p.numel() for p in ref["final"].values())
-    report = {"rank": rank, "params": len(names), "local_numel": local_numel, "full_numel": full_numel}
+    report.update(rank=rank, params=len(names), local_numel=local_numel, full_numel=full_numel)
     if pipeline is not None:
         split = resolve_layer_split(NUM_LAYERS, pipeline.num_stages)
         assert split == pipeline.layer_split

@@ -29,3 +29,10 @@ def test_fsdp2_tp2_matches_single_process():
     reports = run_layout(4, pp=1, tp=2, model="mistral3")
     _show("fsdp2 x tp2", reports)
     assert all(r["local_numel"] < 0.35 * r["full_numel"] for r in reports)
+
+
+def test_tp2_compiled_matches_single_process():
+    # per-block torch.compile after TP and activation checkpointing (the recipe's order); decoder blocks static
+    reports = run_layout(2, pp=1, tp=2, model="mistral3", compile=True)
+    _show("tp2 compiled", reports)
+    assert all(r["compiled_blocks"] == 4 + 2 for r in reports)  # 4 decoder blocks + 2 Pixtral blocks

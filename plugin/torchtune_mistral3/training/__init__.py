@@ -1,4 +1,5 @@
 from ._cluster import check_shared_output_dir
+from ._compile import compile_blocks, needs_static_shapes
 from ._config_keys import check_cli_keys
 from ._grad_norm import clip_grad_norm_
 from ._launch import (
@@ -56,6 +57,7 @@ __all__ = [
     "check_cli_keys",
     "check_world_size",
     "clip_grad_norm_",
+    "compile_blocks",
     "command_line_overrides",
     "convert_to_fp8",
     "cost_balanced_stage_extras",
@@ -75,6 +77,7 @@ __all__ = [
     "is_stage_stand_in",
     "load_plugin_recipe",
     "load_stock_recipe",
+    "needs_static_shapes",
     "NonFiniteError",
     "NonFiniteGuard",
     "ParallelDims",

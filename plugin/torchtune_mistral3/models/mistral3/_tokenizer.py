@@ -317,7 +317,10 @@ def check_tokenizer_fits_model(tokenizer: Any, model_parts: List[nn.Module], *, 
     if not pad_to_max_seq_len:
         return
     if tokenizer.max_seq_len is None:
-        raise ValueError("pipeline_parallel_dim > 1 pads every batch to tokenizer.max_seq_len: set it (e.g. 2048)")
+        raise ValueError(
+            "pipeline_parallel_dim > 1 (and compile=True with tensor_parallel_dim > 1) pads every batch to "
+            "tokenizer.max_seq_len: set it (e.g. 2048)"
+        )
     positions = [m.max_seq_len for part in model_parts for m in part.modules() if isinstance(m, TransformerDecoder)]
     if positions and tokenizer.max_seq_len > min(positions):
         raise ValueError(
