@@ -1,7 +1,8 @@
 """The LoRA run's outputs against transformers + peft: the PEFT adapter and the merged export (tiny model, fp32).
 
 One `tune run lora_finetune_distributed` of the LoRA demo (FP8 base, a few steps, so B != 0); the plugin's
-logits come from the run's own saved training state (FP8 base bytes, scales and adapters as trained).
+logits come from the base checkpoint loaded as the recipe loads it (FP8 bytes and scales) and the adapters of the
+run's own saved training state (which holds the trainable parameters only).
 """
 
 import json
@@ -42,17 +43,24 @@ def _batch():
 
 
 def _plugin_logits(run):
+    from torchtune_mistral3.checkpointing import HFCheckpointReader
     from torchtune_mistral3.models.mistral3 import mistral3_lora_from_hf_config
+    from torchtune_mistral3.peft import adapter_keys, load_lora_checkpoint
     from torchtune_mistral3.reference_check import load_run_config
 
     cfg = load_run_config(CONFIG, [f"output_dir={run}"])
     kwargs = {k: v for k, v in cfg.model.items() if k not in ("_component_", "checkpoint_dir")}
     kwargs["lora_attn_modules"] = list(kwargs["lora_attn_modules"])
     model = mistral3_lora_from_hf_config(str(run / "tiny_fp8_checkpoint"), **kwargs)
+    # the base as the recipe loads it (FP8 bytes and scales), then the adapters as trained: the training state
+    # holds the trainable parameters only
+    load_lora_checkpoint(model, HFCheckpointReader(str(run / "tiny_fp8_checkpoint")), dtype=torch.float32, seed=0)
+    assert model.decoder.layers[0].attn.q_proj.weight.dtype == torch.float8_e4m3fn  # trained on the FP8 base
     (state_dir,) = (run / "training_state").iterdir()
     state = torch.load(state_dir / "rank_00000.pt", weights_only=False)["model"][0]
-    assert state["decoder.layers.0.attn.q_proj.weight"].dtype == torch.float8_e4m3fn  # trained on the FP8 base
-    model.load_state_dict(state, strict=True)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert set(adapter_keys(model)) <= set(state) and not frozen & set(state)  # no base weight in the state
+    model.load_state_dict(state, strict=False)
     for m in model.modules():
         if hasattr(m, "rope_init"):
             m.rope_init()
