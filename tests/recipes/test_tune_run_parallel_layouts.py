@@ -20,10 +20,9 @@ COMMON = [
     "clip_grad_norm=0.5", "checkpointer.save_dtype=fp32", "prepare_checkpoint=null", "tokenizer.max_seq_len=256",
 ]
 
-# TP 2 and FSDP 2 x TP 2 run compiled (per-block torch.compile, static shapes, batches padded to max_seq_len) and
-# must still equal the eager single process; the harness tests (tests/training) keep eager TP covered. TP 2 x PP 2
-# stays eager: compiled, its last stage fails in the compiled loss-parallel cross-entropy on torch 2.13
-# ("Could not resolve the process group registered under the name 7"; docs/parallelism.md).
+# The TP layouts run compiled (per-block torch.compile, static shapes, batches padded to max_seq_len) and must
+# still equal the eager single process; the harness tests (tests/training) keep eager TP covered. TP 2 x PP 2 runs
+# after TP 2: it guards the inductor caches being off (a cached graph named another run's process group).
 COMPILED = ["compile=True"]
 
 LAYOUTS = {
@@ -33,7 +32,7 @@ LAYOUTS = {
     "pp2_interleaved_4_stages": (
         2, ["pipeline_parallel_dim=2", "pipeline_schedule=Interleaved1F1B", "pipeline_microbatches=2"]),
     "pp2_zero_bubble_v": (2, ["pipeline_parallel_dim=2", "pipeline_schedule=ZBVZeroBubble", "pipeline_microbatches=2"]),
-    "tp2_pp2": (4, ["tensor_parallel_dim=2", "pipeline_parallel_dim=2", "pipeline_microbatches=2"]),
+    "tp2_pp2": (4, ["tensor_parallel_dim=2", "pipeline_parallel_dim=2", "pipeline_microbatches=2", *COMPILED]),
     "fsdp2_tp2": (4, ["tensor_parallel_dim=2", "batch_size=1", *COMPILED]),
 }
 
