@@ -21,7 +21,8 @@ COMMON = [
 ]
 
 # The TP layouts run compiled (per-block torch.compile, static shapes, batches padded to max_seq_len) and must
-# still equal the eager single process; the harness tests (tests/training) keep eager TP covered.
+# still equal the eager single process; the harness tests (tests/training) keep eager TP covered. TP 2 x PP 2 runs
+# after TP 2: it guards the inductor caches being off (a cached graph named another run's process group).
 COMPILED = ["compile=True"]
 
 LAYOUTS = {

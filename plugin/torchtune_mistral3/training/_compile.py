@@ -14,6 +14,8 @@ compile), as it does under pipeline parallelism.
 
 import os
 
+import torch._functorch.config
+import torch._inductor.config
 from torch import nn
 from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.utils import get_logger
@@ -41,6 +43,12 @@ def compile_blocks(model: nn.Module, *, static_decoder_shapes: bool, verbose: bo
         int: the number of blocks compiled.
     """
     backend = os.environ.get("TORCH_COMPILE_BACKEND", "inductor")
+    if static_decoder_shapes:
+        # Under TP a graph's collectives name their process group; inductor's FX-graph and AOT-autograd caches
+        # reuse a graph compiled by an earlier run whose group had another name (torch 2.13, compiled TP2 x PP2
+        # after TP2: "Could not resolve the process group registered under the name 7"). Compile afresh.
+        torch._inductor.config.fx_graph_cache = False
+        torch._functorch.config.enable_autograd_cache = False
     # the blocks themselves: inside an activation-checkpointing wrapper, ``<name>._checkpoint_wrapped_module``
     blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, TransformerSelfAttentionLayer)]
     for name, module in blocks:
