@@ -9,7 +9,7 @@ transformers model and the plugin model (through ``mistral3_from_hf_config``), s
 import json
 import os
 import tempfile
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -72,6 +72,17 @@ def write_config_dir(cfg: Dict) -> str:
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg, f)
     return d
+
+
+def write_result(result: Dict, path: Optional[str]) -> None:
+    """Write a benchmark's result as JSON to ``path`` (its folder made), or nothing when ``path`` is None.
+
+    Benchmarks call it after each phase, so a run stopped part-way keeps what it measured.
+    """
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1, default=str)
 
 
 def image_layout(rows: int, cols: int) -> list:

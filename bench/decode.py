@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _slice import BOS, EOS, INST, INST_END, image_layout, slice_hf_config, write_config_dir  # noqa: E402
+from _slice import BOS, EOS, INST, INST_END, image_layout, slice_hf_config, write_config_dir, write_result  # noqa: E402
 
 PAD = 11
 GIB = 1024**3
@@ -241,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             row, tokens[v] = time_variant(v, hf, plugin, prompts, args)
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
-            _write(result, args.out)  # rows so far, in case a later variant runs out of time
+            write_result(result, args.out)  # rows so far, in case a later variant runs out of time
         ref = tokens["hf_eager"]
         for v, t in tokens.items():
             if v != "hf_eager" and t is not None and ref is not None:
@@ -264,14 +264,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
               f"{r.get('decode_vs_hf_eager', float('nan')):10.3f} {r['prefill_s']:10.3f} "
               f"{r.get('prefill_speed_vs_hf_eager', float('nan')):6.3f}")
     print("greedy tokens equal to hf_eager (fraction of samples):", result["tokens_agree"])
-    _write(result, args.out)
+    write_result(result, args.out)
     return result
-
-
-def _write(result: Dict, out: Optional[str]) -> None:
-    if out:
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

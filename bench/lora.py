@@ -38,7 +38,7 @@ from typing import Dict, List, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _slice import make_batch, slice_hf_config, write_config_dir  # noqa: E402
+from _slice import make_batch, slice_hf_config, write_config_dir, write_result  # noqa: E402
 
 GIB = 1024**3
 VARIANTS = ("bf16", "fp8_dequantize", "fp8_scaled_mm")
@@ -209,7 +209,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     for v in variants:
         result["rows"].append(time_variant(v, cfg, batch, args))
         print(json.dumps(result["rows"][-1]), flush=True)
-        _write(result, args.out)
+        write_result(result, args.out)
     peer = next(r for r in result["rows"] if r["variant"] == "bf16")
     for r in result["rows"]:
         if "error" in r or "error" in peer:
@@ -228,14 +228,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print(f"{r['variant']:<16} {r['median_step_s']:8.3f} {r.get('step_time_vs_bf16', float('nan')):7.3f} "
               f"{r.get('peak_allocated_gib', float('nan')):9.2f} {r.get('peak_allocated_vs_bf16', float('nan')):7.3f} "
               f"{r.get('after_build_gib', float('nan')):9.2f} {r['losses'][0]:9.5f}")
-    _write(result, args.out)
+    write_result(result, args.out)
     return result
-
-
-def _write(result: Dict, out: Optional[str]) -> None:
-    if out:
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _slice import BOS, EOS, INST, INST_END, image_layout, slice_hf_config  # noqa: E402
+from _slice import BOS, EOS, INST, INST_END, image_layout, slice_hf_config, write_result  # noqa: E402
 from step_speed import build_plugin, matmul_peak  # noqa: E402
 
 GIB = 1024**3
@@ -387,7 +387,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print(f"{name:12s} full {_fmt(r['full_step'])} | layers {_fmt(r['decoder_layers'])} | "
               f"88-layer projection {projected:.2f} s, {real / projected:.0f} real tok/s", flush=True)
         if args.out:
-            _write(args.out, result)
+            write_result(result, args.out)
     del model
     result["attention"] = attention_cases(cases, text, args.device, dtype, args.repeats, args.warmup)
 
@@ -413,14 +413,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     print(json.dumps(result["ratios"], indent=1))
     print(f"total {result['total_s']:.0f} s")
     if args.out:
-        _write(args.out, result)
+        write_result(result, args.out)
     return result
-
-
-def _write(path: str, result: Dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1, default=str)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _slice import make_batch, slice_hf_config, write_config_dir  # noqa: E402
+from _slice import make_batch, slice_hf_config, write_config_dir, write_result  # noqa: E402
 
 GIB = 1024**3
 VARIANTS = ("bf16", "mixed", "sr", "mixed_fp8_tensorwise", "mixed_fp8_rowwise")
@@ -363,7 +363,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     for v in variants:
         result["timing"].append(time_variant(v, cfg, batch, args))
         print(json.dumps(result["timing"][-1]))
-    _save(result, args.out)
+    write_result(result, args.out)
     peer = result["timing"][0]
     for r in result["timing"]:
         if "error" in r or "error" in peer:
@@ -397,7 +397,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             for v, c in result["curves"].items()
             if v != "bf16"
         }
-    _save(result, args.out)
+    write_result(result, args.out)
     if args.grad_check:
         result["grad_agreement"] = {
             v: grad_agreement(v, cfg, batches[0] if batches else batch, args) for v in variants if "_fp8_" in v
@@ -429,15 +429,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             "| largest per-step gap:",
             ", ".join(f"{v} {g:.3%}" for v, g in result["curve_max_step_gap_vs_bf16"].items()),
         )
-    _save(result, args.out)
+    write_result(result, args.out)
     return result
-
-
-def _save(result: Dict, path: Optional[str]) -> None:
-    """Write what is measured so far (a later phase that fails keeps the earlier ones)."""
-    if path:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

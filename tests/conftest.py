@@ -30,3 +30,13 @@ def run_tune(*args, cwd=None, env=None, timeout=900, check=True):
 @pytest.fixture
 def tune():
     return run_tune
+
+
+def load_bench(name):
+    """Import ``bench/<name>.py`` (the benchmarks are scripts, not a package) as a fresh module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,19 +1,17 @@
 """bench/data_throughput.py writes its result outside the repository unless told otherwise."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
+
+from tests.conftest import load_bench
 
 REPO = Path(__file__).resolve().parents[2]
 TRACKED = REPO / "bench" / "results" / "data_throughput.json"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("data_throughput", REPO / "bench" / "data_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("data_throughput")
 
 
 def test_default_output_leaves_the_tracked_results_alone(tmp_path, monkeypatch):

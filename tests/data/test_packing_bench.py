@@ -1,19 +1,17 @@
 """bench/packing.py runs end to end in its CPU smoke mode, on the layouts and counts it documents."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_bench
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("packing_bench", REPO / "bench" / "packing.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("packing")
 
 
 def test_synthetic_mix_follows_the_documented_ranges():

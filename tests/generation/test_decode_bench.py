@@ -1,17 +1,15 @@
 """bench/decode.py on the tiny slice (CPU, fp32): it runs, and the plugin's greedy tokens equal transformers'."""
 
-import importlib.util
 import json
 from pathlib import Path
+
+from tests.conftest import load_bench
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("decode_bench", REPO / "bench" / "decode.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("decode")
 
 
 def test_decode_bench_tiny_cpu_tokens_agree_with_transformers(tmp_path):

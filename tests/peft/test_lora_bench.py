@@ -1,21 +1,19 @@
 """bench/lora.py on the tiny slice (CPU, fp32): the FP8 base holds one byte per frozen decoder weight and, dequantised
 on the fly, trains exactly as the compute-dtype base holding the same values; the scaled_mm base trains close to it."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_bench
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("lora_bench", REPO / "bench" / "lora.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("lora")
 
 
 def test_lora_bench_tiny_cpu_fp8_base_matches_bf16_base(tmp_path):

@@ -1,19 +1,17 @@
 """bench/step_costs.py runs end to end (tiny widths, CPU) and writes a table the step-time planner reads."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 from torchtune_mistral3.training._step_plan import CostTable, predict_slice
 
+from tests.conftest import load_bench
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("step_costs", REPO / "bench" / "step_costs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("step_costs")
 
 
 def test_tiny_cpu_run_writes_a_table_the_planner_reads(tmp_path):
