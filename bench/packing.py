@@ -157,6 +157,31 @@ def full_step(model, loss_fn, batches: List[Dict]) -> Callable[[], None]:
     return run
 
 
+def compiled_vs_eager(model, loss_fn, batch: Dict) -> Dict[str, float]:
+    """Loss and gradients of one packed micro-batch with the compiled blocks against the same model forced eager.
+
+    FlexAttention's forward and backward inside compiled blocks (what ``compile: True`` runs on packs) checked
+    on the device: relative loss difference, and the largest relative difference of any parameter's gradient.
+    """
+
+    def loss_and_grads():
+        logits = model(batch["tokens"], mask=batch.get("mask"), encoder_input=batch["encoder_input"],
+                       input_pos=batch.get("input_pos"))
+        loss = loss_fn(logits, batch["shifted"])
+        loss.backward()
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return float(loss), grads
+
+    loss_c, grads_c = loss_and_grads()
+    with torch.compiler.set_stance("force_eager"):
+        loss_e, grads_e = loss_and_grads()
+    rel = {n: float((grads_c[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in grads_e.items()}
+    worst = max(rel, key=rel.get)
+    return {"loss_compiled": loss_c, "loss_eager": loss_e, "loss_rel_diff": abs(loss_c - loss_e) / abs(loss_e),
+            "max_grad_rel_diff": rel[worst], "max_grad_rel_diff_param": worst, "params_compared": len(rel)}
+
+
 def layers_step(model, batches: List[Dict], hidden: int, dtype: torch.dtype) -> Callable[[], None]:
     """Forward + backward of the decoder layers alone on the batches' shapes, masks and positions."""
     inputs = [torch.randn(*b["tokens"].shape, hidden, device=b["tokens"].device, dtype=dtype) * 0.1
@@ -224,6 +249,77 @@ def _varlen(q, k, v, seq_lens: List[List[int]]):
         flat[1], flat[2] = (t.repeat_interleave(rep, dim=1) for t in flat[1:])
     out = varlen_attn(*flat, cu, cu, max(lens), max(lens), **kwargs)
     return out.reshape(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
+
+
+# FlexAttention kernel options tried by --flex-sweep: name -> (kernel_options, BlockMask block size). Block names
+# are per kernel (BLOCK_M/N forward, BLOCK_M1/N1/M2/N2 backward); fwd_/bwd_ prefixes split warps and stages.
+FLEX_SWEEP = {
+    "default": ({}, 128),
+    "tma": ({"USE_TMA": True}, 128),
+    "fwd_128x128_w8": ({"BLOCK_M": 128, "BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 2}, 128),
+    "fwd_128x64_w8_s3": ({"BLOCK_M": 128, "BLOCK_N": 64, "fwd_num_warps": 8, "fwd_num_stages": 3}, 128),
+    "bwd_64x128_w8": ({"BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64, "bwd_num_warps": 8,
+                       "bwd_num_stages": 3}, 128),
+    "bwd_64x64_w4": ({"BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64, "bwd_num_warps": 4,
+                      "bwd_num_stages": 3}, 128),
+    "bwd_32x64_w4": ({"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32, "bwd_num_warps": 4,
+                      "bwd_num_stages": 3}, 128),
+    "mask64": ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}, 64),
+    "tma_fwd_128x64_w8_bwd_64x128_w8": ({"USE_TMA": True, "BLOCK_M": 128, "BLOCK_N": 64, "fwd_num_warps": 8,
+                                         "fwd_num_stages": 3, "BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 128,
+                                         "BLOCK_N2": 64, "bwd_num_warps": 8, "bwd_num_stages": 3}, 128),
+}
+
+
+def flex_sweep(packed: List[Dict], ref_lens: List[List[int]], dims: Dict, device: str, dtype: torch.dtype,
+               repeats: int, warmup: int, autotune: bool) -> Dict:
+    """Forward + backward of block-causal FlexAttention on the packs for each ``FLEX_SWEEP`` entry (CUDA only).
+
+    With ``autotune`` also flex compiled with ``mode="max-autotune-no-cudagraphs"`` (inductor's own search; its
+    compile time is reported). Each entry's forward is checked against SDPA per sample on the first pack.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+    from torchtune_mistral3.models.mistral3._attention import _flex_attention_gqa, flex_block_causal_mask
+
+    heads, kv_heads, dim = dims["num_attention_heads"], dims["num_key_value_heads"], dims["head_dim"]
+    tensors = [_qkv(*b["tokens"].shape, heads, kv_heads, dim, device, dtype) for b in packed]
+    out = {}
+    variants = dict(FLEX_SWEEP)
+    if autotune:
+        variants["max_autotune"] = (None, 128)
+    for name, (options, block) in variants.items():
+        masks = [flex_block_causal_mask(b["document_ids"], block_size=block) for b in packed]
+        if options is None:
+            tuned = torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
+
+            def attend(q, k, v, m, fn=tuned):
+                return fn(q, k, v, block_mask=m, enable_gqa=True)
+        else:
+
+            def attend(q, k, v, m, o=options):
+                return _flex_attention_gqa(q, k, v, m, kernel_options=o)
+
+        def run(masks=masks, attend=attend):
+            for m, (q, k, v) in zip(masks, tensors):
+                attend(q, k, v, m).backward(torch.ones_like(q))
+                for t in (q, k, v):
+                    t.grad = None
+
+        try:
+            t0 = time.perf_counter()
+            run()  # compiles
+            compile_s = time.perf_counter() - t0
+            r = timed(run, device, repeats, warmup)
+            r["first_call_s"] = compile_s
+            with torch.no_grad():
+                q, k, v = _qkv(*packed[0]["tokens"].shape, heads, kv_heads, dim, device, dtype)
+                ref = _per_sample_sdpa(q, k, v, ref_lens[0]).float()
+                r["max_abs_diff_vs_per_sample"] = float((attend(q, k, v, masks[0]).float() - ref).abs().max())
+            out[name] = r
+        except Exception as e:  # noqa: BLE001 - a config the kernel refuses is reported, the others still run
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(f"flex sweep {name:34s} {_fmt(out[name])}", flush=True)
+    return out
 
 
 def attention_cases(
@@ -300,6 +396,71 @@ def attention_cases(
 # ----------------------------------------------------------------------------------------------- main
 
 
+def measure_model(result: Dict, cfg: Dict, cases: Dict[str, List[Dict]], samples: List[Dict], args, dtype,
+                  real: int, images: int) -> None:
+    """Tower, full step and decoder layers of each layout on the slice, into ``result`` (see the docstring)."""
+    from torchtune.modules.loss import CEWithChunkedOutputLoss
+
+    t_start = time.perf_counter()
+    max_seq_len = result["max_seq_len"]
+    text = cfg["text_config"]
+    model = build_plugin(cfg, args.device, compile_model=args.compile, ac=False, max_seq_len=max_seq_len)
+    if dtype != torch.bfloat16:  # the CPU smoke in fp32 (a bf16 model keeps its fp32 RoPE tables)
+        model = model.to(dtype)
+    loss_fn = CEWithChunkedOutputLoss(num_output_chunks=8)
+    model.set_num_output_chunks(loss_fn.num_output_chunks)
+    result["build_s"] = time.perf_counter() - t_start
+    result["compiled"] = bool(args.compile)
+    if args.compile:
+        result["packed_compiled_vs_eager"] = compiled_vs_eager(model, loss_fn, cases["packed"][0])
+        print(f"packed, compiled vs eager: {result['packed_compiled_vs_eager']}", flush=True)
+
+    tower = timed(tower_step(model, cases["pad_longest"]), args.device, args.repeats, args.warmup)
+    result["tower"] = dict(tower, s_per_image=tower["s"] / images)
+    print(f"tower + projector {_fmt(tower)}  {tower['s'] / images * 1e3:.2f} ms/image", flush=True)
+    for name, batches in cases.items():
+        r = result["layouts"][name]
+        r["full_step"] = timed(full_step(model, loss_fn, batches), args.device, args.repeats, args.warmup)
+        r["decoder_layers"] = timed(
+            layers_step(model, batches, text["hidden_size"], dtype), args.device, args.repeats, args.warmup
+        )
+        full_s, layers_s = r["full_step"]["s"], r["decoder_layers"]["s"]
+        projected = full_s + (FULL_LAYERS - args.layers) / args.layers * layers_s
+        r["real_tokens_per_s"] = {
+            "full_step_slice": real / full_s,
+            "decoder_layers": real / layers_s,
+            "projected_88_layers": real / projected,
+        }
+        r["decoder_layer_s_per_real_token"] = layers_s / args.layers / real
+        r["projected_88_layers_s"] = projected
+        print(f"{name:12s} full {_fmt(r['full_step'])} | layers {_fmt(r['decoder_layers'])} | "
+              f"88-layer projection {projected:.2f} s, {real / projected:.0f} real tok/s", flush=True)
+        if args.out:
+            write_result(result, args.out)
+    del model
+
+
+
+def ratios(result: Dict) -> Dict[str, Optional[float]]:
+    """The headline ratios (see the docstring); None where a measurement is missing or failed."""
+    lay, att = result["layouts"], result["attention"]
+
+    def tps(name, key):
+        return lay[name].get("real_tokens_per_s", {}).get(key)
+
+    out = {}
+    for key, short in (("decoder_layers", "decoder_layers"), ("projected_88_layers", "projected_88")):
+        out[f"{short}_packed_vs_pad_max"] = _ratio(tps("packed", key), tps("pad_max", key))
+        out[f"{short}_packed_vs_pad_longest"] = _ratio(tps("packed", key), tps("pad_longest", key))
+    base = att.get("pad_longest_sdpa_causal", {}).get("s")
+    for name in ("packed_flex_blockmask", "packed_sdpa_per_sample", "packed_varlen", "packed_sdpa_dense_mask"):
+        # same real tokens in every layout: time ratio = per-real-token ratio (< 1 is faster than unpacked)
+        out[f"attention_{name}_vs_pad_longest_per_real_token"] = _ratio(att.get(name, {}).get("s"), base)
+    for name, r in result.get("flex_sweep", {}).items():
+        out[f"attention_flex_{name}_vs_pad_longest_per_real_token"] = _ratio(r.get("s"), base)
+    return out
+
+
 def _fmt(r: Dict) -> str:
     if "s" not in r:
         return str(r.get("error", r.get("skipped")))[:120]
@@ -322,10 +483,12 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--repeats", type=int, default=1, help="timed passes over the data per measurement")
     ap.add_argument("--warmup", type=int, default=1, help="untimed passes first (compiles FlexAttention)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="fp32 makes the CPU smoke fast")
+    ap.add_argument("--compile", action="store_true", help="compile the slice's blocks (torchtune compile_model)")
+    ap.add_argument("--attention-only", action="store_true", help="only the attention measurements (no model)")
+    ap.add_argument("--flex-sweep", action="store_true", help="also time FlexAttention kernel options (CUDA)")
+    ap.add_argument("--autotune", action="store_true", help="with --flex-sweep: also inductor's max-autotune")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    from torchtune.modules.loss import CEWithChunkedOutputLoss
-
     t_start = time.perf_counter()
     max_seq_len = args.max_seq_len or (256 if args.tiny else 2048)
     cfg = slice_hf_config(args.layers, tiny=args.tiny)
@@ -359,56 +522,15 @@ def main(argv: Optional[List[str]] = None) -> Dict:
               f"padding {1 - real / slots:.1%}", flush=True)
 
     torch._dynamo.config.cache_size_limit = 64
-    model = build_plugin(cfg, args.device, compile_model=False, ac=False, max_seq_len=max_seq_len)
-    if dtype != torch.bfloat16:  # the CPU smoke in fp32 (a bf16 model keeps its fp32 RoPE tables)
-        model = model.to(dtype)
-    loss_fn = CEWithChunkedOutputLoss(num_output_chunks=8)
-    model.set_num_output_chunks(loss_fn.num_output_chunks)
-    result["build_s"] = time.perf_counter() - t_start
-
-    tower = timed(tower_step(model, cases["pad_longest"]), args.device, args.repeats, args.warmup)
-    result["tower"] = dict(tower, s_per_image=tower["s"] / images)
-    print(f"tower + projector {_fmt(tower)}  {tower['s'] / images * 1e3:.2f} ms/image", flush=True)
-    for name, batches in cases.items():
-        r = result["layouts"][name]
-        r["full_step"] = timed(full_step(model, loss_fn, batches), args.device, args.repeats, args.warmup)
-        r["decoder_layers"] = timed(
-            layers_step(model, batches, text["hidden_size"], dtype), args.device, args.repeats, args.warmup
-        )
-        full_s, layers_s = r["full_step"]["s"], r["decoder_layers"]["s"]
-        projected = full_s + (FULL_LAYERS - args.layers) / args.layers * layers_s
-        r["real_tokens_per_s"] = {
-            "full_step_slice": real / full_s,
-            "decoder_layers": real / layers_s,
-            "projected_88_layers": real / projected,
-        }
-        r["decoder_layer_s_per_real_token"] = layers_s / args.layers / real
-        r["projected_88_layers_s"] = projected
-        print(f"{name:12s} full {_fmt(r['full_step'])} | layers {_fmt(r['decoder_layers'])} | "
-              f"88-layer projection {projected:.2f} s, {real / projected:.0f} real tok/s", flush=True)
-        if args.out:
-            write_result(result, args.out)
-    del model
+    if not args.attention_only:
+        measure_model(result, cfg, cases, samples, args, dtype, real, images)
     result["attention"] = attention_cases(cases, text, args.device, dtype, args.repeats, args.warmup)
-
-    lay, att = result["layouts"], result["attention"]
-
-    def tps(name, key):
-        return lay[name]["real_tokens_per_s"][key]
-
-    result["ratios"] = {
-        "decoder_layers_packed_vs_pad_max": _ratio(tps("packed", "decoder_layers"), tps("pad_max", "decoder_layers")),
-        "decoder_layers_packed_vs_pad_longest": _ratio(tps("packed", "decoder_layers"),
-                                                       tps("pad_longest", "decoder_layers")),
-        "projected_88_packed_vs_pad_max": _ratio(tps("packed", "projected_88_layers"),
-                                                 tps("pad_max", "projected_88_layers")),
-        "projected_88_packed_vs_pad_longest": _ratio(tps("packed", "projected_88_layers"),
-                                                     tps("pad_longest", "projected_88_layers")),
-    }
-    base = att.get("pad_longest_sdpa_causal", {}).get("s")
-    for name in ("packed_flex_blockmask", "packed_sdpa_per_sample", "packed_varlen", "packed_sdpa_dense_mask"):
-        # same real tokens in every layout: time ratio = per-real-token ratio (< 1 is faster than unpacked)
-        result["ratios"][f"attention_{name}_vs_pad_longest_per_real_token"] = _ratio(att.get(name, {}).get("s"), base)
+    if args.flex_sweep and args.device == "cuda":
+        lens = [[[int(n) for n in torch.unique_consecutive(d, return_counts=True)[1]] for d in b["document_ids"]]
+                for b in cases["packed"]]
+        result["flex_sweep"] = flex_sweep(cases["packed"], lens, text, args.device, dtype, args.repeats, args.warmup,
+                                          args.autotune)
+    result["ratios"] = ratios(result)
     result["total_s"] = time.perf_counter() - t_start
     print(json.dumps(result["ratios"], indent=1))
     print(f"total {result['total_s']:.0f} s")
