@@ -322,6 +322,44 @@ def flex_sweep(packed: List[Dict], ref_lens: List[List[int]], dims: Dict, device
     return out
 
 
+class _FlashVarlenGQA(torch.autograd.Function):
+    """torch's flash varlen kernels (``aten._flash_attention_forward/backward``) with the KV heads shared in place."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_len):
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, 0.0,
+                                                                          True, False)
+        ctx.save_for_backward(q, k, v, out, lse, cu, rng, unused)
+        ctx.max_len = max_len
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(grad.contiguous(), q, k, v, out, lse, cu, cu,
+                                                              ctx.max_len, ctx.max_len, 0.0, True, rng, unused)
+        return dq, dk, dv, None, None
+
+
+def _varlen_gqa(q, k, v, seq_lens: List[List[int]], padded_to: Optional[int] = None):
+    """Flash varlen over all samples of all packs, 8 KV heads read by the 96 query heads (no copies).
+
+    ``padded_to``: per-pack sample boundaries padded with empty samples to that many per pack, and the longest
+    sample taken as the pack length (what a model can know without reading lengths back to the host).
+    """
+    s = q.shape[2]
+    if padded_to is None:
+        lens = [n for row in seq_lens for n in row]
+        max_len = max(lens)
+    else:
+        lens = [n for row in seq_lens for n in row + [0] * (padded_to - len(row))]
+        max_len = s
+    cu = torch.tensor([0] + lens, device=q.device).cumsum(0).to(torch.int32)
+    flat = [t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (q, k, v)]
+    out = _FlashVarlenGQA.apply(*flat, cu, max_len)
+    return out.view(q.shape[0], s, q.shape[1], q.shape[3]).transpose(1, 2)
+
+
 def attention_cases(
     cases: Dict[str, List[Dict]], dims: Dict, device: str, dtype: torch.dtype, repeats: int, warmup: int
 ) -> Dict:
@@ -362,6 +400,9 @@ def attention_cases(
     measure("packed_sdpa_per_sample", packed, lambda b, q, k, v: _per_sample_sdpa(q, k, v, lens[index[id(b)]]))
     if device == "cuda":
         measure("packed_varlen", packed, lambda b, q, k, v: _varlen(q, k, v, lens[index[id(b)]]))
+        measure("packed_flash_varlen_gqa", packed, lambda b, q, k, v: _varlen_gqa(q, k, v, lens[index[id(b)]]))
+        measure("packed_flash_varlen_gqa_padded", packed,
+                lambda b, q, k, v: _varlen_gqa(q, k, v, lens[index[id(b)]], padded_to=16))
     else:
         out["packed_varlen"] = {"skipped": "flash varlen is CUDA only"}
 
@@ -385,6 +426,8 @@ def attention_cases(
         if device == "cuda":
             checks["flex_blockmask"] = lambda: _flex_attention_gqa(q, k, v, b["mask"])
             checks["varlen"] = lambda: _varlen(q, k, v, lens[0])
+            checks["flash_varlen_gqa"] = lambda: _varlen_gqa(q, k, v, lens[0])
+            checks["flash_varlen_gqa_padded"] = lambda: _varlen_gqa(q, k, v, lens[0], padded_to=16)
         for name, fn in checks.items():
             try:
                 out[f"max_abs_diff_{name}_vs_per_sample"] = float((fn().float() - ref).abs().max())
@@ -453,7 +496,8 @@ def ratios(result: Dict) -> Dict[str, Optional[float]]:
         out[f"{short}_packed_vs_pad_max"] = _ratio(tps("packed", key), tps("pad_max", key))
         out[f"{short}_packed_vs_pad_longest"] = _ratio(tps("packed", key), tps("pad_longest", key))
     base = att.get("pad_longest_sdpa_causal", {}).get("s")
-    for name in ("packed_flex_blockmask", "packed_sdpa_per_sample", "packed_varlen", "packed_sdpa_dense_mask"):
+    for name in ("packed_flex_blockmask", "packed_sdpa_per_sample", "packed_varlen", "packed_flash_varlen_gqa",
+                 "packed_flash_varlen_gqa_padded", "packed_sdpa_dense_mask"):
         # same real tokens in every layout: time ratio = per-real-token ratio (< 1 is faster than unpacked)
         out[f"attention_{name}_vs_pad_longest_per_real_token"] = _ratio(att.get(name, {}).get("s"), base)
     for name, r in result.get("flex_sweep", {}).items():
