@@ -157,29 +157,53 @@ def full_step(model, loss_fn, batches: List[Dict]) -> Callable[[], None]:
     return run
 
 
-def compiled_vs_eager(model, loss_fn, batch: Dict) -> Dict[str, float]:
-    """Loss and gradients of one packed micro-batch with the compiled blocks against the same model forced eager.
+def compiled_vs_eager(model, loss_fn, batch: Dict) -> Dict[str, Dict[str, float]]:
+    """Loss and gradients of one packed micro-batch, compiled, against the eager model with the dense mask.
 
-    FlexAttention's forward and backward inside compiled blocks (what ``compile: True`` runs on packs) checked
-    on the device: relative loss difference, and the largest relative difference of any parameter's gradient.
+    The reference is the model forced eager (``torch.compiler.set_stance("force_eager")``) with the block-causal
+    mask as a dense boolean tensor (SDPA, the same meaning); ``compiled_flex`` is what ``compile: True`` runs on
+    packs (FlexAttention forward and backward inside compiled blocks); ``compiled_dense`` the compiled blocks with
+    the dense mask, the rounding baseline of compiling alone. Each gives the relative loss difference and the
+    relative difference of all gradients together (and the worst parameter's).
     """
+    d = batch["document_ids"]
+    s = d.shape[1]
+    dense = torch.ones(s, s, dtype=torch.bool, device=d.device).tril() & (d[:, :, None] == d[:, None])
 
-    def loss_and_grads():
-        logits = model(batch["tokens"], mask=batch.get("mask"), encoder_input=batch["encoder_input"],
+    def loss_and_grads(mask):
+        logits = model(batch["tokens"], mask=mask, encoder_input=batch["encoder_input"],
                        input_pos=batch.get("input_pos"))
         loss = loss_fn(logits, batch["shifted"])
         loss.backward()
         grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad(set_to_none=True)
-        return float(loss), grads
+        return float(loss.detach()), grads
 
-    loss_c, grads_c = loss_and_grads()
     with torch.compiler.set_stance("force_eager"):
-        loss_e, grads_e = loss_and_grads()
-    rel = {n: float((grads_c[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in grads_e.items()}
-    worst = max(rel, key=rel.get)
-    return {"loss_compiled": loss_c, "loss_eager": loss_e, "loss_rel_diff": abs(loss_c - loss_e) / abs(loss_e),
-            "max_grad_rel_diff": rel[worst], "max_grad_rel_diff_param": worst, "params_compared": len(rel)}
+        ref_loss, ref = loss_and_grads(dense)
+    ref_norm = sum(float(g.norm()) ** 2 for g in ref.values()) ** 0.5
+    out = {"reference_loss": ref_loss}
+    for name, mask in (("compiled_flex", batch["mask"]), ("compiled_dense", dense)):
+        loss, grads = loss_and_grads(mask)
+        diff = {n: float((grads[n] - g).norm()) for n, g in ref.items()}
+        worst = max(diff, key=lambda n: diff[n] / max(float(ref[n].norm()), 1e-30))
+        out[name] = {"loss": loss, "loss_rel_diff": abs(loss - ref_loss) / abs(ref_loss),
+                     "grads_rel_diff": sum(v ** 2 for v in diff.values()) ** 0.5 / ref_norm,
+                     "worst_param": worst, "worst_param_rel_diff": diff[worst] / float(ref[worst].norm())}
+    return out
+
+
+def fp32_compiled_check(args, cases_cpu: Dict[str, List[Dict]]) -> Dict:
+    """:func:`compiled_vs_eager` on a 1-layer full-width slice in fp32, where the kernels must agree to ~1e-5."""
+    from torchtune.modules.loss import CEWithChunkedOutputLoss
+
+    model = build_plugin(slice_hf_config(1, tiny=args.tiny), args.device, compile_model=True, ac=False,
+                         max_seq_len=args.max_seq_len or (256 if args.tiny else 2048)).float()
+    loss_fn = CEWithChunkedOutputLoss(num_output_chunks=8)
+    model.set_num_output_chunks(loss_fn.num_output_chunks)
+    out = compiled_vs_eager(model, loss_fn, to_device(cases_cpu["packed"][0], args.device, torch.float32))
+    del model
+    return out
 
 
 def layers_step(model, batches: List[Dict], hidden: int, dtype: torch.dtype) -> Callable[[], None]:
@@ -456,7 +480,7 @@ def measure_model(result: Dict, cfg: Dict, cases: Dict[str, List[Dict]], samples
     result["compiled"] = bool(args.compile)
     if args.compile:
         result["packed_compiled_vs_eager"] = compiled_vs_eager(model, loss_fn, cases["packed"][0])
-        print(f"packed, compiled vs eager: {result['packed_compiled_vs_eager']}", flush=True)
+        print(f"packed, compiled vs eager (bf16): {result['packed_compiled_vs_eager']}", flush=True)
 
     tower = timed(tower_step(model, cases["pad_longest"]), args.device, args.repeats, args.warmup)
     result["tower"] = dict(tower, s_per_image=tower["s"] / images)
@@ -528,6 +552,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--warmup", type=int, default=1, help="untimed passes first (compiles FlexAttention)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="fp32 makes the CPU smoke fast")
     ap.add_argument("--compile", action="store_true", help="compile the slice's blocks (torchtune compile_model)")
+    ap.add_argument("--fp32-check", action="store_true", help="with --compile: also the fp32 1-layer check")
     ap.add_argument("--attention-only", action="store_true", help="only the attention measurements (no model)")
     ap.add_argument("--flex-sweep", action="store_true", help="also time FlexAttention kernel options (CUDA)")
     ap.add_argument("--autotune", action="store_true", help="with --flex-sweep: also inductor's max-autotune")
@@ -566,6 +591,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
               f"padding {1 - real / slots:.1%}", flush=True)
 
     torch._dynamo.config.cache_size_limit = 64
+    if args.compile and args.fp32_check:
+        result["packed_compiled_vs_eager_fp32_1layer"] = fp32_compiled_check(args, cases_cpu)
+        print("packed, compiled vs eager (fp32, 1 layer):", result["packed_compiled_vs_eager_fp32_1layer"], flush=True)
     if not args.attention_only:
         measure_model(result, cfg, cases, samples, args, dtype, real, images)
     result["attention"] = attention_cases(cases, text, args.device, dtype, args.repeats, args.warmup)
