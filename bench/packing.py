@@ -37,6 +37,7 @@ attention of pad_longest (target <= 1).
 """
 
 import argparse
+import gc
 import inspect
 import json
 import os
@@ -175,21 +176,22 @@ def compiled_vs_eager(model, loss_fn, batch: Dict) -> Dict[str, Dict[str, float]
                        input_pos=batch.get("input_pos"))
         loss = loss_fn(logits, batch["shifted"])
         loss.backward()
-        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad(set_to_none=True)
         return float(loss.detach()), grads
 
     with torch.compiler.set_stance("force_eager"):
         ref_loss, ref = loss_and_grads(dense)
-    ref_norm = sum(float(g.norm()) ** 2 for g in ref.values()) ** 0.5
+    ref_norm = sum(float(g.float().norm()) ** 2 for g in ref.values()) ** 0.5
     out = {"reference_loss": ref_loss}
     for name, mask in (("compiled_flex", batch["mask"]), ("compiled_dense", dense)):
         loss, grads = loss_and_grads(mask)
-        diff = {n: float((grads[n] - g).norm()) for n, g in ref.items()}
-        worst = max(diff, key=lambda n: diff[n] / max(float(ref[n].norm()), 1e-30))
+        diff = {n: float((grads[n].float() - g.float()).norm()) for n, g in ref.items()}
+        worst = max(diff, key=lambda n: diff[n] / max(float(ref[n].float().norm()), 1e-30))
         out[name] = {"loss": loss, "loss_rel_diff": abs(loss - ref_loss) / abs(ref_loss),
                      "grads_rel_diff": sum(v ** 2 for v in diff.values()) ** 0.5 / ref_norm,
-                     "worst_param": worst, "worst_param_rel_diff": diff[worst] / float(ref[worst].norm())}
+                     "worst_param": worst, "worst_param_rel_diff": diff[worst] / float(ref[worst].float().norm())}
+        del grads
     return out
 
 
@@ -203,6 +205,10 @@ def fp32_compiled_check(args, cases_cpu: Dict[str, List[Dict]]) -> Dict:
     model.set_num_output_chunks(loss_fn.num_output_chunks)
     out = compiled_vs_eager(model, loss_fn, to_device(cases_cpu["packed"][0], args.device, torch.float32))
     del model
+    torch._dynamo.reset()  # compiled graphs hold the model's parameters
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 
