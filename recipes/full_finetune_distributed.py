@@ -317,8 +317,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 convert_to_fp8(part, self._precision.fp8_recipe)
             if self._dims.tp_enabled:
                 apply_tensor_parallel(part, self._mesh["tp"], self.tensor_parallel_plan)
-            if self._tower_split:  # the encoders' images shared over the TP group, outside compiled blocks
-                split_image_encoders(part, self._mesh["tp"])
+            if self._tower_split and split_image_encoders(part, self._mesh["tp"]):  # outside compiled blocks
+                utils.log_rank_zero(log, f"The {self._dims.tp} TP ranks encode their share of a micro-batch's images")
             if enable_activation_checkpointing and ac_mode is None:
                 training.set_activation_checkpointing(part, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
             elif ac_mode is not None:

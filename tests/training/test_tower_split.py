@@ -56,8 +56,8 @@ def _batch(sizes, per_sample):
     pixel_values = torch.zeros(len(sizes), 3, max(h for h, _ in sizes), max(w for _, w in sizes))
     for i, img in enumerate(images):
         pixel_values[i, :, : img.shape[1], : img.shape[2]] = img
-    enc = {"pixel_values": pixel_values, "image_sizes": torch.tensor(sizes), "images_per_sample": torch.tensor(per_sample)}
-    return tokens, labels, {"image": enc}
+    enc = {"pixel_values": pixel_values, "image_sizes": torch.tensor(sizes)}
+    return tokens, labels, {"image": {**enc, "images_per_sample": torch.tensor(per_sample)}}
 
 
 def _local(t):
