@@ -11,6 +11,8 @@ What the subclass adds to the stock recipe:
 - lazy loading from the plugin's FP8-aware checkpointer, each rank reading only what it owns;
 - a 3-D (pipeline, data, tensor) mesh: ``pipeline_parallel_dim``, ``tensor_parallel_dim``, data parallel
   takes the rest of the world size; ``pipeline_schedule``, ``pipeline_microbatches``;
+- under TP the vision tower and projector encode only this rank's share of the images, the features are
+  all-gathered and the encoder gradients summed over the TP group (``tensor_parallel_tower``);
 - gradient-norm clipping that is correct under TP, PP and FSDP together;
 - ``compile`` per transformer block after TP and activation checkpointing (torchtitan's order); under TP the
   decoder blocks have static shapes and batches are padded to ``tokenizer.max_seq_len``;
@@ -85,6 +87,9 @@ from torchtune_mistral3.training import (
     set_fsdp_gradient_sum,
     set_mesh_timeout,
     shard_model,
+    split_image_encoders,
+    sum_split_encoder_grads,
+    tower_mode,
     train_context,
     uses_loss_parallel,
 )
@@ -139,7 +144,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
     ``batch_size_val``, ``run_val_every_n_steps``, ``max_val_steps``, ``save_every_n_steps``,
     ``prepare_checkpoint``, ``hf_repo``, ``max_nonfinite_steps`` (default 0), ``distributed_timeout_s``
     (default 1800), ``master_dtype`` (default fp32), ``reduce_dtype`` (default: the master dtype),
-    ``fp8_recipe`` (default null; tensorwise or rowwise), ``assume_shared_output_dir`` (default False),
+    ``fp8_recipe`` (default null; tensorwise or rowwise), ``tensor_parallel_tower`` (default ``split``: each TP
+    rank encodes its share of the images; ``replicate``), ``assume_shared_output_dir`` (default False),
     ``allow_new_keys`` (see docs/configs.md).
 
     Args:
@@ -166,6 +172,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         self.data_parallel_dim = self._dims.dp
         self._loss_parallel = self._dims.tp_enabled and uses_loss_parallel(self.tensor_parallel_plan or {})
         self._static_shapes = needs_static_shapes(cfg.get("compile", False), self._dims.tp_enabled)
+        # split: each TP rank encodes its share of a micro-batch's images (the features are all-gathered)
+        self._tower_split = tower_mode(cfg.get("tensor_parallel_tower", None), self._dims.tp) == "split"
         if self._dims.pp_enabled and self._enable_activation_offloading:
             raise ValueError("enable_activation_offloading is not supported with pipeline_parallel_dim > 1")
         self._run_val_every_n_steps = cfg.get("run_val_every_n_steps", None)
@@ -309,6 +317,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 convert_to_fp8(part, self._precision.fp8_recipe)
             if self._dims.tp_enabled:
                 apply_tensor_parallel(part, self._mesh["tp"], self.tensor_parallel_plan)
+            if self._tower_split and split_image_encoders(part, self._mesh["tp"]):  # outside compiled blocks
+                utils.log_rank_zero(log, f"The {self._dims.tp} TP ranks encode their share of a micro-batch's images")
             if enable_activation_checkpointing and ac_mode is None:
                 training.set_activation_checkpointing(part, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
             elif ac_mode is not None:
@@ -494,6 +504,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             if share is not None:
                 loss += share
         out.update(loss=self._reduce_loss(loss), label_tokens=int(num_tokens))
+        if self._tower_split:  # each TP rank's encoder gradients cover its share of the images: add them up
+            sum_split_encoder_grads(self._model_parts)
         trainable = [p for part in self._model_parts for p in part.parameters() if p.requires_grad]
         if self._clip_grad_norm is not None:
             out["grad_norm"] = float(

@@ -22,7 +22,8 @@ r"""Print the per-GPU memory and the step time a config's layout needs, before b
 - Step time (``training/_step_plan.py``): ``plan.time`` (default True; False prints memory only), ``plan.gpu``
   (h100 or h200; default h100), ``plan.cost_table`` (a ``bench/step_costs.py`` JSON; default the shipped one),
   ``plan.nvlink_gbps`` (TP all-reduce bus bandwidth, default 360), ``plan.pp_link_gbps`` (pipeline link per GPU,
-  default 45), ``plan.tower_split`` (the tower's images shared over the TP group; default False),
+  default 45), ``plan.tower_split`` (the tower's images shared over the TP group; default: the config's
+  ``tensor_parallel_tower``, which is ``split`` under TP unless set to ``replicate``),
   ``plan.real_tokens_per_sample`` (default: the image's layout positions + 150 text tokens).
 
 With ``pipeline_parallel_dim`` > 1 and no ``pipeline_split``, both plans use the recipe's cost-balanced split
@@ -58,6 +59,7 @@ from torchtune_mistral3.training._step_plan import (
     format_step_plan,
     plan_step,
 )
+from torchtune_mistral3.training._tower_split import tower_mode
 
 _BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2}
 _TRAINABLE_FLAGS = ("vision_trainable", "projector_trainable", "embeddings_trainable", "output_trainable",
@@ -166,7 +168,8 @@ def layout_from_config(cfg: DictConfig) -> Tuple[Layout, dict]:
         "cost_table": plan.get("cost_table", None),
         "nvlink_gbps": float(plan.get("nvlink_gbps", NVLINK_ALLREDUCE_GBPS)),
         "pp_link_gbps": float(plan.get("pp_link_gbps", PP_LINK_GBPS)),
-        "tower_split": bool(plan.get("tower_split", False)),
+        # the recipe's tensor_parallel_tower (split by default under TP); plan.tower_split overrides it
+        "tower_split": bool(plan.get("tower_split", tower_mode(cfg.get("tensor_parallel_tower", None), tp) == "split")),
         "real_tokens_per_sample": plan.get("real_tokens_per_sample", None),
     }
     if options["gpu"] not in HBM_TBPS:

@@ -75,6 +75,8 @@ def test_layout_equals_one_process(tune, tmp_path, checkpoint, single, layout):
     # a data-parallel layout splits the same global batch of 2 over its replicas
     metrics, output = _run(tune, tmp_path, checkpoint, nproc, overrides)
     assert sorted(metrics) == [1, 2, 3]
+    # under TP the vision tower's images are shared over the TP ranks by default (tensor_parallel_tower: split)
+    assert ("TP ranks encode their share" in output) == ("tensor_parallel_dim=2" in overrides)
     if "compile=True" in overrides:
         compiled = r"Compiled \d+ transformer blocks with torch.compile \(decoder blocks with static shapes\)"
         assert re.search(compiled, output)

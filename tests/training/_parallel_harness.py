@@ -209,6 +209,8 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
         pipeline_step,
         resolve_layer_split,
         set_fsdp_gradient_sum,
+        split_image_encoders,
+        sum_split_encoder_grads,
         train_context,
         uses_loss_parallel,
     )
@@ -241,6 +243,8 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
         # The order the recipe uses: TP -> activation checkpointing -> compile -> FSDP2 -> rope_init -> load.
         if dims.tp_enabled:
             apply_tensor_parallel(m, mesh["tp"], plan)
+        if cfg.get("tower_split"):  # the recipe's default under TP: each TP rank encodes its share of the images
+            split_image_encoders(m, mesh["tp"])
         tt.set_activation_checkpointing(m, auto_wrap_policy={TransformerSelfAttentionLayer})
         if cfg.get("compile"):
             report["compiled_blocks"] = compile_blocks(
@@ -325,6 +329,8 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
         if pp_group is not None:
             dist.all_reduce(loss, group=pp_group)
         dist.all_reduce(loss, group=mesh["dp"].get_group())
+        if cfg.get("tower_split"):
+            sum_split_encoder_grads(parts)
         norm = clip_grad_norm_(params, MAX_NORM, pp_group=pp_group)
         losses.append(loss.item())
         diffs["loss"] = max(diffs["loss"], abs(loss.item() - ref["losses"][step]))

@@ -1,5 +1,8 @@
 """The plugin's Mistral 3 VLM (YaRN decoder, Pixtral tower, projector) under PP, TP and FSDP: 3 clipped SGD steps
-equal to one process (asserted inside the ranks to 1e-5: loss, total norm, every gradient, final parameters)."""
+equal to one process (asserted inside the ranks to 1e-5: loss, total norm, every gradient, final parameters).
+
+The TP layouts share the vision tower's images over the TP group (``tower_split``, the recipe's default), with the
+tower trainable, so the gathered features and the summed encoder gradients are checked too."""
 
 from _parallel_harness import run_layout
 
@@ -19,20 +22,21 @@ def test_pp2_zero_bubble_matches_single_process():
 
 def test_pp2_tp2_interleaved_matches_single_process():
     reports = run_layout(
-        4, pp=2, tp=2, schedule="Interleaved1F1B", microbatches=2, output_chunks=2, model="mistral3"
+        4, pp=2, tp=2, schedule="Interleaved1F1B", microbatches=2, output_chunks=2, model="mistral3",
+        tower_split=True,
     )
     _show("pp2 x tp2 Interleaved1F1B", reports)
     assert [r["logits"] for r in reports[2:]] == [["2xDTensor(Shard(dim=2),):128/256"]] * 2
 
 
 def test_fsdp2_tp2_matches_single_process():
-    reports = run_layout(4, pp=1, tp=2, model="mistral3")
+    reports = run_layout(4, pp=1, tp=2, model="mistral3", tower_split=True)
     _show("fsdp2 x tp2", reports)
     assert all(r["local_numel"] < 0.35 * r["full_numel"] for r in reports)
 
 
 def test_tp2_compiled_matches_single_process():
     # per-block torch.compile after TP and activation checkpointing (the recipe's order); decoder blocks static
-    reports = run_layout(2, pp=1, tp=2, model="mistral3", compile=True)
+    reports = run_layout(2, pp=1, tp=2, model="mistral3", compile=True, tower_split=True)
     _show("tp2 compiled", reports)
     assert all(r["compiled_blocks"] == 4 + 2 for r in reports)  # 4 decoder blocks + 2 Pixtral blocks

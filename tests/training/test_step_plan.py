@@ -143,3 +143,27 @@ def test_table_fits_reproduce_their_formulas_off_the_measured_shapes():
         1e-3 + 1e-5 * (1444 + 5476) + 1e-9 * (1444**2 + 5476**2))
     assert table.projector(1369) == pytest.approx((1.369e-3, 2.738e-3))
     assert table.optimizer(1.38e9, 2, True) == pytest.approx(1e-4 + 5e-12 * 1.38e9)
+
+
+def test_tower_split_shares_tower_and_projector_and_follows_the_recipe_key():
+    from omegaconf import OmegaConf
+    from torchtune_mistral3.plan import layout_from_config
+    from torchtune_mistral3.training._step_plan import H200, MicroBatch, stage_time
+
+    table = CostTable(_synthetic_table())
+    mb = MicroBatch(batch=1, seq=2048, patches=(1444, 5476), image_tokens=(1444 + 5476) // 4)
+    kw = dict(layers=0, first=True, last=False, mb=mb, tp=8, hw=H200)
+    rep, split = stage_time(table, **kw).parts, stage_time(table, tower_split=True, **kw).parts
+    c = H200.compute_scale()
+    # by hand: 1/8 of the tower and projector, plus one all-gather of the projected bf16 features (width 16)
+    gather = 7 / 8 * mb.image_tokens * 16 * 2 / (H200.nvlink_gbps * 1e9) + 20e-6
+    assert split["tower"] == pytest.approx(rep["tower"] / 8 + gather * c)
+    assert split["projector"] == pytest.approx(rep["projector"] / 8)
+
+    def tower_split(**keys):
+        return layout_from_config(OmegaConf.create({"tensor_parallel_dim": 8, **keys}))[1]["tower_split"]
+
+    assert tower_split()  # the recipe's default under TP
+    assert not tower_split(tensor_parallel_tower="replicate")
+    assert not tower_split(tensor_parallel_dim=1)
+    assert tower_split(tensor_parallel_tower="replicate", plan={"tower_split": True})  # the planner's override

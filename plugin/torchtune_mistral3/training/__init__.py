@@ -44,11 +44,13 @@ from ._precision import (
 from ._sample_index import IndexedCollate, IndexedDataset, count_step_data, pop_sample_indices
 from ._step_plan import cost_balanced_stage_extras
 from ._stock import load_plugin_recipe, load_stock_recipe, stock_recipe_path
+from ._tower_split import assign_images, split_image_encoders, sum_split_encoder_grads, tower_mode
 from ._tp import apply_tensor_parallel, resolve_tp_plan, train_context, uses_loss_parallel
 from ._training_state import latest_training_state, load_training_state, save_training_state
 
 __all__ = [
     "apply_tensor_parallel",
+    "assign_images",
     "balanced_layer_split",
     "build_pipeline",
     "check_checkpoint_dir",
@@ -93,10 +95,13 @@ __all__ = [
     "set_fsdp_gradient_sum",
     "set_mesh_timeout",
     "shard_model",
+    "split_image_encoders",
     "stage_ids_for_rank",
     "StageImages",
     "StochasticRoundingAdamW",
+    "sum_split_encoder_grads",
     "stock_recipe_path",
+    "tower_mode",
     "train_context",
     "latest_training_state",
     "load_training_state",

@@ -382,7 +382,8 @@ def stage_time(
         ac (bool): activation checkpointing. Default is False.
         compiled (bool): per-layer compile. Default is True.
         tower_split (bool): the tower's images shared over the TP group (each rank encodes ``1 / tp`` of the
-            patches, then the features are gathered); False: every TP rank encodes every image. Default is False.
+            patches through tower and projector, then the projected features are all-gathered); False: every TP
+            rank encodes every image. Default is False.
         hidden (Optional[int]): text hidden size for the collectives' bytes; None for the table's. Default is None.
         hw (Hardware): the GPU and links. Default is the H200 with the default links.
         scale (Optional[Dict[str, float]]): :func:`part_scales` for a model the table did not measure; None for
@@ -411,9 +412,12 @@ def stage_time(
         ef, eb = (x * k["head"] for x in table.embeddings(mb.tokens))
         patches = list(mb.patches)
         tower = table.tower(patches) * k["tower"]
-        if tower_split and tp > 1:  # each rank encodes about 1/tp of the patches (its share of the images)
-            tower = tower / tp + hw.all_gather_s(sum(patches) * table.dims["vision_hidden"] * 2, tp) / c
         pf, pb = (x * k["projector"] for x in table.projector(mb.image_tokens))
+        if tower_split and tp > 1:
+            # each rank encodes about 1/tp of the patches (its share of the images) through tower and projector,
+            # then the projected features (bf16, text width) are all-gathered
+            tower = tower / tp + hw.all_gather_s(mb.image_tokens * h * 2, tp) / c
+            pf, pb = pf / tp, pb / tp
         fwd += (ef + tower + pf) * c + ar  # the vocabulary-parallel embedding's all-reduce
         bwd += (eb + pb) * c
         wgt += (eb + W_SHARE * pb) * c  # the embedding and projector stay eager
@@ -916,6 +920,9 @@ def plan_step(
         sec = table.optimizer(trained, master, lo.optimizer_fused) * hw.memory_scale()
         if lo.dp > 1:  # reduce-scatter of the gradients over data parallel (across nodes), not overlapped
             sec += (lo.dp - 1) / lo.dp * trained * shard * master / (hw.pp_link_gbps * 1e9)
+        if tower_split and 0 in stages:  # the encoder's gradient shares summed over TP, once per step
+            encoder = sum(parts[n].trainable_per_tp_rank for n in ("vision", "projector") if n in parts) / shard
+            sec += hw.all_reduce_s(encoder * master, lo.tp) if encoder else 0.0
         opt.append(sec)
     step_s = lo.grad_accum * pipeline_s + max(opt)
 

@@ -18,7 +18,8 @@ def mistral3_tp_plan(loss_parallel: bool = True) -> Dict[str, ParallelStyle]:
 
     Column-wise q/k/v and gate/up (``w1``/``w3``), row-wise ``output_proj`` and down (``w2``), a
     vocabulary-parallel token embedding (``EarlyFusionModel`` keeps it at top level ``tok_embeddings``),
-    and a column-wise head. The vision tower and projector are not in the plan: they stay replicated.
+    and a column-wise head. The vision tower and projector are not in the plan: their weights stay replicated
+    (the recipe's ``tensor_parallel_tower`` shares their images over the TP ranks instead).
 
     Args:
         loss_parallel (bool): keep the logits sharded on the vocabulary (DTensor ``Shard(-1)``) so the
