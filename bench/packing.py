@@ -559,6 +559,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="fp32 makes the CPU smoke fast")
     ap.add_argument("--compile", action="store_true", help="compile the slice's blocks (torchtune compile_model)")
     ap.add_argument("--fp32-check", action="store_true", help="with --compile: also the fp32 1-layer check")
+    ap.add_argument("--attention-tp", type=int, default=1,
+                    help="time the attention of one rank of a TP group of this size (heads / N, KV heads / N)")
     ap.add_argument("--attention-only", action="store_true", help="only the attention measurements (no model)")
     ap.add_argument("--flex-sweep", action="store_true", help="also time FlexAttention kernel options (CUDA)")
     ap.add_argument("--autotune", action="store_true", help="with --flex-sweep: also inductor's max-autotune")
@@ -602,12 +604,15 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print("packed, compiled vs eager (fp32, 1 layer):", result["packed_compiled_vs_eager_fp32_1layer"], flush=True)
     if not args.attention_only:
         measure_model(result, cfg, cases, samples, args, dtype, real, images)
-    result["attention"] = attention_cases(cases, text, args.device, dtype, args.repeats, args.warmup)
+    # --attention-tp N: the attention of one rank of a TP N group (heads and KV heads split N ways)
+    heads = {k: text[k] // args.attention_tp for k in ("num_attention_heads", "num_key_value_heads")}
+    result["attention_tp"] = args.attention_tp
+    result["attention"] = attention_cases(cases, {**text, **heads}, args.device, dtype, args.repeats, args.warmup)
     if args.flex_sweep and args.device == "cuda":
         lens = [[[int(n) for n in torch.unique_consecutive(d, return_counts=True)[1]] for d in b["document_ids"]]
                 for b in cases["packed"]]
-        result["flex_sweep"] = flex_sweep(cases["packed"], lens, text, args.device, dtype, args.repeats, args.warmup,
-                                          args.autotune)
+        result["flex_sweep"] = flex_sweep(cases["packed"], lens, {**text, **heads}, args.device, dtype, args.repeats,
+                                          args.warmup, args.autotune)
     result["ratios"] = ratios(result)
     result["total_s"] = time.perf_counter() - t_start
     print(json.dumps(result["ratios"], indent=1))
