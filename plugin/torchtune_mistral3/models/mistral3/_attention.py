@@ -110,7 +110,8 @@ class Mistral3Attention(MultiHeadAttention):
                 KV cache. Default is None.
             mask (Optional[torch.Tensor]): boolean ``[b, s_x, s_y]`` mask (True attends) or a flex ``BlockMask``
                 (:func:`block_causal_mask` of packed sequences); None means causal, computed inside SDPA without
-                materialising a mask. Without a KV cache neither expands the KV heads. Default is None.
+                materialising a mask. Neither expands the KV heads without a KV cache, nor when decoding one token
+                per sample from it. Default is None.
             input_pos (Optional[torch.Tensor]): positions ``[b, s_x]``; None means ``0..s_x-1``. Default is None.
 
         Returns:
@@ -171,9 +172,23 @@ class Mistral3Attention(MultiHeadAttention):
                 is_causal=mask is None,
                 enable_gqa=gqa,
             )
+        elif self.kv_cache is not None and self.cache_enabled and s_x == 1:
+            # Decoding one token per sample from the cache: the n_h / n_kv query heads that share a KV head
+            # become that head's query rows, [b, n_h, 1, h_d] -> [b, n_kv, n_h / n_kv, h_d] (a view), so SDPA
+            # reads the cached keys and values in place (no n_h / n_kv-fold copy of the cache per step) with
+            # plain equal-head shapes that every backend takes with a mask. (enable_gqa=True with a mask is
+            # taken by the CPU kernels but not by CUDA's memory-efficient kernel in every torch release; SDPA
+            # then falls back to its math path, which repeats the KV heads itself.)
+            output = F.scaled_dot_product_attention(
+                q.reshape(b, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim),
+                k,
+                v,
+                attn_mask=None if mask is None else mask[:, None],  # [b, 1, 1, s_y]: one row for all heads
+                dropout_p=dropout_p,
+            ).reshape(b, self.num_heads, 1, self.head_dim)
         else:
             if self.num_heads != self.num_kv_heads:
-                # Masks (boolean or flex BlockMask) and KV caches go through torchtune's path with expanded heads.
+                # Prefill into a KV cache: torchtune's path with expanded heads (one copy per layer per call).
                 q_per_kv = self.num_heads // self.num_kv_heads
                 expand_shape = (b, self.num_kv_heads, q_per_kv, -1, self.head_dim)
                 k = k.unsqueeze(2).expand(expand_shape).flatten(1, 2)
