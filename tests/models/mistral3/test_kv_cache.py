@@ -5,6 +5,7 @@ import pytest
 import torch
 from _hf_reference import IMG, PAD, image_token_block, plugin_from_hf, tiny_hf_config, tiny_hf_model
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchtune import generation
 from torchtune.modules.common_utils import delete_kv_caches, local_kv_cache
 from torchtune_mistral3.generation import collate_prompts, decode_one_token, generate
@@ -90,6 +91,48 @@ def test_cached_decode_step_logits_equal_full_recomputation(pair):
             model(prompt, encoder_input=image, mask=mask[:, :s], input_pos=positions[:, :s])
             step = model(new, mask=mask[:, s:], input_pos=positions[:, s:])[:, -1]
     torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (``.item()``, ``bool()``: a device sync each on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_decode_step_reads_nothing_back_to_the_host(pair):
+    _, model = pair
+    batch = _prompts()
+    prompt = batch["tokens"]
+    b, s = prompt.shape
+    valid = prompt != PAD
+    positions = generation.get_position_ids_from_padding_mask(F.pad(valid, (0, 1), value=True))
+    step_mask = F.pad(valid, (0, 1), value=True)[:, None]
+    with torch.no_grad(), local_kv_cache(model, batch_size=b, device=torch.device("cpu"), dtype=torch.float32,
+                                         decoder_max_seq_len=s + 1):
+        model(prompt, encoder_input=batch["encoder_input"], input_pos=positions[:, :s],
+              mask=generation.get_causal_mask_from_padding_mask(valid, target_seq_len=s + 1))
+        with _HostReads() as reads:
+            decode_one_token(model, prompt[:, -1:], positions[:, s:], step_mask, top_k=1)
+    assert reads.count == 0
+
+
+def test_writing_past_the_end_of_the_cache_fails(pair):
+    _, model = pair
+    model.setup_caches(batch_size=1, dtype=torch.float32, decoder_max_seq_len=3)
+    try:
+        cache = model.decoder.layers[0].attn.kv_cache
+        kv = torch.zeros(1, cache.k_cache.shape[1], 3, cache.k_cache.shape[3])
+        cache.update(kv, kv)  # fills it
+        with pytest.raises(IndexError, match="out of bounds"):
+            cache.update(kv[:, :, :1], kv[:, :, :1])
+    finally:
+        delete_kv_caches(model)
 
 
 def test_only_the_last_position_reaches_the_head(pair):

@@ -6,13 +6,13 @@ Staying ``MultiHeadAttention`` instances keeps torchtune's machinery working on 
 the ``attn.{q,k,v,output}_proj`` names.
 """
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
-from torchtune.modules import MultiHeadAttention
+from torchtune.modules import KVCache, MultiHeadAttention
 
 _compiled_flex_attention = None
 
@@ -76,6 +76,38 @@ def _positions_2d(input_pos: Optional[torch.Tensor], b: int, s: int) -> Optional
     return input_pos.view(b, s) if input_pos.numel() == b * s else input_pos.view(1, s)
 
 
+class _KVCache(KVCache):
+    """torchtune's :class:`~torchtune.modules.KVCache` whose ``update`` reads no device value back to the host.
+
+    The stock ``update`` asserts ``cache_pos[0] + s <= max_seq_len`` on a device tensor: a device-to-host sync in
+    every layer at every eager decode step, which drains the GPU's launch queue. Without it, writing past the end
+    still fails (the write's index is out of range), and the plugin's generate checks the length once per call.
+    """
+
+    def update(self, k_val: torch.Tensor, v_val: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k_val``/``v_val`` ``[b, n_kv, s, h_d]`` at the next ``s`` cache positions; return the caches.
+
+        Args:
+            k_val (torch.Tensor): new keys.
+            v_val (torch.Tensor): new values.
+
+        Returns:
+            Tuple[torch.Tensor, torch.Tensor]: the key and value caches ``[b, n_kv, s_cache, h_d]``.
+
+        Raises:
+            ValueError: if the batch is larger than the caches'.
+        """
+        if k_val.shape[0] > self.k_cache.shape[0]:
+            raise ValueError(
+                f"the KV cache is set up for batch {self.k_cache.shape[0]}, got keys of batch {k_val.shape[0]}"
+            )
+        positions = self.cache_pos[: k_val.shape[2]]
+        self.k_cache[:, :, positions] = k_val
+        self.v_cache[:, :, positions] = v_val
+        self.cache_pos.add_(k_val.shape[2])
+        return self.k_cache, self.v_cache
+
+
 class Mistral3Attention(MultiHeadAttention):
     """torchtune attention with an optional per-position query scale after RoPE (Ministral-3 text attention).
 
@@ -93,6 +125,26 @@ class Mistral3Attention(MultiHeadAttention):
     def __init__(self, *, query_scale: Optional[nn.Module] = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.query_scale = query_scale
+
+    def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
+        """As torchtune's ``setup_cache``, with a KV cache whose updates never sync the host with the device.
+
+        Args:
+            batch_size (int): batch size of the cache.
+            dtype (torch.dtype): dtype of the cache.
+            max_seq_len (int): cache length.
+        """
+        if self.kv_cache is not None:
+            super().setup_cache(batch_size, dtype, max_seq_len)  # torchtune's warning; the cache stays
+            return
+        self.kv_cache = _KVCache(
+            batch_size=batch_size,
+            max_seq_len=max_seq_len,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            dtype=dtype,
+        )
+        self.cache_enabled = True
 
     def forward(
         self,
