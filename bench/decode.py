@@ -150,7 +150,7 @@ def _timed(run: Callable[[int], torch.Tensor], new_tokens: int, device: str):
 def time_variant(name: str, hf, plugin, prompts: Dict, args) -> Dict:
     """Warm up, then time ``repeats`` calls of ``new_tokens`` and of 1 token; return the row and the tokens."""
     from torchtune.modules.common_utils import delete_kv_caches
-    from torchtune_mistral3.generation import decode_one_token
+    from torchtune_mistral3.generation import decode_one_token, kv_cache_length
 
     batch, prompt_len = prompts["tokens"].shape
     torch._dynamo.reset()
@@ -162,7 +162,8 @@ def time_variant(name: str, hf, plugin, prompts: Dict, args) -> Dict:
             decode_one_token, fullgraph=True, dynamic=False, mode=mode, backend=args.compile_backend
         )
         with torch.device(args.device):  # torchtune's KVCache allocates on the default device
-            plugin.setup_caches(batch_size=batch, dtype=args.dtype, decoder_max_seq_len=prompt_len + args.new_tokens)
+            length = kv_cache_length(prompt_len, args.new_tokens)  # as generate sets them up for a call
+            plugin.setup_caches(batch_size=batch, dtype=args.dtype, decoder_max_seq_len=length)
     run = (
         plugin_generate_fn(plugin, prompts, compiled) if name.startswith("plugin")
         else hf_generate_fn(hf, prompts, static=name == "hf_static")

@@ -119,6 +119,23 @@ def decode_one_token(
     return generation.sample(logits, temperature=temperature, top_k=top_k, q=q)
 
 
+def kv_cache_length(prompt_len: int, max_generated_tokens: int) -> int:
+    """Cache positions ``generate`` sets up for a call: prompt + new tokens, rounded up to a multiple of 16.
+
+    The last dimension of the attention masks is the cache length; a multiple of 16 is the alignment CUDA's
+    memory-efficient SDPA kernel wants of a mask (else SDPA pads a copy of it). Positions past the last token are
+    never attended.
+
+    Args:
+        prompt_len (int): prompt length (with its left padding).
+        max_generated_tokens (int): most tokens to generate.
+
+    Returns:
+        int: the cache length.
+    """
+    return -(-(prompt_len + max_generated_tokens) // 16) * 16
+
+
 @contextmanager
 def _kv_caches(model: nn.Module, prompt: torch.Tensor, max_generated_tokens: int) -> Iterator[int]:
     """KV caches for one call, yielding their length: the caller's (reset) or made for the call."""
@@ -126,7 +143,7 @@ def _kv_caches(model: nn.Module, prompt: torch.Tensor, max_generated_tokens: int
         model.reset_caches()
         yield model.decoder_max_cache_seq_len
         return
-    length = prompt.shape[1] + max_generated_tokens
+    length = kv_cache_length(prompt.shape[1], max_generated_tokens)
     dtype = model.tok_embeddings.weight.dtype
     batch_size = prompt.shape[0]
     with local_kv_cache(model, batch_size=batch_size, device=prompt.device, dtype=dtype, decoder_max_seq_len=length):
