@@ -1,6 +1,6 @@
 """Decode tokens/s of the plugin's KV-cache generation against transformers' ``generate``, same weights, same run.
 
-    # one H200, about 2.5 minutes (docs/evaluation.md)
+    # one H200, about 3 to 4 minutes with the two inductor compiles of the decode step (docs/evaluation.md)
     python bench/decode.py --layers 4 --out bench/results/decode_h200.json
     # here, to test the script (fp32; also checks that both sides' greedy tokens agree; hf_static runs
     # uncompiled off CUDA, plugin_compile needs --compile-backend aot_eager there)

@@ -201,9 +201,11 @@ def generate(
         torch.Tensor: prompt + generated tokens ``[b, s_p + n]``; tokens after a sample's stop token are 0.
 
     Raises:
-        ValueError: if the prompt has ``[IMG]`` tokens but no images are given, or the caller's caches have
-            another batch size or too few positions.
+        ValueError: if ``max_generated_tokens`` < 1, the prompt has ``[IMG]`` tokens but no images are given, or
+            the caller's caches have another batch size or too few positions.
     """
+    if max_generated_tokens < 1:
+        raise ValueError(f"max_generated_tokens={max_generated_tokens}: generate at least 1 token (max_new_tokens)")
     b, s_p = prompt.shape
     if use_kv_cache and model.caches_are_setup():
         _check_caches_fit(model, prompt, max_generated_tokens)
