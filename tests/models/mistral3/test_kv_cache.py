@@ -86,8 +86,9 @@ def test_cached_decode_step_logits_equal_full_recomputation(pair):
     image = batch["encoder_input"]
     with torch.no_grad():
         full = model(torch.cat([prompt, new], dim=1), encoder_input=image, mask=mask, input_pos=positions)[:, -1]
-        with local_kv_cache(model, batch_size=b, device=torch.device("cpu"), dtype=torch.float32,
-                            decoder_max_seq_len=s + 1):
+        with local_kv_cache(
+            model, batch_size=b, device=torch.device("cpu"), dtype=torch.float32, decoder_max_seq_len=s + 1
+        ):
             model(prompt, encoder_input=image, mask=mask[:, :s], input_pos=positions[:, :s])
             step = model(new, mask=mask[:, s:], input_pos=positions[:, s:])[:, -1]
     torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
@@ -113,10 +114,16 @@ def test_eager_decode_step_reads_nothing_back_to_the_host(pair):
     valid = prompt != PAD
     positions = generation.get_position_ids_from_padding_mask(F.pad(valid, (0, 1), value=True))
     step_mask = F.pad(valid, (0, 1), value=True)[:, None]
-    with torch.no_grad(), local_kv_cache(model, batch_size=b, device=torch.device("cpu"), dtype=torch.float32,
-                                         decoder_max_seq_len=s + 1):
-        model(prompt, encoder_input=batch["encoder_input"], input_pos=positions[:, :s],
-              mask=generation.get_causal_mask_from_padding_mask(valid, target_seq_len=s + 1))
+    with (
+        torch.no_grad(),
+        local_kv_cache(model, batch_size=b, device=torch.device("cpu"), dtype=torch.float32, decoder_max_seq_len=s + 1),
+    ):
+        model(
+            prompt,
+            encoder_input=batch["encoder_input"],
+            input_pos=positions[:, :s],
+            mask=generation.get_causal_mask_from_padding_mask(valid, target_seq_len=s + 1),
+        )
         with _HostReads() as reads:
             decode_one_token(model, prompt[:, -1:], positions[:, s:], step_mask, top_k=1)
     assert reads.count == 0
