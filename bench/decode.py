@@ -1,6 +1,6 @@
 """Decode tokens/s of the plugin's KV-cache generation against transformers' ``generate``, same weights, same run.
 
-    # one H200, about 2.5 minutes (docs/evaluation.md)
+    # one H200, about 3 to 4 minutes with the two inductor compiles of the decode step (docs/evaluation.md)
     python bench/decode.py --layers 4 --out bench/results/decode_h200.json
     # here, to test the script (fp32; also checks that both sides' greedy tokens agree; hf_static runs
     # uncompiled off CUDA, plugin_compile needs --compile-backend aot_eager there)
@@ -14,11 +14,11 @@ MedPix question). Greedy decoding of exactly ``--new-tokens`` tokens on both sid
 tokens, transformers with ``min_new_tokens = max_new_tokens``).
 
 Variants (``--variants``):
-    plugin_eager    ``torchtune_mistral3.generation.generate`` as the generate recipe calls it (torchtune's
-                    ``generate`` + KV cache made for the call)
-    plugin_compile  + the decode step ``torchtune.generation.generate_next_token`` under ``torch.compile``
-                    (``--compile-mode``, default ``reduce-overhead``: CUDA graphs; fullgraph), KV caches set up
-                    once per batch size and reused, as torchtune's stock generate recipe does
+    plugin_eager    ``torchtune_mistral3.generation.generate`` as the generate and eval recipes call it: a
+                    prefill that projects only the last position to the vocabulary, then the eager decode step
+                    ``decode_one_token`` (grouped KV heads read in place), KV caches made for the call
+    plugin_compile  + ``decode_one_token`` under ``torch.compile`` (``--compile-mode``, default ``reduce-overhead``:
+                    CUDA graphs; fullgraph, static shapes), KV caches set up once per batch size and reused
     hf_eager        transformers ``generate``, SDPA attention, its default dynamic cache
     hf_static       ``cache_implementation="static"``, which transformers compiles for the decode steps itself
 
@@ -106,7 +106,7 @@ def plugin_generate_fn(model, prompts: Dict, compiled: Optional[Callable]) -> Ca
             pad_id=PAD,
             top_k=1,
             stop_tokens=None,
-            custom_generate_next_token=compiled,
+            decode_step=compiled,
         )
         return out[:, prompts["tokens"].shape[1] :]
 
@@ -149,8 +149,8 @@ def _timed(run: Callable[[int], torch.Tensor], new_tokens: int, device: str):
 @torch.inference_mode()
 def time_variant(name: str, hf, plugin, prompts: Dict, args) -> Dict:
     """Warm up, then time ``repeats`` calls of ``new_tokens`` and of 1 token; return the row and the tokens."""
-    from torchtune import generation
     from torchtune.modules.common_utils import delete_kv_caches
+    from torchtune_mistral3.generation import decode_one_token, kv_cache_length
 
     batch, prompt_len = prompts["tokens"].shape
     torch._dynamo.reset()
@@ -159,10 +159,11 @@ def time_variant(name: str, hf, plugin, prompts: Dict, args) -> Dict:
     if name == "plugin_compile":
         mode = args.compile_mode if args.compile_backend == "inductor" else None  # mode is inductor's option
         compiled = torch.compile(
-            generation.generate_next_token, fullgraph=True, dynamic=False, mode=mode, backend=args.compile_backend
+            decode_one_token, fullgraph=True, dynamic=False, mode=mode, backend=args.compile_backend
         )
         with torch.device(args.device):  # torchtune's KVCache allocates on the default device
-            plugin.setup_caches(batch_size=batch, dtype=args.dtype, decoder_max_seq_len=prompt_len + args.new_tokens)
+            length = kv_cache_length(prompt_len, args.new_tokens)  # as generate sets them up for a call
+            plugin.setup_caches(batch_size=batch, dtype=args.dtype, decoder_max_seq_len=length)
     run = (
         plugin_generate_fn(plugin, prompts, compiled) if name.startswith("plugin")
         else hf_generate_fn(hf, prompts, static=name == "hf_static")
@@ -187,6 +188,8 @@ def time_variant(name: str, hf, plugin, prompts: Dict, args) -> Dict:
             row["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
         if name == "plugin_compile":
             row["compiled_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])  # 1: no recompiles
+            # > 0: inductor ran the step without CUDA graphs (the reason is in the log)
+            row["cudagraph_skips"] = int(torch._dynamo.utils.counters["inductor"]["cudagraph_skips"])
         if name == "hf_static":
             row["hf_compiled_decode"] = hasattr(hf, "_compiled_call") and hf._compiled_call is not None
     except Exception as e:  # one variant failing must not lose the others' numbers

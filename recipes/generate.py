@@ -9,7 +9,8 @@ What it adds to the stock recipe, for plugin configs:
 - an image + question prompt (``prompt.user: {image: <path or URL>, text: <question>}``) or text only,
   from the config or the command line (``prompt.user.image=... prompt.user.text=...``);
 - greedy decoding (``greedy: True``) or sampling (``greedy=False temperature=0.7 top_k=50``);
-- a KV cache (``enable_kv_cache``) on torchtune's ``generate``; the vision tower runs once per image;
+- a KV cache (``enable_kv_cache``) in the plugin's ``generate`` (prefill, then one token per decode step; only the
+  last position reaches the vocabulary head); the vision tower runs once per image;
 - the plugin's lazy FP8-aware checkpointer; CPU runs.
 
     tune run generate --config mistral3p5_medpix_demo_generation

@@ -1,12 +1,22 @@
-"""Generation with Mistral 3 VLMs on torchtune's :func:`torchtune.generation.generate`.
+"""Generation with Mistral 3 VLMs: one prefill of the prompts (images included), then one token per decode step.
 
-torchtune's ``generate`` calls ``model(tokens, input_pos=..., mask=...)`` and knows nothing of images. The
-image features of a batch of prompts are computed once here (the vision tower runs once per image, whether or
-not a KV cache is used) and put into the prompt's ``[IMG]`` positions whenever the model sees the prompt: at
-prefill with a KV cache, at every step of a full re-forward without one.
+The loop is the plugin's own, built from torchtune's generation helpers (padding masks, positions, ``sample``)
+because torchtune's :func:`~torchtune.generation.generate` does work a decode step does not need: its model call
+returns fp32 logits of every prompt position (``1457 x 131072 x 4`` bytes per prompt on Mistral Medium 3.5), it
+concatenates the full-vocabulary logits of every step onto a growing tensor, and it slices the step's mask out of
+a ``[b, s, s_cache]`` tensor by a Python index. Here:
+
+- the vision tower runs once per batch of images; the image embeddings go into the prompt's ``[IMG]`` positions
+  at prefill (KV cache) or at every step (full recomputation, ``use_kv_cache=False``);
+- only the last position is normed and projected to the vocabulary (:func:`last_position_logits`);
+- the decode step (:func:`decode_one_token`) takes tensors of fixed shapes only (one token and position per
+  sample, a ``[b, 1, s_cache]`` mask updated in place), so ``torch.compile(decode_one_token, fullgraph=True,
+  mode="reduce-overhead")`` makes one CUDA graph that every step of every call with that batch and cache size
+  replays; in the attention, decoding reads the grouped KV heads of the cache in place.
 """
 
-from typing import Any, Dict, List, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,56 +25,6 @@ from torchtune import generation
 from torchtune.modules.common_utils import local_kv_cache
 
 from ..data import padded_collate_mistral3
-
-
-class _ImagePromptModel(nn.Module):
-    """A Mistral 3 fusion model bound to one batch of prompts and their precomputed image embeddings.
-
-    Args:
-        model (nn.Module): a :class:`~torchtune_mistral3.models.mistral3.Mistral3FusionModel`.
-        prompt (torch.Tensor): left-padded prompt tokens, shape ``[b, s_p]``.
-        image_input (Dict[str, Any]): ``pixel_values``, ``image_sizes``, ``images_per_sample`` of the prompts.
-    """
-
-    def __init__(self, model: nn.Module, prompt: torch.Tensor, image_input: Dict[str, Any]) -> None:
-        super().__init__()
-        self.model = model
-        self.prompt_len = prompt.shape[1]
-        self.image_mask = prompt == model.encoder_tokens["image"]
-        model._check_image_tokens(self.image_mask, image_input)
-        # [t, d]: every image of the batch, in token order; the only run of the vision tower
-        self.features = model.encoders["image"](**image_input)
-
-    @property
-    def tok_embeddings(self) -> nn.Module:
-        return self.model.tok_embeddings
-
-    @property
-    def decoder_max_cache_seq_len(self) -> int:
-        return self.model.decoder_max_cache_seq_len
-
-    def caches_are_enabled(self) -> bool:
-        return self.model.caches_are_enabled()
-
-    def forward(
-        self, tokens: torch.Tensor, *, input_pos: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """Decoder logits of ``tokens``; calls that start with the prompt get its image embeddings.
-
-        Args:
-            tokens (torch.Tensor): the prompt (+ generated tokens), or one new token per sample, ``[b, s]``.
-            input_pos (Optional[torch.Tensor]): positions as torchtune's generate passes them. Default is None.
-            mask (Optional[torch.Tensor]): attention mask ``[b, s, s_cache]``. Default is None.
-
-        Returns:
-            torch.Tensor: logits ``[b, s, v]``.
-        """
-        # [b, s, d]; generated tokens are embedded as tokens, even an [IMG] id (as transformers does)
-        embeds = self.model.tok_embeddings(tokens)
-        if tokens.shape[1] >= self.prompt_len:
-            image_mask = F.pad(self.image_mask, (0, tokens.shape[1] - self.prompt_len), value=False)
-            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), self.features.to(embeds.dtype))
-        return self.model.decoder(embeds, mask=mask, input_pos=input_pos)
 
 
 def collate_prompts(samples: Sequence[Dict[str, Any]], pad_id: int) -> Dict[str, Any]:
@@ -99,6 +59,105 @@ def _check_caches_fit(model: nn.Module, prompt: torch.Tensor, max_generated_toke
         )
 
 
+def last_position_logits(
+    model: nn.Module, embeds: torch.Tensor, *, input_pos: torch.Tensor, mask: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Decoder logits of the last position only: the layers see every position, norm and head only the last.
+
+    Args:
+        model (nn.Module): a :class:`~torchtune_mistral3.models.mistral3.Mistral3FusionModel`.
+        embeds (torch.Tensor): input embeddings ``[b, s, d]`` (tokens embedded, image embeddings in place).
+        input_pos (torch.Tensor): positions ``[b, s]``.
+        mask (Optional[torch.Tensor]): boolean attention mask ``[b, s, s_kv]`` (True attends); ``s_kv`` is the
+            cache length with KV caches, else ``s``.
+
+    Returns:
+        torch.Tensor: fp32 logits ``[b, v]``.
+
+    Notation used for tensor shapes:
+        - b: batch size
+        - s: sequence length of this call
+        - s_kv: key/value length
+        - d: text hidden size
+        - v: vocab size
+    """
+    decoder = model.decoder
+    h = embeds
+    for layer in decoder.layers:
+        h = layer(h, mask=mask, input_pos=input_pos)
+    return decoder.output(decoder.norm(h[:, -1:])).float()[:, 0]
+
+
+def decode_one_token(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    input_pos: torch.Tensor,
+    mask: torch.Tensor,
+    q: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+) -> torch.Tensor:
+    """One decode step from the KV caches: the next token of every sample (the unit to ``torch.compile``).
+
+    Every argument has the same shape at every step, so a compiled step (``fullgraph=True``) is one graph.
+
+    Args:
+        model (nn.Module): a :class:`~torchtune_mistral3.models.mistral3.Mistral3FusionModel` with KV caches.
+        tokens (torch.Tensor): the last token of every sample ``[b, 1]``.
+        input_pos (torch.Tensor): its position ``[b, 1]``.
+        mask (torch.Tensor): the cache positions it attends ``[b, 1, s_cache]`` (boolean, True attends).
+        q (Optional[torch.Tensor]): exponential noise ``[b, v]`` for :func:`torchtune.generation.sample`; None
+            draws it inside. Default is None.
+        temperature (float): sampling temperature. Default is 1.0.
+        top_k (Optional[int]): sample among the k likeliest tokens. Default is None.
+
+    Returns:
+        torch.Tensor: next tokens ``[b, 1]`` (int32).
+    """
+    logits = last_position_logits(model, model.tok_embeddings(tokens), input_pos=input_pos, mask=mask)
+    return generation.sample(logits, temperature=temperature, top_k=top_k, q=q)
+
+
+def kv_cache_length(prompt_len: int, max_generated_tokens: int) -> int:
+    """Cache positions ``generate`` sets up for a call: prompt + new tokens, rounded up to a multiple of 16.
+
+    The last dimension of the attention masks is the cache length; a multiple of 16 is the alignment CUDA's
+    memory-efficient SDPA kernel wants of a mask (else SDPA pads a copy of it). Positions past the last token are
+    never attended.
+
+    Args:
+        prompt_len (int): prompt length (with its left padding).
+        max_generated_tokens (int): most tokens to generate.
+
+    Returns:
+        int: the cache length.
+    """
+    return -(-(prompt_len + max_generated_tokens) // 16) * 16
+
+
+@contextmanager
+def _kv_caches(model: nn.Module, prompt: torch.Tensor, max_generated_tokens: int) -> Iterator[int]:
+    """KV caches for one call, yielding their length: the caller's (reset) or made for the call."""
+    if model.caches_are_setup():
+        model.reset_caches()
+        yield model.decoder_max_cache_seq_len
+        return
+    length = kv_cache_length(prompt.shape[1], max_generated_tokens)
+    dtype = model.tok_embeddings.weight.dtype
+    batch_size = prompt.shape[0]
+    with local_kv_cache(model, batch_size=batch_size, device=prompt.device, dtype=dtype, decoder_max_seq_len=length):
+        yield length
+
+
+def _zero_after_stop(generated: torch.Tensor, stop_tokens: Optional[List[int]]) -> torch.Tensor:
+    """``generated`` ``[b, n]`` with every token after a sample's first stop token set to 0 (torchtune's output)."""
+    if not stop_tokens:
+        return generated
+    hit = torch.isin(generated, torch.tensor(stop_tokens, device=generated.device)).int()
+    return generated.masked_fill(hit.cumsum(dim=1) - hit > 0, 0)
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -112,9 +171,13 @@ def generate(
     stop_tokens: Optional[List[int]] = None,
     rng: Optional[torch.Generator] = None,
     use_kv_cache: bool = True,
-    custom_generate_next_token=None,
+    decode_step: Optional[Callable[..., torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """Generate from a batch of (image +) text prompts with torchtune's :func:`~torchtune.generation.generate`.
+    """Generate from a batch of (image +) text prompts: prefill, then one token per sample per step.
+
+    Masks and positions are torchtune's (:func:`~torchtune.generation.get_causal_mask_from_padding_mask`,
+    :func:`~torchtune.generation.get_position_ids_from_padding_mask`), and so are sampling and the output: the
+    tokens of :func:`torchtune.generation.generate` for the same model, without its logits.
 
     Args:
         model (nn.Module): a Mistral 3 fusion model. Without KV caches set up, caches are made for this call;
@@ -130,39 +193,82 @@ def generate(
         stop_tokens (Optional[List[int]]): a sample stops after one of these. Default is None.
         rng (Optional[torch.Generator]): generator for sampling. Default is None.
         use_kv_cache (bool): decode from a KV cache (True) or re-run the whole sequence each step. Default is True.
-        custom_generate_next_token (Optional[Callable]): e.g. a compiled
-            :func:`~torchtune.generation.generate_next_token` for the decode steps. Default is None.
+        decode_step (Optional[Callable[..., torch.Tensor]]): the decode step with the signature of
+            :func:`decode_one_token`, e.g. ``torch.compile(decode_one_token, fullgraph=True,
+            mode="reduce-overhead")``; None is :func:`decode_one_token`. Unused without a KV cache. Default is None.
 
     Returns:
         torch.Tensor: prompt + generated tokens ``[b, s_p + n]``; tokens after a sample's stop token are 0.
 
     Raises:
-        ValueError: if the caller's caches have another batch size or too few positions.
+        ValueError: if ``max_generated_tokens`` < 1, the prompt has ``[IMG]`` tokens but no images are given, or
+            the caller's caches have another batch size or too few positions.
     """
-    image_input = (encoder_input or {}).get("image")
-    has_images = image_input is not None and image_input["image_sizes"].shape[0] > 0
-    target = _ImagePromptModel(model, prompt, image_input) if has_images else model
-    kwargs = dict(
-        max_generated_tokens=max_generated_tokens,
-        pad_id=pad_id,
-        temperature=temperature,
-        top_k=top_k,
-        stop_tokens=stop_tokens,
-        rng=rng,
-        custom_generate_next_token=custom_generate_next_token,
-    )
-    if not use_kv_cache:
-        return generation.generate(target, prompt, **kwargs)[0]
-    if model.caches_are_setup():
+    if max_generated_tokens < 1:
+        raise ValueError(f"max_generated_tokens={max_generated_tokens}: generate at least 1 token (max_new_tokens)")
+    b, s_p = prompt.shape
+    if use_kv_cache and model.caches_are_setup():
         _check_caches_fit(model, prompt, max_generated_tokens)
-        model.reset_caches()
-        return generation.generate(target, prompt, **kwargs)[0]
-    dtype = model.tok_embeddings.weight.dtype
-    with local_kv_cache(
-        model,
-        batch_size=prompt.shape[0],
-        device=prompt.device,
-        dtype=dtype,
-        decoder_max_seq_len=prompt.shape[1] + max_generated_tokens,
-    ):
-        return generation.generate(target, prompt, **kwargs)[0]
+    image_token = model.encoder_tokens["image"]
+    image_input = (encoder_input or {}).get("image")
+    features = None
+    if image_input is not None and image_input["image_sizes"].shape[0] > 0:
+        model._check_image_tokens(prompt == image_token, image_input)
+        # [t, d]: every image of the batch, in token order; the only run of the vision tower
+        features = model.encoders["image"](**image_input)
+    elif bool((prompt == image_token).any()):
+        raise ValueError("the prompt has [IMG] placeholders but no images were given (encoder_input['image'])")
+
+    def embed(tokens: torch.Tensor) -> torch.Tensor:
+        # [b, s, d] of tokens that start with the prompt; generated tokens are embedded as tokens, even an [IMG] id
+        embeds = model.tok_embeddings(tokens)
+        if features is None:
+            return embeds
+        image_mask = F.pad(prompt == image_token, (0, tokens.shape[1] - s_p), value=False)
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+
+    def noise() -> Optional[torch.Tensor]:
+        if rng is None:
+            return None
+        vocab = model.tok_embeddings.num_embeddings
+        return torch.empty((b, vocab), device=prompt.device).exponential_(1, generator=rng)
+
+    valid = prompt != pad_id
+    # [b, s_p + n]: positions of the prompt (shifted past its left padding) and of the tokens to generate
+    positions = generation.get_position_ids_from_padding_mask(F.pad(valid, (0, max_generated_tokens), value=True))
+    stop = None if not stop_tokens else torch.tensor(stop_tokens, device=prompt.device)
+    stopped = torch.zeros(b, dtype=torch.bool, device=prompt.device)
+    sampling = dict(temperature=temperature, top_k=top_k)
+    new_tokens: List[torch.Tensor] = []
+    if not use_kv_cache:
+        tokens = prompt
+        for _ in range(max_generated_tokens):
+            if stop is not None and bool(stopped.all()):
+                break
+            s = tokens.shape[1]
+            mask = generation.get_causal_mask_from_padding_mask(F.pad(valid, (0, s - s_p), value=True))
+            logits = last_position_logits(model, embed(tokens), input_pos=positions[:, :s], mask=mask)
+            new_tokens.append(generation.sample(logits, q=noise(), **sampling))
+            tokens = torch.cat([tokens, new_tokens[-1]], dim=1)
+            if stop is not None:
+                stopped |= torch.isin(new_tokens[-1][:, 0], stop)
+        return torch.cat([prompt, _zero_after_stop(torch.cat(new_tokens, dim=1).to(prompt.dtype), stop_tokens)], dim=1)
+
+    step = decode_step or decode_one_token
+    with _kv_caches(model, prompt, max_generated_tokens) as cache_len:
+        mask = generation.get_causal_mask_from_padding_mask(valid, target_seq_len=cache_len)  # [b, s_p, s_cache]
+        logits = last_position_logits(model, embed(prompt), input_pos=positions[:, :s_p], mask=mask)
+        new_tokens.append(generation.sample(logits, q=noise(), **sampling))
+        # the decode steps' fixed-shape inputs: [b, 1, s_cache] cache positions attended, [b, 1] next position
+        step_mask = F.pad(valid, (0, cache_len - s_p), value=False)[:, None].contiguous()
+        step_pos = positions[:, s_p : s_p + 1].clone()
+        for i in range(1, max_generated_tokens):
+            if stop is not None:
+                stopped |= torch.isin(new_tokens[-1][:, 0], stop)
+                if bool(stopped.all()):
+                    break
+            step_mask[:, :, s_p + i - 1] = True  # the cache slot the step's input token is written to
+            # clone: a CUDA-graphed step overwrites its output at the next replay
+            new_tokens.append(step(model, new_tokens[-1], step_pos, step_mask, noise(), **sampling).clone())
+            step_pos += 1
+    return torch.cat([prompt, _zero_after_stop(torch.cat(new_tokens, dim=1).to(prompt.dtype), stop_tokens)], dim=1)

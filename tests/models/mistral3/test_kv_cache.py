@@ -1,9 +1,14 @@
-"""KV-cache generation of the plugin's model: equal to full recomputation and to transformers' greedy generate."""
+"""KV-cache generation of the plugin's model: equal to full recomputation and to transformers' greedy generate;
+its decode step compiles to one graph (dynamo + AOTAutograd through ``aot_eager``) that gives the same tokens."""
 
 import pytest
 import torch
 from _hf_reference import IMG, PAD, image_token_block, plugin_from_hf, tiny_hf_config, tiny_hf_model
-from torchtune_mistral3.generation import collate_prompts, generate
+from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchtune import generation
+from torchtune.modules.common_utils import delete_kv_caches, local_kv_cache
+from torchtune_mistral3.generation import collate_prompts, decode_one_token, generate
 
 EOS = 2
 NEW_TOKENS = 12
@@ -38,9 +43,8 @@ def _plugin(model, batch, **kwargs):
         encoder_input=batch["encoder_input"],
         max_generated_tokens=NEW_TOKENS,
         pad_id=PAD,
-        top_k=1,
         stop_tokens=[EOS],
-        **kwargs,
+        **{"top_k": 1, **kwargs},
     )
     return out[:, batch["tokens"].shape[1] :]
 
@@ -51,14 +55,123 @@ def test_prompts_have_different_lengths():
     assert (tokens == IMG).sum(1).tolist() == [6, 6]
 
 
-def test_kv_cache_gives_the_tokens_of_full_recomputation(pair):
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_kv_cache_gives_the_tokens_of_full_recomputation(pair, sampled):
     _, model = pair
     batch = _prompts()
-    cached = _plugin(model, batch, use_kv_cache=True)
-    full = _plugin(model, batch, use_kv_cache=False)
+
+    def options():  # the same noise for both runs: one generator seeded alike
+        if not sampled:
+            return {}
+        return {"top_k": None, "temperature": 0.7, "rng": torch.Generator().manual_seed(3)}
+
+    cached = _plugin(model, batch, use_kv_cache=True, **options())
+    full = _plugin(model, batch, use_kv_cache=False, **options())
     assert cached.shape == (2, NEW_TOKENS)
     assert torch.equal(cached, full)
     assert not model.caches_are_setup()  # the call's caches are gone again
+
+
+def test_cached_decode_step_logits_equal_full_recomputation(pair):
+    """The model's forward on one new token per sample from the KV cache (grouped KV heads read in place, the
+    left padding masked) against the whole left-padded sequence run without a cache (SDPA's own GQA)."""
+    _, model = pair
+    batch = _prompts()
+    prompt = batch["tokens"]
+    b, s = prompt.shape
+    new = torch.randint(20, 256, (b, 1), generator=torch.Generator().manual_seed(1))
+    valid = F.pad(prompt != PAD, (0, 1), value=True)
+    positions = generation.get_position_ids_from_padding_mask(valid)
+    mask = generation.get_causal_mask_from_padding_mask(valid)  # [b, s + 1, s + 1]
+    image = batch["encoder_input"]
+    with torch.no_grad():
+        full = model(torch.cat([prompt, new], dim=1), encoder_input=image, mask=mask, input_pos=positions)[:, -1]
+        with local_kv_cache(
+            model, batch_size=b, device=torch.device("cpu"), dtype=torch.float32, decoder_max_seq_len=s + 1
+        ):
+            model(prompt, encoder_input=image, mask=mask[:, :s], input_pos=positions[:, :s])
+            step = model(new, mask=mask[:, s:], input_pos=positions[:, s:])[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (``.item()``, ``bool()``: a device sync each on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_decode_step_reads_nothing_back_to_the_host(pair):
+    _, model = pair
+    batch = _prompts()
+    prompt = batch["tokens"]
+    b, s = prompt.shape
+    valid = prompt != PAD
+    positions = generation.get_position_ids_from_padding_mask(F.pad(valid, (0, 1), value=True))
+    step_mask = F.pad(valid, (0, 1), value=True)[:, None]
+    with (
+        torch.no_grad(),
+        local_kv_cache(model, batch_size=b, device=torch.device("cpu"), dtype=torch.float32, decoder_max_seq_len=s + 1),
+    ):
+        model(
+            prompt,
+            encoder_input=batch["encoder_input"],
+            input_pos=positions[:, :s],
+            mask=generation.get_causal_mask_from_padding_mask(valid, target_seq_len=s + 1),
+        )
+        with _HostReads() as reads:
+            decode_one_token(model, prompt[:, -1:], positions[:, s:], step_mask, top_k=1)
+    assert reads.count == 0
+
+
+def test_writing_past_the_end_of_the_cache_fails(pair):
+    _, model = pair
+    model.setup_caches(batch_size=1, dtype=torch.float32, decoder_max_seq_len=3)
+    try:
+        cache = model.decoder.layers[0].attn.kv_cache
+        kv = torch.zeros(1, cache.k_cache.shape[1], 3, cache.k_cache.shape[3])
+        cache.update(kv, kv)  # fills it
+        with pytest.raises(IndexError, match="out of bounds"):
+            cache.update(kv[:, :, :1], kv[:, :, :1])
+    finally:
+        delete_kv_caches(model)
+
+
+def test_only_the_last_position_reaches_the_head(pair):
+    _, model = pair
+    shapes = []
+    handle = model.decoder.norm.register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
+    try:
+        _plugin(model, _prompts())
+    finally:
+        handle.remove()
+    assert shapes == [(2, 1, 64)] * NEW_TOKENS  # prefill and every step: one position per sample
+
+
+def test_compiled_decode_step_is_one_graph_with_the_eager_tokens(pair):
+    _, model = pair
+    batch = _prompts()
+    eager = _plugin(model, batch)
+    # the same prompts with one more column of left padding: a longer prompt, the same tokens
+    longer = {**batch, "tokens": torch.cat([torch.full((2, 1), PAD), batch["tokens"]], dim=1)}
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    step = torch.compile(decode_one_token, backend="aot_eager", fullgraph=True, dynamic=False)
+    # one cache for both calls (as a recipe keeps it): the step's shapes depend on the cache only
+    model.setup_caches(batch_size=2, dtype=torch.float32, decoder_max_seq_len=longer["tokens"].shape[1] + NEW_TOKENS)
+    try:
+        compiled = [_plugin(model, b, decode_step=step) for b in (batch, longer)]
+    finally:
+        delete_kv_caches(model)
+        torch._dynamo.reset()
+    assert torch.equal(compiled[0], eager) and torch.equal(compiled[1], eager)
+    # 2 x (NEW_TOKENS - 1) decode steps, one graph: no recompile across steps or prompt lengths
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 def test_vision_tower_runs_once_per_batch_of_images(pair):
@@ -106,14 +219,10 @@ def test_setup_caches_takes_the_stock_recipes_arguments(pair):
         model.reset_caches()
         assert int(model.decoder.layers[0].attn.kv_cache.size) == 0
     finally:
-        from torchtune.modules.common_utils import delete_kv_caches
-
         delete_kv_caches(model)
 
 
 def test_caches_set_up_by_the_caller_are_reset_and_reused(pair):
-    from torchtune.modules.common_utils import delete_kv_caches
-
     _, model = pair
     batch = _prompts()
     fresh = _plugin(model, batch)

@@ -6,13 +6,13 @@ Staying ``MultiHeadAttention`` instances keeps torchtune's machinery working on 
 the ``attn.{q,k,v,output}_proj`` names.
 """
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
-from torchtune.modules import MultiHeadAttention
+from torchtune.modules import KVCache, MultiHeadAttention
 
 _compiled_flex_attention = None
 
@@ -111,6 +111,38 @@ def _positions_2d(input_pos: Optional[torch.Tensor], b: int, s: int) -> Optional
     return input_pos.view(b, s) if input_pos.numel() == b * s else input_pos.view(1, s)
 
 
+class _KVCache(KVCache):
+    """torchtune's :class:`~torchtune.modules.KVCache` whose ``update`` reads no device value back to the host.
+
+    The stock ``update`` asserts ``cache_pos[0] + s <= max_seq_len`` on a device tensor: a device-to-host sync in
+    every layer at every eager decode step, which drains the GPU's launch queue. Without it, writing past the end
+    still fails (the write's index is out of range), and the plugin's generate checks the length once per call.
+    """
+
+    def update(self, k_val: torch.Tensor, v_val: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k_val``/``v_val`` ``[b, n_kv, s, h_d]`` at the next ``s`` cache positions; return the caches.
+
+        Args:
+            k_val (torch.Tensor): new keys.
+            v_val (torch.Tensor): new values.
+
+        Returns:
+            Tuple[torch.Tensor, torch.Tensor]: the key and value caches ``[b, n_kv, s_cache, h_d]``.
+
+        Raises:
+            ValueError: if the batch is larger than the caches'.
+        """
+        if k_val.shape[0] > self.k_cache.shape[0]:
+            raise ValueError(
+                f"the KV cache is set up for batch {self.k_cache.shape[0]}, got keys of batch {k_val.shape[0]}"
+            )
+        positions = self.cache_pos[: k_val.shape[2]]
+        self.k_cache[:, :, positions] = k_val
+        self.v_cache[:, :, positions] = v_val
+        self.cache_pos.add_(k_val.shape[2])
+        return self.k_cache, self.v_cache
+
+
 class Mistral3Attention(MultiHeadAttention):
     """torchtune attention with an optional per-position query scale after RoPE (Ministral-3 text attention).
 
@@ -129,6 +161,26 @@ class Mistral3Attention(MultiHeadAttention):
         super().__init__(**kwargs)
         self.query_scale = query_scale
 
+    def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
+        """As torchtune's ``setup_cache``, with a KV cache whose updates never sync the host with the device.
+
+        Args:
+            batch_size (int): batch size of the cache.
+            dtype (torch.dtype): dtype of the cache.
+            max_seq_len (int): cache length.
+        """
+        if self.kv_cache is not None:
+            super().setup_cache(batch_size, dtype, max_seq_len)  # torchtune's warning; the cache stays
+            return
+        self.kv_cache = _KVCache(
+            batch_size=batch_size,
+            max_seq_len=max_seq_len,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            dtype=dtype,
+        )
+        self.cache_enabled = True
+
     def forward(
         self,
         x: torch.Tensor,
@@ -145,7 +197,8 @@ class Mistral3Attention(MultiHeadAttention):
                 KV cache. Default is None.
             mask (Optional[torch.Tensor]): boolean ``[b, s_x, s_y]`` mask (True attends) or a flex ``BlockMask``
                 (:func:`block_causal_mask` of packed sequences); None means causal, computed inside SDPA without
-                materialising a mask. Without a KV cache neither expands the KV heads. Default is None.
+                materialising a mask. Neither expands the KV heads without a KV cache, nor when decoding one token
+                per sample from it. Default is None.
             input_pos (Optional[torch.Tensor]): positions ``[b, s_x]``; None means ``0..s_x-1``. Default is None.
 
         Returns:
@@ -206,9 +259,23 @@ class Mistral3Attention(MultiHeadAttention):
                 is_causal=mask is None,
                 enable_gqa=gqa,
             )
+        elif self.kv_cache is not None and self.cache_enabled and s_x == 1:
+            # Decoding one token per sample from the cache: the n_h / n_kv query heads that share a KV head
+            # become that head's query rows, [b, n_h, 1, h_d] -> [b, n_kv, n_h / n_kv, h_d] (a view), so SDPA
+            # reads the cached keys and values in place (no n_h / n_kv-fold copy of the cache per step) with
+            # plain equal-head shapes that every backend takes with a mask. (enable_gqa=True with a mask is
+            # taken by the CPU kernels but not by CUDA's memory-efficient kernel in every torch release; SDPA
+            # then falls back to its math path, which repeats the KV heads itself.)
+            output = F.scaled_dot_product_attention(
+                q.reshape(b, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim),
+                k,
+                v,
+                attn_mask=None if mask is None else mask[:, None],  # [b, 1, 1, s_y]: one row for all heads
+                dropout_p=dropout_p,
+            ).reshape(b, self.num_heads, 1, self.head_dim)
         else:
             if self.num_heads != self.num_kv_heads:
-                # Masks (boolean or flex BlockMask) and KV caches go through torchtune's path with expanded heads.
+                # Prefill into a KV cache: torchtune's path with expanded heads (one copy per layer per call).
                 q_per_kv = self.num_heads // self.num_kv_heads
                 expand_shape = (b, self.num_kv_heads, q_per_kv, -1, self.head_dim)
                 k = k.unsqueeze(2).expand(expand_shape).flatten(1, 2)
