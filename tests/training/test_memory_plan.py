@@ -321,7 +321,13 @@ def test_cli_reads_a_packed_dataset(capsys):
     from torchtune_mistral3.plan import main
 
     args = ["--config", "mistral3p5_medpix", "plan.world_size=64", "plan.json=False"]
+    assert main([*args, "dataset.packed=True", "plan.images_per_pack=4"]) == 0
+    out = capsys.readouterr().out
+    assert "micro-batch(es) of 1 x 2048 tokens (packs of 4 image(s))" in out
+    # the step plan counts a pack's 4 samples of 530 real tokens (a 532 px image's 380 positions + 150 text)
+    assert "18 packs, 36864 tokens computed, 36864 real" in out  # 4 x 530 = 2120, capped at the pack's 2048
     assert main([*args, "dataset.packed=True", "plan.images_per_pack=3"]) == 0
-    assert "micro-batch(es) of 1 x 2048 tokens (packs of 3 image(s))" in capsys.readouterr().out
-    assert main(args) == 0
-    assert "(1 image(s) each)" in capsys.readouterr().out
+    assert "18 packs, 36864 tokens computed, 28620 real" in capsys.readouterr().out  # 18 x 3 x 530
+    assert main([*args, "dataset.packed=False", "batch_size=64", "pipeline_microbatches=64"]) == 0
+    out = capsys.readouterr().out
+    assert "(1 image(s) each)" in out and "64 samples, 131072 tokens computed, 33920 real" in out

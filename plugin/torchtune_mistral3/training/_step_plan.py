@@ -690,7 +690,7 @@ def microbatch_of(layout: Layout, dims: ModelDims) -> MicroBatch:
         raise ValueError(f"batch_size={layout.batch_size} does not split into "
                          f"pipeline_microbatches={layout.microbatches}")
     b = layout.batch_size // layout.microbatches
-    n = b * layout.images_per_sample
+    n = b * layout.images_per_sequence  # a pack's images when packed
     side = layout.image_px // dims.patch_size
     return MicroBatch(b, layout.seq_len, (side * side,) * n, n * (side // dims.merge) ** 2)
 
@@ -944,11 +944,14 @@ def plan_step(
         side = lo.image_px // (dims.patch_size * dims.merge)
         layout_positions = side * (side + 1) * lo.images_per_sample
         real_tokens_per_sample = min(lo.seq_len, layout_positions + TEXT_TOKENS_PER_SAMPLE)
+    real_per_sequence = float(real_tokens_per_sample)
+    if lo.packed:  # a pack holds images_per_sequence / images_per_sample samples, up to seq_len real tokens
+        real_per_sequence = min(lo.seq_len, lo.images_per_sequence / lo.images_per_sample * real_per_sequence)
     trains_projector = bool(parts.get("projector") and parts["projector"].trainable_per_tp_rank)
     return StepPlan(
         layout=lo, hardware=hw, table_source=table.source, provisional=table.provisional, layer_split=list(split),
         ranks=ranks, pipeline_s=pipeline_s, step_s=step_s, samples=samples, tokens=samples * lo.seq_len,
-        real_tokens=samples * float(real_tokens_per_sample),
+        real_tokens=samples * real_per_sequence,
         model_flops=model_flops_per_step(dims, lo, mb, samples, trains_projector), tower_split=tower_split,
         stage_s=[t.forward + t.backward for t in times],
     )
@@ -977,7 +980,7 @@ def format_step_plan(plan: StepPlan) -> str:
                      f"{r.backward_s * 1e3:8.1f} {r.optimizer_s * 1e3:8.1f} {r.busy_fraction:6.1%}")
     lines.append(
         f"step {plan.step_s:.3f} s ({lo.grad_accum} x {plan.pipeline_s * 1e3:.1f} ms pipeline + optimizer); "
-        f"{plan.samples} samples, {plan.tokens} tokens computed, {plan.real_tokens:.0f} real; "
+        f"{plan.samples} {'packs' if plan.layout.packed else 'samples'}, {plan.tokens} tokens computed, {plan.real_tokens:.0f} real; "
         f"real tokens/s per GPU {plan.real_tokens_per_s_per_gpu:.0f}; MFU {plan.mfu:.1%} "
         f"(real tokens only: {plan.real_mfu:.1%})"
     )
