@@ -425,6 +425,9 @@ def attention_cases(
     index = {id(b): i for i, b in enumerate(packed)}
     if device == "cuda":
         measure("packed_flex_blockmask", packed, lambda b, q, k, v: _flex_attention_gqa(q, k, v, b["mask"]))
+        rep = heads // kv_heads  # the KV heads copied per query head: the backward's grid runs over KV heads
+        measure("packed_flex_expanded_kv", packed, lambda b, q, k, v: _flex_attention_gqa(
+            q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), b["mask"]))
     else:
         out["packed_flex_blockmask"] = {"skipped": "FlexAttention has no backward on the CPU"}
     measure("packed_sdpa_per_sample", packed, lambda b, q, k, v: _per_sample_sdpa(q, k, v, lens[index[id(b)]]))
@@ -526,8 +529,8 @@ def ratios(result: Dict) -> Dict[str, Optional[float]]:
         out[f"{short}_packed_vs_pad_max"] = _ratio(tps("packed", key), tps("pad_max", key))
         out[f"{short}_packed_vs_pad_longest"] = _ratio(tps("packed", key), tps("pad_longest", key))
     base = att.get("pad_longest_sdpa_causal", {}).get("s")
-    for name in ("packed_flex_blockmask", "packed_sdpa_per_sample", "packed_varlen", "packed_flash_varlen_gqa",
-                 "packed_flash_varlen_gqa_padded", "packed_sdpa_dense_mask"):
+    for name in ("packed_flex_blockmask", "packed_flex_expanded_kv", "packed_sdpa_per_sample", "packed_varlen",
+                 "packed_flash_varlen_gqa", "packed_flash_varlen_gqa_padded", "packed_sdpa_dense_mask"):
         # same real tokens in every layout: time ratio = per-real-token ratio (< 1 is faster than unpacked)
         out[f"attention_{name}_vs_pad_longest_per_real_token"] = _ratio(att.get(name, {}).get("s"), base)
     for name, r in result.get("flex_sweep", {}).items():
