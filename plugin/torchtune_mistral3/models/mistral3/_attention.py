@@ -44,8 +44,7 @@ def flex_block_causal_mask(document_ids: torch.Tensor, block_size: Optional[int]
 
     Args:
         document_ids (torch.Tensor): sample index of every token within its pack, shape ``[b, s]``.
-        block_size (Optional[int]): tokens per mask block; None takes ``FLEX_MASK_BLOCK_SIZE`` of the device
-            (torch's 128 where none is set). Default is None.
+        block_size (Optional[int]): tokens per mask block; None for torch's 128. Default is None.
 
     Returns:
         BlockMask: ``[b, 1, s, s]``; query ``i`` attends key ``j`` iff ``j <= i`` and both are in one sample.
@@ -55,31 +54,7 @@ def flex_block_causal_mask(document_ids: torch.Tensor, block_size: Optional[int]
     def mask_mod(batch, head, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (document_ids[batch, q_idx] == document_ids[batch, kv_idx])
 
-    if block_size is None:
-        device = document_ids.device
-        block_size = FLEX_MASK_BLOCK_SIZE.get(torch.cuda.get_device_capability(device)) if device.type == "cuda" else 0
     return create_block_mask(mask_mod, b, None, s, s, device=document_ids.device, BLOCK_SIZE=block_size or 128)
-
-
-# FlexAttention kernel options by CUDA compute capability (``torch.cuda.get_device_capability()``), for bf16 with
-# head_dim 128, chosen by ``bench/packing.py --flex-sweep`` on an H200 (see docs/performance.md, packing). Devices
-# not listed use torch's own heuristics. ``FLEX_MASK_BLOCK_SIZE``: the BlockMask's block size there (default 128).
-FLEX_KERNEL_OPTIONS = {}
-FLEX_MASK_BLOCK_SIZE = {}
-
-
-def flex_kernel_options(device: torch.device) -> dict:
-    """The FlexAttention kernel options this plugin uses on ``device`` (empty: torch's defaults).
-
-    Args:
-        device (torch.device): the device the attention runs on.
-
-    Returns:
-        dict: ``kernel_options`` for :func:`~torch.nn.attention.flex_attention.flex_attention`.
-    """
-    if device.type != "cuda":
-        return {}
-    return dict(FLEX_KERNEL_OPTIONS.get(torch.cuda.get_device_capability(device), {}))
 
 
 @torch.compiler.disable(recursive=False)
@@ -88,13 +63,12 @@ def _flex_attention_gqa(
 ) -> torch.Tensor:
     """FlexAttention with grouped KV heads read in place, compiled once (eager flex is a slow reference only).
 
-    ``kernel_options`` None takes :func:`flex_kernel_options` of ``q``'s device.
+    ``kernel_options`` None keeps torch's own choice: none of the options ``bench/packing.py --flex-sweep`` tried
+    on an H200 beat it by more than 2% (docs/performance.md, 3a.1).
     """
     global _compiled_flex_attention
     if _compiled_flex_attention is None:
         _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
-    if kernel_options is None:
-        kernel_options = flex_kernel_options(q.device)
     return _compiled_flex_attention(
         q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1], kernel_options=kernel_options or None
     )
