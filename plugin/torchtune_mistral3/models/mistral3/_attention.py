@@ -64,7 +64,7 @@ def _flex_attention_gqa(
     """FlexAttention with grouped KV heads read in place, compiled once (eager flex is a slow reference only).
 
     ``kernel_options`` None keeps torch's own choice: none of the options ``bench/packing.py --flex-sweep`` tried
-    on an H200 beat it by more than 2% (docs/performance.md, 3a.1).
+    on an H200 beat it by more than 2.5% (docs/performance.md, 3a.1).
     """
     global _compiled_flex_attention
     if _compiled_flex_attention is None:
