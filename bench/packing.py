@@ -352,6 +352,12 @@ def flex_sweep(packed: List[Dict], ref_lens: List[List[int]], dims: Dict, device
     return out
 
 
+def sample_lengths(packed: List[Dict]) -> List[List[List[int]]]:
+    """Token counts of the samples (the padding tail included) of every pack of every packed micro-batch."""
+    return [[[int(n) for n in torch.unique_consecutive(d, return_counts=True)[1]] for d in b["document_ids"]]
+            for b in packed]
+
+
 class _FlashVarlenGQA(torch.autograd.Function):
     """torch's flash varlen kernels (``aten._flash_attention_forward/backward``) with the KV heads shared in place."""
 
@@ -420,8 +426,7 @@ def attention_cases(
     measure("pad_longest_sdpa_causal", cases["pad_longest"], causal)
     measure("pad_max_sdpa_causal", cases["pad_max"], causal)
     packed = cases["packed"]
-    lens = [[[int(n) for n in torch.unique_consecutive(d, return_counts=True)[1]] for d in b["document_ids"]]
-            for b in packed]
+    lens = sample_lengths(packed)
     index = {id(b): i for i, b in enumerate(packed)}
     if device == "cuda":
         measure("packed_flex_blockmask", packed, lambda b, q, k, v: _flex_attention_gqa(q, k, v, b["mask"]))
@@ -612,10 +617,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     result["attention_tp"] = args.attention_tp
     result["attention"] = attention_cases(cases, {**text, **heads}, args.device, dtype, args.repeats, args.warmup)
     if args.flex_sweep and args.device == "cuda":
-        lens = [[[int(n) for n in torch.unique_consecutive(d, return_counts=True)[1]] for d in b["document_ids"]]
-                for b in cases["packed"]]
-        result["flex_sweep"] = flex_sweep(cases["packed"], lens, {**text, **heads}, args.device, dtype, args.repeats,
-                                          args.warmup, args.autotune)
+        result["flex_sweep"] = flex_sweep(cases["packed"], sample_lengths(cases["packed"]), {**text, **heads},
+                                          args.device, dtype, args.repeats, args.warmup, args.autotune)
     result["ratios"] = ratios(result)
     result["total_s"] = time.perf_counter() - t_start
     print(json.dumps(result["ratios"], indent=1))

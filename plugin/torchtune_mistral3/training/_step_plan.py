@@ -980,7 +980,8 @@ def format_step_plan(plan: StepPlan) -> str:
                      f"{r.backward_s * 1e3:8.1f} {r.optimizer_s * 1e3:8.1f} {r.busy_fraction:6.1%}")
     lines.append(
         f"step {plan.step_s:.3f} s ({lo.grad_accum} x {plan.pipeline_s * 1e3:.1f} ms pipeline + optimizer); "
-        f"{plan.samples} {'packs' if plan.layout.packed else 'samples'}, {plan.tokens} tokens computed, {plan.real_tokens:.0f} real; "
+        f"{plan.samples} {'packs' if plan.layout.packed else 'samples'}, {plan.tokens} tokens computed, "
+        f"{plan.real_tokens:.0f} real; "
         f"real tokens/s per GPU {plan.real_tokens_per_s_per_gpu:.0f}; MFU {plan.mfu:.1%} "
         f"(real tokens only: {plan.real_mfu:.1%})"
     )

@@ -39,12 +39,12 @@ def block_causal_mask(document_ids: torch.Tensor) -> Union[BlockMask, torch.Tens
     return causal & (document_ids[:, :, None] == document_ids[:, None, :])
 
 
-def flex_block_causal_mask(document_ids: torch.Tensor, block_size: Optional[int] = None) -> BlockMask:
+def flex_block_causal_mask(document_ids: torch.Tensor, block_size: int = 128) -> BlockMask:
     """The block-causal document mask as a FlexAttention BlockMask on ``document_ids``' device (any device).
 
     Args:
         document_ids (torch.Tensor): sample index of every token within its pack, shape ``[b, s]``.
-        block_size (Optional[int]): tokens per mask block; None for torch's 128. Default is None.
+        block_size (int): tokens per mask block. Default is 128 (torch's).
 
     Returns:
         BlockMask: ``[b, 1, s, s]``; query ``i`` attends key ``j`` iff ``j <= i`` and both are in one sample.
@@ -54,7 +54,7 @@ def flex_block_causal_mask(document_ids: torch.Tensor, block_size: Optional[int]
     def mask_mod(batch, head, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (document_ids[batch, q_idx] == document_ids[batch, kv_idx])
 
-    return create_block_mask(mask_mod, b, None, s, s, device=document_ids.device, BLOCK_SIZE=block_size or 128)
+    return create_block_mask(mask_mod, b, None, s, s, device=document_ids.device, BLOCK_SIZE=block_size)
 
 
 @torch.compiler.disable(recursive=False)
@@ -70,7 +70,7 @@ def _flex_attention_gqa(
     if _compiled_flex_attention is None:
         _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex_attention(
-        q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1], kernel_options=kernel_options or None
+        q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1], kernel_options=kernel_options
     )
 
 
