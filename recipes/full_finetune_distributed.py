@@ -51,7 +51,11 @@ from torchtune import config, modules, training, utils
 from torchtune.config._utils import _get_component_from_path
 from torchtune_mistral3.checkpointing import load_into_module
 from torchtune_mistral3.data import collate_for_dataset, config_is_packed
-from torchtune_mistral3.models.mistral3 import block_causal_mask, check_tokenizer_fits_model
+from torchtune_mistral3.models.mistral3 import (
+    block_causal_mask,
+    check_tokenizer_fits_model,
+    packed_attention_prefers_flex,
+)
 from torchtune_mistral3.training import (
     IndexedCollate,
     IndexedDataset,
@@ -446,6 +450,21 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             batch["tokens"] = F.pad(batch["tokens"], (0, extra), value=self._tokenizer.pad_id)
             batch["labels"] = F.pad(batch["labels"], (0, extra), value=self._loss_fn.ignore_index)
 
+    def _packed_mask(self, document_ids: torch.Tensor):
+        """The block-causal mask of a packed batch, in the kernel's form that is faster for one micro-batch.
+
+        FlexAttention's BlockMask, or a dense mask for SDPA where flex would leave the GPU idle (few packs per
+        micro-batch and one KV head per TP rank, :func:`packed_attention_prefers_flex`).
+        """
+        packs = document_ids.shape[0] // (self._pipeline.n_microbatches if self._pipeline is not None else 1)
+        if getattr(self, "_kv_heads_per_rank", None) is None:  # the decoder's, after TP divided them
+            self._kv_heads_per_rank = next(
+                m.num_kv_heads for part in self._model_parts for name, m in part.named_modules()
+                if name.startswith("decoder.layers.") and isinstance(m, modules.MultiHeadAttention)
+            )
+        flex = packed_attention_prefers_flex(max(packs, 1), self._kv_heads_per_rank, document_ids.shape[1])
+        return block_causal_mask(document_ids, flex=flex)
+
     def _loss_share(self, batch: Dict[str, Any], num_tokens: torch.Tensor, forward_only: bool = False):
         """Forward (and backward) one micro-batch; return its summed cross-entropy divided by ``num_tokens``.
 
@@ -454,7 +473,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         parallelism the share lives on the last stage (None on other ranks).
         """
         if "document_ids" in batch:  # packed sequences: the block-causal mask, built on the device
-            batch["mask"] = block_causal_mask(batch.pop("document_ids"))
+            batch["mask"] = self._packed_mask(batch.pop("document_ids"))
         if self._pipeline is not None:
             self._pad_for_pipeline(batch)
             labels = self._shifted_labels(batch)

@@ -22,8 +22,9 @@ r"""Print the per-GPU memory and the step time a config's layout needs, before b
 - Step time (``training/_step_plan.py``): ``plan.time`` (default True; False prints memory only), ``plan.gpu``
   (h100 or h200; default h100), ``plan.cost_table`` (a ``bench/step_costs.py`` JSON; default the shipped one),
   ``plan.nvlink_gbps`` (TP all-reduce bus bandwidth, default 360), ``plan.pp_link_gbps`` (pipeline link per GPU,
-  default 45), ``plan.tower_split`` (the tower's images shared over the TP group; default: the config's
-  ``tensor_parallel_tower``, which is ``split`` under TP unless set to ``replicate``),
+  default 45), ``plan.tp_overlap`` (share of the decoder layers' TP collectives assumed hidden, as sequence
+  parallelism + async TP would; default 0, a what-if), ``plan.tower_split`` (the tower's images shared over the TP
+  group; default: the config's ``tensor_parallel_tower``, which is ``split`` under TP unless set to ``replicate``),
   ``plan.real_tokens_per_sample`` (default: the image's layout positions + 150 text tokens).
 
 With ``pipeline_parallel_dim`` > 1 and no ``pipeline_split``, both plans use the recipe's cost-balanced split
@@ -168,10 +169,14 @@ def layout_from_config(cfg: DictConfig) -> Tuple[Layout, dict]:
         "cost_table": plan.get("cost_table", None),
         "nvlink_gbps": float(plan.get("nvlink_gbps", NVLINK_ALLREDUCE_GBPS)),
         "pp_link_gbps": float(plan.get("pp_link_gbps", PP_LINK_GBPS)),
+        "tp_overlap": float(plan.get("tp_overlap", 0.0)),
         # the recipe's tensor_parallel_tower (split by default under TP); plan.tower_split overrides it
         "tower_split": bool(plan.get("tower_split", tower_mode(cfg.get("tensor_parallel_tower", None), tp) == "split")),
         "real_tokens_per_sample": plan.get("real_tokens_per_sample", None),
     }
+    if not 0.0 <= options["tp_overlap"] <= 1.0:
+        raise ValueError(f"plan.tp_overlap={options['tp_overlap']} must lie in [0, 1] (share of the TP collectives "
+                         "hidden)")
     if options["gpu"] not in HBM_TBPS:
         raise ValueError(f"plan.gpu={options['gpu']} is not one of {sorted(HBM_TBPS)}")
     return layout, options
@@ -201,7 +206,8 @@ def plan_config(cfg: DictConfig) -> Tuple[MemoryPlan, dict]:
         layout.stage_extras = cost_balanced_stage_extras(model, cfg)
     options["step"] = None
     if options["time"]:
-        hw = Hardware(gpu=options["gpu"], nvlink_gbps=options["nvlink_gbps"], pp_link_gbps=options["pp_link_gbps"])
+        hw = Hardware(gpu=options["gpu"], nvlink_gbps=options["nvlink_gbps"], pp_link_gbps=options["pp_link_gbps"],
+                      tp_overlap=options["tp_overlap"])
         real = options["real_tokens_per_sample"]
         options["step"] = plan_step(model, layout, table, hw, tower_split=options["tower_split"],
                                     real_tokens_per_sample=float(real) if real is not None else None)

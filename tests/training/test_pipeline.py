@@ -77,6 +77,7 @@ class TestSchedules:
 
     def test_stage_placement(self):
         assert stage_ids_for_rank(ScheduleInterleaved1F1B, 0, 2, 2) == [0, 2]
+        assert stage_ids_for_rank(ScheduleInterleaved1F1B, 1, 8, 4) == [1, 9, 17, 25]  # the 128B config's layout
         assert stage_ids_for_rank(ScheduleZBVZeroBubble, 0, 2, 2) == [0, 3]
         assert stage_ids_for_rank(ScheduleZBVZeroBubble, 1, 2, 2) == [1, 2]
         assert stage_ids_for_rank(Schedule1F1B, 3, 4, 1) == [3]

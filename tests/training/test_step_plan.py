@@ -8,10 +8,12 @@ from torchtune_mistral3.training._step_plan import (
     PROVISIONAL_FILE,
     TABLE_FILE,
     CostTable,
+    MicroBatch,
     derive_provisional_table,
     predict_slice,
     replay_schedule,
     schedule_order,
+    stage_time,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,10 +84,22 @@ def test_cost_table_predicts_the_measured_slices_within_10_percent():
         assert predicted == pytest.approx(r["step_s"], rel=0.10), (kind, r)
 
 
+def _same(a, b) -> bool:
+    """Equal JSON trees, floats to a relative 1e-12."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-12, abs=1e-300)
+    return a == b
+
+
 def test_provisional_table_is_what_the_step_speed_runs_give():
     shipped = json.loads(PROVISIONAL_FILE.read_text())
     derived = json.loads(json.dumps(derive_provisional_table(str(REPO / "bench" / "results"))))
-    assert shipped == derived  # regenerated from the results, not edited by hand
+    # regenerated from the results, not edited by hand (floats to 1e-12: least squares' last bits vary with BLAS)
+    assert _same(shipped, derived)
     # the derivation rebuilds the 4-layer slice of another run (head, tower, projector, optimizer estimated)
     check = shipped["check_4layer_slice"]
     assert check["rebuilt_s"] == pytest.approx(check["measured_s"], rel=0.05)
@@ -167,3 +181,28 @@ def test_tower_split_shares_tower_and_projector_and_follows_the_recipe_key():
     assert not tower_split(tensor_parallel_tower="replicate")
     assert not tower_split(tensor_parallel_dim=1)
     assert tower_split(tensor_parallel_tower="replicate", plan={"tower_split": True})  # the planner's override
+
+
+def test_packed_attention_section_is_what_the_attention_runs_give():
+    from torchtune_mistral3.training._step_plan import PACKED_ATTENTION_FILE, derive_packed_attention
+
+    shipped = json.loads(PACKED_ATTENTION_FILE.read_text())
+    assert _same(shipped, json.loads(json.dumps(derive_packed_attention(str(REPO / "bench" / "results")))))
+    assert set(shipped["packed_attention"]) == {"1", "8"}
+
+
+def test_packed_micro_batches_pay_the_kernel_the_recipe_picks():
+    # TP 8, one pack of 2048 tokens, 1 KV head per rank: 16 flex backward programs, so the dense-mask SDPA time;
+    # 6 packs: 96 programs, so flex. Extra per layer = (kernel per pack - causal per sequence) x packs.
+    table = CostTable.load()
+    rows = {r["packs"]: r for r in table.data["packed_attention"]["8"]}
+    for packs, kernel in ((1, "dense_s_per_pack"), (6, "flex_s_per_pack")):
+        f, b = table.packed_attention(8, packs, kv_heads=1, seq=2048)
+        want = (rows[packs][kernel] - rows[packs]["causal_s_per_sequence"]) * packs
+        assert f + b == pytest.approx(want, rel=1e-12) and f / (f + b) == pytest.approx(2 / 7)
+    # and the stage time charges it to packed micro-batches only
+    unpacked = stage_time(table, layers=1, first=False, last=False, mb=MicroBatch(1, 2048), tp=8)
+    packed = stage_time(table, layers=1, first=False, last=False, mb=MicroBatch(1, 2048, packed=True), tp=8)
+    f, b = table.packed_attention(8, 1, kv_heads=1, seq=2048)
+    assert packed.forward - unpacked.forward == pytest.approx(f)
+    assert packed.backward - unpacked.backward == pytest.approx(b)

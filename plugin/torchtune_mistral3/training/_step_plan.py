@@ -43,6 +43,11 @@ from ._memory_plan import Layout, ModelDims, _stages, count_parts, model_dims
 
 TABLE_FILE = Path(__file__).with_name("step_costs_h200.json")
 PROVISIONAL_FILE = Path(__file__).with_name("step_costs_h200_provisional.json")
+# Block-causal attention of packs over the causal attention the layer entries measured, derived from the recorded
+# ``bench/packing.py --attention-only`` runs by :func:`derive_packed_attention`; merged into every loaded table.
+PACKED_ATTENTION_FILE = Path(__file__).with_name("packed_attention_h200.json")
+# Forward share of an attention's forward + backward (flash-style backward ~2.5x the forward's work).
+ATTENTION_FORWARD_SHARE = 2.0 / 7.0
 
 # NCCL all-reduce bus bandwidth inside one 8-GPU NVLink-4 node (H100 SXM: 900 GB/s bidirectional per GPU; NVIDIA's
 # nccl-tests reach ~360-480 GB/s busbw at large messages without NVLS): the lower end, as a planning figure.
@@ -112,7 +117,10 @@ class CostTable:
         candidates = [Path(path)] if path else [TABLE_FILE, PROVISIONAL_FILE]
         for p in candidates:
             if p.is_file():
-                return cls(json.loads(p.read_text()), source=str(p))
+                data = json.loads(p.read_text())
+                if "packed_attention" not in data and PACKED_ATTENTION_FILE.is_file():
+                    data["packed_attention"] = json.loads(PACKED_ATTENTION_FILE.read_text())["packed_attention"]
+                return cls(data, source=str(p))
         raise FileNotFoundError(f"no cost table at {', '.join(map(str, candidates))}: run bench/step_costs.py")
 
     # each lookup: an exact measured shape first, else the fit over the measured ones
@@ -186,6 +194,40 @@ class CostTable:
             f1, b1 = self._layer_at(1, batch, seq, ac, kind)
             loss = ((fk + bk) * k / (f1 + b1)) ** (math.log(tp) / math.log(k))
         return base[0] / tp * loss, base[1] / tp * loss
+
+    def packed_attention(self, tp: int, packs: int, kv_heads: int, seq: int) -> Tuple[float, float]:
+        """Extra forward and backward seconds per decoder layer of block-causal attention on ``packs`` packs.
+
+        Over the causal attention of as many whole sequences, which the layer entries include.
+
+        The kernel is the one the recipe picks (:func:`packed_attention_prefers_flex`: FlexAttention, or SDPA with
+        the dense mask when flex's backward has too few programs). Per-pack seconds are interpolated over the
+        measured packs per micro-batch (held at the ends) at the measured TP degree nearest ``tp`` in log scale,
+        scaled by ``measured degree / tp`` (heads per rank); split forward / backward by
+        ``ATTENTION_FORWARD_SHARE``. Zero without the table's ``packed_attention`` section.
+
+        Args:
+            tp (int): tensor parallel degree.
+            packs (int): packs in the micro-batch.
+            kv_heads (int): KV heads per TP rank (for the kernel choice).
+            seq (int): tokens per pack.
+
+        Returns:
+            Tuple[float, float]: forward, backward seconds (may be negative where packing saves attention work).
+        """
+        from torchtune_mistral3.models.mistral3._attention import packed_attention_prefers_flex
+
+        section = {int(k): v for k, v in self.data.get("packed_attention", {}).items() if v}
+        if not section or packs <= 0:
+            return 0.0, 0.0
+        k = tp if tp in section else min(section, key=lambda d: abs(math.log(d) - math.log(tp)))
+        rows = sorted(section[k], key=lambda r: r["packs"])
+        kernel = "flex_s_per_pack" if packed_attention_prefers_flex(packs, kv_heads, seq) else "dense_s_per_pack"
+        xs = [r["packs"] for r in rows]
+        per_pack = float(np.interp(packs, xs, [r[kernel] for r in rows]))
+        causal = float(np.interp(packs, xs, [r["causal_s_per_sequence"] for r in rows]))
+        extra = (per_pack - causal) * packs * k / tp
+        return extra * ATTENTION_FORWARD_SHARE, extra * (1.0 - ATTENTION_FORWARD_SHARE)
 
     def tower(self, patches: Sequence[int]) -> float:
         """Forward seconds of the frozen tower on images of ``patches`` patches each (one call, block attention).
@@ -291,12 +333,14 @@ class MicroBatch:
         seq (int): sequence length (padded).
         patches (Tuple[int, ...]): patches of each image. Default is ().
         image_tokens (int): merged image tokens in all. Default is 0.
+        packed (bool): the samples are packs (block-causal attention). Default is False.
     """
 
     batch: int
     seq: int
     patches: Tuple[int, ...] = ()
     image_tokens: int = 0
+    packed: bool = False
 
     @property
     def tokens(self) -> int:
@@ -312,11 +356,14 @@ class Hardware:
         gpu (str): "h100" or "h200". Default is "h100".
         nvlink_gbps (float): TP all-reduce bus bandwidth, GB/s. Default is ``NVLINK_ALLREDUCE_GBPS``.
         pp_link_gbps (float): pipeline send bandwidth per GPU, GB/s. Default is ``PP_LINK_GBPS``.
+        tp_overlap (float): share of the decoder layers' TP collective time hidden behind their matmuls (what
+            sequence parallelism + async TP would buy; an assumption, nothing here measures it). Default is 0.
     """
 
     gpu: str = "h100"
     nvlink_gbps: float = NVLINK_ALLREDUCE_GBPS
     pp_link_gbps: float = PP_LINK_GBPS
+    tp_overlap: float = 0.0
 
     def compute_scale(self) -> float:
         """float: the table's (H200) compute seconds to this GPU's."""
@@ -367,6 +414,7 @@ def stage_time(
     compiled: bool = True,
     tower_split: bool = False,
     hidden: Optional[int] = None,
+    kv_heads: Optional[int] = None,
     hw: Hardware = H200,
     scale: Optional[Dict[str, float]] = None,
 ) -> StageTime:
@@ -385,6 +433,8 @@ def stage_time(
             patches through tower and projector, then the projected features are all-gathered); False: every TP
             rank encodes every image. Default is False.
         hidden (Optional[int]): text hidden size for the collectives' bytes; None for the table's. Default is None.
+        kv_heads (Optional[int]): the decoder's KV heads (packed attention's kernel choice); None for the table's.
+            Default is None.
         hw (Hardware): the GPU and links. Default is the H200 with the default links.
         scale (Optional[Dict[str, float]]): :func:`part_scales` for a model the table did not measure; None for
             the table's own model. Default is None.
@@ -398,16 +448,22 @@ def stage_time(
     parts: Dict[str, float] = {}
     f_l, b_l = (x * k["layer"] for x in table.layer(tp, mb.batch, mb.seq, ac, compiled))
     b_plain = table.layer(tp, mb.batch, mb.seq, False, compiled)[1] * k["layer"]
+    if mb.packed:  # block-causal attention instead of the causal attention the layer entries measured
+        kv = max(1, (kv_heads or table.dims["num_kv_heads"]) // tp)
+        pf, pb = table.packed_attention(tp, mb.batch, kv, mb.seq)
+        f_l, b_l = f_l + pf, b_l + pb + (pf if ac else 0.0)
+        b_plain += pb
     act_bytes = mb.tokens * h * 2
     ar = hw.all_reduce_s(act_bytes, tp)
-    fwd = layers * (f_l * c + 2 * ar)
-    bwd = layers * (b_l * c + (4 if ac else 2) * ar)
+    ar_layer = ar * (1.0 - hw.tp_overlap)  # exposed share of a layer's collectives
+    fwd = layers * (f_l * c + 2 * ar_layer)
+    bwd = layers * (b_l * c + (4 if ac else 2) * ar_layer)
     # a compiled layer's backward is one AOTAutograd node: input and weight gradients come out together, so a
     # zero-bubble schedule's I action does all of it and W nothing (assumed, not measured)
     w_share = 0.0 if compiled else W_SHARE
     wgt = layers * w_share * b_plain * c
     parts["layers"] = layers * (f_l + b_l) * c
-    parts["tp_comm"] = layers * (4 + (2 if ac else 0)) * ar
+    parts["tp_comm"] = layers * (4 + (2 if ac else 0)) * ar_layer
     if first:
         ef, eb = (x * k["head"] for x in table.embeddings(mb.tokens))
         patches = list(mb.patches)
@@ -692,7 +748,7 @@ def microbatch_of(layout: Layout, dims: ModelDims) -> MicroBatch:
     b = layout.batch_size // layout.microbatches
     n = b * layout.images_per_sequence  # a pack's images when packed
     side = layout.image_px // dims.patch_size
-    return MicroBatch(b, layout.seq_len, (side * side,) * n, n * (side // dims.merge) ** 2)
+    return MicroBatch(b, layout.seq_len, (side * side,) * n, n * (side // dims.merge) ** 2, packed=layout.packed)
 
 
 def cost_balanced_extras(
@@ -715,7 +771,8 @@ def cost_balanced_extras(
     """
     mb = microbatch_of(layout, dims)
     kw = dict(mb=mb, tp=layout.tp, ac=layout.activation_checkpointing, compiled=layout.compile,
-              tower_split=tower_split, hidden=dims.hidden, hw=hw, scale=part_scales(table, dims))
+              tower_split=tower_split, hidden=dims.hidden, kv_heads=dims.num_kv_heads, hw=hw,
+              scale=part_scales(table, dims))
     one = stage_time(table, layers=1, first=False, last=False, **kw)
     first = stage_time(table, layers=0, first=True, last=False, **kw)
     last = stage_time(table, layers=0, first=False, last=True, **kw)
@@ -884,7 +941,7 @@ def plan_step(
     v, split, rank_stages = _stages(lo, dims.num_layers)
     scale = part_scales(table, dims)
     kw = dict(mb=mb, tp=lo.tp, ac=lo.activation_checkpointing, compiled=lo.compile, tower_split=tower_split,
-              hidden=dims.hidden, hw=hw, scale=scale)
+              hidden=dims.hidden, kv_heads=dims.num_kv_heads, hw=hw, scale=scale)
     times = [stage_time(table, layers=n, first=s == 0, last=s == len(split) - 1, **kw) for s, n in enumerate(split)]
 
     act_bytes = mb.tokens * dims.hidden * 2
@@ -970,7 +1027,8 @@ def format_step_plan(plan: StepPlan) -> str:
     tag = "PROVISIONAL table (no step_costs_h200.json yet)" if plan.provisional else "measured table"
     lines = [
         f"step time on {plan.world} x {hw.gpu.upper()} ({tag}: {Path(plan.table_source).name}; "
-        f"TP all-reduce {hw.nvlink_gbps:.0f} GB/s, pipeline link {hw.pp_link_gbps:.0f} GB/s)",
+        f"TP all-reduce {hw.nvlink_gbps:.0f} GB/s, pipeline link {hw.pp_link_gbps:.0f} GB/s"
+        + (f", ASSUMED {hw.tp_overlap:.0%} of the layers' TP collectives hidden" if hw.tp_overlap else "") + ")",
         f"split {plan.layer_split} layers per stage; schedule {lo.schedule}, {lo.microbatches} micro-batch(es) x "
         f"{lo.grad_accum} accumulation; tower {'split over TP' if plan.tower_split else 'on every TP rank'}",
         f"{'rank':>6} {'stages':>8} {'layers':>6} {'F ms/mb':>8} {'B ms/mb':>8} {'optim ms':>8} {'busy':>6}",
@@ -1100,6 +1158,43 @@ def derive_provisional_table(results_dir: str) -> Dict[str, Any]:
                                    "measured_s": case["variants"]["plugin_compile_c1"]["median_step_s"],
                                    "rebuilt_s": rebuilt}
     return table
+
+
+def derive_packed_attention(results_dir: str) -> Dict[str, Any]:
+    """The cost table's ``packed_attention`` section, from the recorded attention-only packing runs.
+
+    Each ``packing_attention_tp{N}_pb{P}_h200.json`` (``bench/packing.py --attention-only --attention-tp N
+    --pack-batch P``) timed one decoder layer's attention forward + backward, at one TP rank's head shapes, over
+    the same 18 packs of the MedPix-like mix in micro-batches of P packs (FlexAttention BlockMask and SDPA with the
+    dense mask), and over 48 sequences of 2048 tokens with causal SDPA (``pad_max``): per pack and per causal
+    sequence. Repeated runs of one shape (``_run1``) are averaged.
+
+    Args:
+        results_dir (str): ``bench/results``.
+
+    Returns:
+        Dict[str, Any]: ``{"sources": [...], "packed_attention": {tp: [{packs, flex_s_per_pack,
+        dense_s_per_pack, causal_s_per_sequence}]}}``.
+    """
+    runs: Dict[Tuple[int, int], List[Dict[str, float]]] = {}
+    sources = []
+    for path in sorted(Path(results_dir).glob("packing_attention_tp*_pb*_h200.json")):
+        run = json.loads(path.read_text())
+        att, lay = run["attention"], run["layouts"]
+        packs, seq = lay["packed"]["shape"]
+        packed = lay["packed"]["micro_batches"] * packs
+        causal = lay["pad_max"]["micro_batches"] * lay["pad_max"]["shape"][0]
+        runs.setdefault((int(run["attention_tp"]), packs), []).append({
+            "flex_s_per_pack": att["packed_flex_blockmask"]["s"] / packed,
+            "dense_s_per_pack": att["packed_sdpa_dense_mask"]["s"] / packed,
+            "causal_s_per_sequence": att["pad_max_sdpa_causal"]["s"] / causal,
+        })
+        sources.append(f"bench/results/{path.name}")
+    section: Dict[str, List[Dict[str, float]]] = {}
+    for (tp, packs), rows in sorted(runs.items()):
+        mean = {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
+        section.setdefault(str(tp), []).append({"packs": packs, **mean})
+    return {"sources": sources, "packed_attention": section}
 
 
 def cost_balanced_stage_extras(model, cfg) -> Dict[str, float]:

@@ -157,3 +157,36 @@ def test_flex_block_mask_path_equals_the_dense_mask_path(setup, monkeypatch):
     assert isinstance(flex["mask"], _attention.BlockMask)
     with torch.no_grad():
         assert _rel(model(**flex), model(**dense)) < 1e-6
+
+
+def test_packed_kernel_choice_follows_the_recorded_h200_attention_runs():
+    # Each recorded run of `bench/packing.py --attention-only` timed one layer's block-causal attention forward +
+    # backward over the same packs with FlexAttention and with SDPA + the dense mask, at TP 1 and TP 8 head shapes
+    # and 1-6 packs per micro-batch: the choice must name the faster kernel of every run, and both kinds must occur.
+    import json
+    from pathlib import Path
+
+    from torchtune_mistral3.models.mistral3 import packed_attention_prefers_flex
+
+    results = Path(__file__).parents[3] / "bench" / "results"
+    seen = set()
+    runs = sorted(results.glob("packing_attention_tp*_pb*_h200.json"))
+    assert len(runs) >= 6
+    for path in runs:
+        run = json.loads(path.read_text())
+        batch, seq = run["layouts"]["packed"]["shape"]
+        kv_heads = 8 // run["attention_tp"]  # the model's 8 KV heads, split over the TP ranks
+        flex_s = run["attention"]["packed_flex_blockmask"]["s"]
+        dense_s = run["attention"]["packed_sdpa_dense_mask"]["s"]
+        choice = packed_attention_prefers_flex(batch, kv_heads, seq)
+        assert choice == (flex_s < dense_s), (path.name, flex_s, dense_s)
+        seen.add(choice)
+    assert seen == {True, False}
+
+
+def test_block_causal_mask_is_dense_when_flex_is_declined():
+    ids = torch.tensor([[0, 0, 1, 1, 1, 2]])
+    mask = block_causal_mask(ids, flex=False)
+    expect = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 1, 1, 0, 0],
+                           [0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(mask[0], expect)

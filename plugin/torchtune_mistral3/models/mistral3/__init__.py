@@ -1,4 +1,4 @@
-from ._attention import block_causal_mask
+from ._attention import block_causal_mask, packed_attention_prefers_flex
 from ._component_builders import ministral3_decoder, mistral3, mistral3_projector, pixtral_vision_encoder
 from ._convert_weights import hf_key_to_tune, mistral3_hf_to_tune, mistral3_tune_to_hf, tune_key_to_hf
 from ._demo_checkpoint import DEMO_HF_CONFIG, write_demo_checkpoint
@@ -26,6 +26,7 @@ from ._transform import Mistral3Transform, PixtralImageTransform, medical_image_
 
 __all__ = [
     "block_causal_mask",
+    "packed_attention_prefers_flex",
     "ministral3_3b_lora",
     "ministral3_8b_lora",
     "ministral3_14b_lora",

@@ -6,6 +6,7 @@ Staying ``MultiHeadAttention`` instances keeps torchtune's machinery working on 
 the ``attn.{q,k,v,output}_proj`` names.
 """
 
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -17,22 +18,47 @@ from torchtune.modules import KVCache, MultiHeadAttention
 _compiled_flex_attention = None
 
 
-def block_causal_mask(document_ids: torch.Tensor) -> Union[BlockMask, torch.Tensor]:
+# FlexAttention's block-causal backward runs one program per (sample, KV head, KV block of 128 keys); below this
+# many programs SDPA with the dense mask is faster on the H200 (``bench/packing.py --attention-only``, one layer's
+# attention forward + backward over the 18-pack mix, ``bench/results/packing_attention_*_h200.json``): 16 and 32
+# programs (TP 8 shards, 1 and 2 packs per micro-batch) SDPA 1.44x and 1.16x faster; 48 (3 packs) and 96 flex 1.33x
+# and 1.72x; 128 (TP 1, 1 pack) flex 2.2x. The threshold lies between the measured 32 and 48.
+FLEX_MIN_BACKWARD_PROGRAMS = 40
+
+
+def packed_attention_prefers_flex(batch: int, kv_heads: int, seq_len: int, block_size: int = 128) -> bool:
+    """Whether FlexAttention (else SDPA with a dense boolean mask) should run block-causal attention on CUDA.
+
+    Args:
+        batch (int): packs per micro-batch (what one attention call sees).
+        kv_heads (int): KV heads per tensor-parallel rank.
+        seq_len (int): tokens per pack.
+        block_size (int): the BlockMask's block. Default is 128.
+
+    Returns:
+        bool: True when flex's backward has at least ``FLEX_MIN_BACKWARD_PROGRAMS`` programs.
+    """
+    return batch * kv_heads * math.ceil(seq_len / block_size) >= FLEX_MIN_BACKWARD_PROGRAMS
+
+
+def block_causal_mask(document_ids: torch.Tensor, flex: Optional[bool] = None) -> Union[BlockMask, torch.Tensor]:
     """The block-causal document mask of packed sequences: a token attends to earlier tokens of its own sample.
 
     On CUDA a FlexAttention :class:`~torch.nn.attention.flex_attention.BlockMask` (compressed, no ``s x s``
-    tensor; blocks outside every sample are skipped by the kernel). Elsewhere a dense boolean mask, because
-    torch's FlexAttention has no backward on the CPU; :class:`Mistral3Attention` gives both the same meaning.
+    tensor; blocks outside every sample are skipped by the kernel), unless ``flex`` is False (see
+    :func:`packed_attention_prefers_flex`). Elsewhere a dense boolean mask, because torch's FlexAttention has no
+    backward on the CPU; :class:`Mistral3Attention` gives both the same meaning.
 
     Args:
         document_ids (torch.Tensor): sample index of every token within its pack, shape ``[b, s]``, on the device
             the model runs on (see :func:`~torchtune_mistral3.data.padded_collate_packed_mistral3`).
+        flex (Optional[bool]): False for the dense mask on CUDA too. Default is None (flex on CUDA).
 
     Returns:
         Union[BlockMask, torch.Tensor]: a BlockMask of shape ``[b, 1, s, s]`` on CUDA, else a boolean tensor
         ``[b, s, s]`` (True attends).
     """
-    if document_ids.device.type == "cuda":
+    if document_ids.device.type == "cuda" and flex is not False:
         return flex_block_causal_mask(document_ids)
     s = document_ids.shape[1]
     causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
