@@ -206,3 +206,24 @@ def test_packed_micro_batches_pay_the_kernel_the_recipe_picks():
     f, b = table.packed_attention(8, 1, kv_heads=1, seq=2048)
     assert packed.forward - unpacked.forward == pytest.approx(f)
     assert packed.backward - unpacked.backward == pytest.approx(b)
+
+
+@pytest.mark.parametrize("tp", [1, 8])
+def test_planner_predicts_the_measured_packed_layers_within_10_percent(tp):
+    # bench/packed_layer.py on the H200: one compiled decoder layer at a TP rank's shard shape, forward + backward
+    # per micro-batch of P packs (block-causal, both kernels) and of P unpacked causal sequences of 2048 tokens.
+    from torchtune_mistral3.models.mistral3 import packed_attention_prefers_flex
+
+    run = json.loads((REPO / "bench" / "results" / f"packed_layer_tp{tp}_h200.json").read_text())
+    table = CostTable.load()
+    assert run["tp"] == tp and run["compiled"] and len(run["cases"]) >= 2
+    for case in run["cases"]:
+        p = case["packs"]
+        kernel = "flex" if packed_attention_prefers_flex(p, run["kv_heads_per_rank"], run["seq"]) else "dense"
+        for packed, measured in ((False, case["causal"]), (True, case[kernel])):
+            st = stage_time(table, layers=1, first=False, last=False, mb=MicroBatch(p, 2048, packed=packed), tp=tp)
+            # compute only: the bench runs no collectives
+            assert st.parts["layers"] == pytest.approx(measured["s_per_microbatch"], rel=0.10), (p, packed)
+        # the kernel picked is the faster one inside the layer too, or within 1% of it
+        best = min(case["dense"]["s_per_microbatch"], case["flex"]["s_per_microbatch"])
+        assert case[kernel]["s_per_microbatch"] <= 1.01 * best, (p, kernel)
