@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.data import ConcatDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
@@ -342,7 +343,13 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 # The loss is divided by the global token count already: FSDP must sum, not average.
                 set_fsdp_gradient_sum(part)
                 # A replica whose batch has no image must still take part in the vision layers' reduce-scatter.
-                part.set_reduce_scatter_unused_params(True)
+                # torch 2.11 has no such switch: there image-free batches are refused (_check_images_on_old_fsdp).
+                if hasattr(part, "set_reduce_scatter_unused_params"):
+                    part.set_reduce_scatter_unused_params(True)
+                elif self._dims.dp_enabled and any(
+                    p.requires_grad for n, p in part.named_parameters() if n.startswith("encoders.")
+                ):
+                    self._image_free_batches_hang = True
             part.to_empty(device=self._device)
             with training.set_default_dtype(self._dtype), self._device:
                 for m in part.modules():
@@ -463,7 +470,13 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 if name.startswith("decoder.layers.") and isinstance(m, modules.MultiHeadAttention)
             )
         flex = packed_attention_prefers_flex(max(packs, 1), self._kv_heads_per_rank, document_ids.shape[1])
-        return block_causal_mask(document_ids, flex=flex)
+        mask = block_causal_mask(document_ids, flex=flex)
+        kind = "FlexAttention BlockMask" if isinstance(mask, BlockMask) else "SDPA with the dense mask"
+        if kind != getattr(self, "_packed_kernel_logged", None) and self._is_rank_zero:
+            log.info(f"Packed attention: {kind} ({max(packs, 1)} pack(s) per micro-batch, "
+                     f"{self._kv_heads_per_rank} KV head(s) per rank, {document_ids.shape[1]} tokens per pack)")
+            self._packed_kernel_logged = kind
+        return mask
 
     def _loss_share(self, batch: Dict[str, Any], num_tokens: torch.Tensor, forward_only: bool = False):
         """Forward (and backward) one micro-batch; return its summed cross-entropy divided by ``num_tokens``.
@@ -507,6 +520,27 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             torch.distributed.all_reduce(local, group=self._mesh["pp"].get_group())
         return local.item()
 
+    def _check_images_on_old_fsdp(self, batches: List[Dict[str, Any]]) -> None:
+        """Refuse a micro-batch without images where this torch's FSDP2 would hang on the encoder's gradients.
+
+        Where FSDP2 has no ``set_reduce_scatter_unused_params`` (torch 2.11; 2.13 has it), it reduce-scatters only
+        the parameters that received a gradient, so a data-parallel replica whose micro-batch has no image would
+        leave the trainable projector (or tower) out of a collective the other replicas join.
+        """
+        if not getattr(self, "_image_free_batches_hang", False):
+            return
+        for b in batches:
+            image = (b.get("encoder_input") or {}).get("image") or {}
+            count = image.get("images_per_sample")
+            if count is None or int(count.sum()) == 0:
+                raise RuntimeError(
+                    f"dp rank {self.dp_rank}: a micro-batch without images (dataset rows {self._step_rows}) with a "
+                    f"trainable image encoder under FSDP2 on torch {torch.__version__}, which cannot reduce-scatter "
+                    "the encoder's unused gradients (it has no set_reduce_scatter_unused_params; torch 2.13 has): the "
+                    "other replicas would hang. Upgrade torch, drop image-free rows from the dataset, or freeze the "
+                    "encoder (model.projector_trainable=False, model.vision_trainable=False)."
+                )
+
     def _train_step(self, batches: List[Dict[str, Any]]) -> Dict[str, float]:
         """One optimizer step over ``batches`` (the gradient-accumulation micro-batches of this rank).
 
@@ -515,6 +549,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         """
         for b in batches:
             utils.batch_to_device(b, self._device)
+        self._check_images_on_old_fsdp(batches)
         num_tokens = self._count_label_tokens(batches).clamp(min=1)
         out = count_step_data(batches, len(self._step_rows), self._tokenizer.pad_id, self._mesh["dp"].get_group())
         loss = torch.zeros((), device=self._device)

@@ -149,3 +149,27 @@ def test_validation_with_a_v_schedule_is_refused_before_training(tune, tmp_path)
     assert proc.returncode != 0
     assert "pipeline_schedule=ZBVZeroBubble cannot run validation" in proc.stderr
     assert "Step 1 |" not in proc.stdout + proc.stderr
+
+
+def test_image_free_micro_batch_is_refused_where_fsdp_cannot_reduce_unused_params():
+    # torch 2.11's FSDP2 has no set_reduce_scatter_unused_params: a replica whose micro-batch has no image would
+    # skip the trainable projector's reduce-scatter that the others join (a hang). The recipe refuses that batch
+    # by name instead; with the switch (or no such encoder) it lets every batch through.
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location(
+        "plugin_recipe_images", Path(__file__).resolve().parents[2] / "recipes" / "full_finetune_distributed.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    check = recipe.Mistral3FullFinetuneRecipe._check_images_on_old_fsdp
+
+    def batch(images):
+        return {"tokens": torch.zeros(2, 4), "encoder_input": {"image": {"images_per_sample": torch.tensor(images)}}}
+
+    old = SimpleNamespace(_image_free_batches_hang=True, dp_rank=1, _step_rows=[7, 9])
+    check(old, [batch([1, 0])])  # one image in the micro-batch: its projector takes part
+    with pytest.raises(RuntimeError, match=r"dp rank 1: a micro-batch without images \(dataset rows \[7, 9\]\)"):
+        check(old, [batch([1, 1]), batch([0, 0])])
+    check(SimpleNamespace(_image_free_batches_hang=False, dp_rank=0, _step_rows=[]), [batch([0, 0])])
