@@ -158,6 +158,7 @@ def layout_from_config(cfg: DictConfig) -> Tuple[Layout, dict]:
         image_px=int(plan.get("image_px", 532)),
         packed=bool((cfg.get("dataset", {}) or {}).get("packed", False)),
         images_per_pack=int(plan["images_per_pack"]) if plan.get("images_per_pack", None) is not None else None,
+        sequence_parallel=bool((cfg.get("tensor_parallel_plan", {}) or {}).get("sequence_parallel", False)),
     )
     options = {
         "gpu_gib": float(plan.get("gpu_gib", 80.0)),
