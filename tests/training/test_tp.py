@@ -4,9 +4,14 @@ import pytest
 from _parallel_harness import build_model, run_layout
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
 from torchtune_mistral3.models.mistral3._parallelism import mistral3_pp_stage_extras, mistral3_tp_plan
-from torchtune_mistral3.training import cut_pipeline_stage, resolve_tp_plan, uses_loss_parallel
+from torchtune_mistral3.training import (
+    cut_pipeline_stage,
+    resolve_tp_plan,
+    uses_loss_parallel,
+    uses_sequence_parallel,
+)
 
 
 class TestPlan:
@@ -35,6 +40,33 @@ class TestPlan:
         assert all(k.startswith("decoder.layers.") for k in middle)  # no Identity embedding / head
         for name, _ in middle.items():
             assert isinstance(model.get_submodule(name), nn.Linear)
+
+    def test_sequence_parallel_plan(self):
+        assert not uses_sequence_parallel(mistral3_tp_plan())  # the default stays plain Megatron TP
+        plan = mistral3_tp_plan(sequence_parallel=True)
+        assert uses_sequence_parallel(plan) and uses_loss_parallel(plan)
+        for norm in ("decoder.layers.*.sa_norm", "decoder.layers.*.mlp_norm", "decoder.norm"):
+            assert isinstance(plan[norm], SequenceParallel)
+        for proj in ("attn.output_proj", "mlp.w2"):  # reduce-scatter back to the sequence shard
+            assert tuple(plan[f"decoder.layers.*.{proj}"].output_layouts) == (Shard(1),)
+        assert tuple(plan["decoder.output"].input_layouts) == (Shard(1),)
+        assert tuple(plan["tok_embeddings"].output_layouts) == (Replicate(),)  # fused with images replicated
+        first = plan["decoder.layers.0"]
+        assert isinstance(first, PrepareModuleInput)
+        assert (first.input_layouts, first.desired_input_layouts) == ((Replicate(),), (Shard(1),))
+        gathered = mistral3_tp_plan(loss_parallel=False, sequence_parallel=True)
+        assert tuple(gathered["decoder.output"].output_layouts) == (Replicate(),)
+
+    def test_sequence_parallel_plan_resolves_per_stage(self):
+        model = build_model()
+        plan = mistral3_tp_plan(sequence_parallel=True)
+        full = resolve_tp_plan(model, plan)
+        # embedding, head, final norm, layer 0's slice; per layer 7 projections, 2 norms, attention and MLP inputs
+        assert len(full) == 4 + 4 * 11
+        split = [1, 2, 1]
+        stages = [resolve_tp_plan(cut_pipeline_stage(model, i, split), plan) for i in range(3)]
+        assert ["decoder.layers.0" in s for s in stages] == [True, False, False]
+        assert ["decoder.norm" in s for s in stages] == [False, False, True]
 
     def test_pp_stage_extras(self):
         assert set(mistral3_pp_stage_extras()) == {"first_stage_extra", "last_stage_extra"}

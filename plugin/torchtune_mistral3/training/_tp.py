@@ -7,7 +7,13 @@ from typing import ContextManager, Dict
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, loss_parallel, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
 from torchtune.training import prepare_mha_for_tp
 
 from ._parallel_dims import validate_tensor_parallel
@@ -76,6 +82,20 @@ def uses_loss_parallel(plan: Dict[str, ParallelStyle], output_fqn: str = "decode
         and not style.use_local_output
         and tuple(style.output_layouts) == (Shard(-1),)
     )
+
+
+def uses_sequence_parallel(plan: Dict[str, ParallelStyle]) -> bool:
+    """Whether the plan shards the residual stream on the sequence (any ``SequenceParallel`` style).
+
+    Then every sequence length the model sees must be a multiple of the TP degree.
+
+    Args:
+        plan (Dict[str, ParallelStyle]): FQN glob -> style.
+
+    Returns:
+        bool: True if a module of the plan runs as ``SequenceParallel``.
+    """
+    return any(isinstance(style, SequenceParallel) for style in plan.values())
 
 
 def train_context(enable_loss_parallel: bool) -> ContextManager:
