@@ -7,6 +7,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
 from torchtune_mistral3.models.mistral3._parallelism import mistral3_pp_stage_extras, mistral3_tp_plan
 from torchtune_mistral3.training import (
+    check_sequence_parallel_length,
     cut_pipeline_stage,
     resolve_tp_plan,
     uses_loss_parallel,
@@ -67,6 +68,12 @@ class TestPlan:
         stages = [resolve_tp_plan(cut_pipeline_stage(model, i, split), plan) for i in range(3)]
         assert ["decoder.layers.0" in s for s in stages] == [True, False, False]
         assert ["decoder.norm" in s for s in stages] == [False, False, True]
+
+    def test_sequence_parallel_length_fails_with_indivisible_max_seq_len(self):
+        check_sequence_parallel_length(512, 8)
+        for bad in (None, 510):
+            with pytest.raises(ValueError, match=r"tensor_parallel_dim=4.*tokenizer.max_seq_len \(%s\)" % bad):
+                check_sequence_parallel_length(bad, 4)
 
     def test_pp_stage_extras(self):
         assert set(mistral3_pp_stage_extras()) == {"first_stage_extra", "last_stage_extra"}

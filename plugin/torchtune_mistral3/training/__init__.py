@@ -45,7 +45,14 @@ from ._sample_index import IndexedCollate, IndexedDataset, count_step_data, pop_
 from ._step_plan import cost_balanced_stage_extras
 from ._stock import load_plugin_recipe, load_stock_recipe, stock_recipe_path
 from ._tower_split import assign_images, split_image_encoders, sum_split_encoder_grads, tower_mode
-from ._tp import apply_tensor_parallel, resolve_tp_plan, train_context, uses_loss_parallel, uses_sequence_parallel
+from ._tp import (
+    apply_tensor_parallel,
+    check_sequence_parallel_length,
+    resolve_tp_plan,
+    train_context,
+    uses_loss_parallel,
+    uses_sequence_parallel,
+)
 from ._training_state import latest_training_state, load_training_state, save_training_state
 
 __all__ = [
@@ -53,6 +60,7 @@ __all__ = [
     "assign_images",
     "balanced_layer_split",
     "build_pipeline",
+    "check_sequence_parallel_length",
     "check_checkpoint_dir",
     "check_shared_output_dir",
     "check_finite_for_save",

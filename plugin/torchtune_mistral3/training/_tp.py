@@ -2,7 +2,7 @@
 
 import contextlib
 from fnmatch import fnmatchcase
-from typing import ContextManager, Dict
+from typing import ContextManager, Dict, Optional
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -96,6 +96,26 @@ def uses_sequence_parallel(plan: Dict[str, ParallelStyle]) -> bool:
         bool: True if a module of the plan runs as ``SequenceParallel``.
     """
     return any(isinstance(style, SequenceParallel) for style in plan.values())
+
+
+def check_sequence_parallel_length(max_seq_len: Optional[int], tp: int) -> None:
+    """Check at setup that sequence-parallel batches can be padded to a multiple of the TP degree.
+
+    Each rank holds ``s / tp`` tokens of the residual stream, so every batch is padded to a multiple of ``tp``;
+    that padding must stay within ``tokenizer.max_seq_len``, which must then be a multiple of ``tp`` itself.
+
+    Args:
+        max_seq_len (Optional[int]): the config's ``tokenizer.max_seq_len``.
+        tp (int): the config's ``tensor_parallel_dim``.
+
+    Raises:
+        ValueError: if ``max_seq_len`` is unset or not a multiple of ``tp``; the message names both keys.
+    """
+    if max_seq_len is None or int(max_seq_len) % tp != 0:
+        raise ValueError(
+            f"tensor_parallel_plan.sequence_parallel=True shards every sequence over tensor_parallel_dim={tp} "
+            f"ranks: tokenizer.max_seq_len ({max_seq_len}) must be set to a multiple of {tp}"
+        )
 
 
 def train_context(enable_loss_parallel: bool) -> ContextManager:
