@@ -1,12 +1,14 @@
 """Tensor parallel plan and helpers; TP=2 and FSDP=2 x TP=2 training equal to one process."""
 
 import pytest
-from _parallel_harness import build_model, run_layout
+import torch
+from _parallel_harness import build_mistral3, build_model, run_layout
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
 from torchtune_mistral3.models.mistral3._parallelism import mistral3_pp_stage_extras, mistral3_tp_plan
 from torchtune_mistral3.training import (
+    apply_tensor_parallel,
     check_sequence_parallel_length,
     cut_pipeline_stage,
     resolve_tp_plan,
@@ -52,9 +54,8 @@ class TestPlan:
             assert tuple(plan[f"decoder.layers.*.{proj}"].output_layouts) == (Shard(1),)
         assert tuple(plan["decoder.output"].input_layouts) == (Shard(1),)
         assert tuple(plan["tok_embeddings"].output_layouts) == (Replicate(),)  # fused with images replicated
-        first = plan["decoder.layers.0"]
-        assert isinstance(first, PrepareModuleInput)
-        assert (first.input_layouts, first.desired_input_layouts) == ((Replicate(),), (Shard(1),))
+        assert isinstance(plan["decoder.layers.*.mlp"], PrepareModuleInput)  # all-gathered
+        assert "decoder.layers.0" in plan  # the replicated fused hidden state -> this rank's slice
         gathered = mistral3_tp_plan(loss_parallel=False, sequence_parallel=True)
         assert tuple(gathered["decoder.output"].output_layouts) == (Replicate(),)
 
@@ -77,6 +78,13 @@ class TestPlan:
 
     def test_pp_stage_extras(self):
         assert set(mistral3_pp_stage_extras()) == {"first_stage_extra", "last_stage_extra"}
+
+
+def test_sequence_parallel_fails_with_indivisible_sequence(fake_tp2_mesh):
+    model = build_mistral3()
+    apply_tensor_parallel(model, fake_tp2_mesh, mistral3_tp_plan(sequence_parallel=True))
+    with pytest.raises(ValueError, match=r"multiples of tensor_parallel_dim=2, got 7 tokens"):
+        model(torch.randint(13, 256, (1, 7)))
 
 
 @pytest.mark.parametrize("loss_parallel", [True, False], ids=["loss-parallel", "gathered-logits"])

@@ -50,6 +50,31 @@ class _GatherSequence(ParallelStyle):
         return module
 
 
+class _ShardSequence(ParallelStyle):
+    """Module-input style: keep this rank's sequence slice of a replicated hidden state (no communication).
+
+    The backward all-gathers the gradient, so everything before (embeddings, image features) gets the full one.
+
+    Raises:
+        ValueError: at the forward, if the sequence length is not a multiple of the TP degree.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def shard(_: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+            h, *rest = args
+            if h.shape[1] % device_mesh.size() != 0:
+                raise ValueError(
+                    f"tensor_parallel_plan.sequence_parallel=True needs sequence lengths that are multiples of "
+                    f"tensor_parallel_dim={device_mesh.size()}, got {h.shape[1]} tokens: pad the batch (the recipe "
+                    "pads to a multiple; tokenizer.max_seq_len must be one)"
+                )
+            full = DTensor.from_local(h, device_mesh, (Replicate(),), run_check=False)
+            return (full.redistribute(device_mesh, (Shard(1),)).to_local(), *rest)
+
+        module.register_forward_pre_hook(shard)
+        return module
+
+
 def mistral3_tp_plan(loss_parallel: bool = True, sequence_parallel: bool = False) -> Dict[str, ParallelStyle]:
     """Tensor parallel plan of a Mistral 3 ``EarlyFusionModel``, keyed by full-model FQN globs.
 
@@ -96,9 +121,7 @@ def mistral3_tp_plan(loss_parallel: bool = True, sequence_parallel: bool = False
     if sequence_parallel:
         plan.update({
             # the fused (replicated) hidden state -> this rank's sequence slice: a local slice, no communication
-            "decoder.layers.0": PrepareModuleInput(
-                input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True
-            ),
+            "decoder.layers.0": _ShardSequence(),
             "decoder.layers.*.sa_norm": SequenceParallel(),
             "decoder.layers.*.attn": _GatherSequence(),
             "decoder.layers.*.mlp_norm": SequenceParallel(),
