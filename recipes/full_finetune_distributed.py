@@ -17,7 +17,8 @@ What the subclass adds to the stock recipe:
 - ``compile`` per transformer block after TP and activation checkpointing (torchtitan's order); under TP the
   decoder blocks have static shapes and batches are padded to ``tokenizer.max_seq_len``;
 - sequence parallelism (``tensor_parallel_plan.sequence_parallel=True``): the residual stream between the TP
-  blocks sharded on the sequence; batches are padded to a multiple of ``tensor_parallel_dim``;
+  blocks sharded on the sequence; batches are padded to a multiple of ``tensor_parallel_dim``; on top of it
+  torch's async TP (``tensor_parallel_async``: CUDA and ``compile`` only);
 - a precision policy: ``dtype`` computes, ``master_dtype`` (default fp32) holds the parameters, gradients and
   optimizer states, ``reduce_dtype`` reduces the gradients (FSDP2's mixed precision on every layout, also with
   data parallel 1); bf16 stochastic rounding (``StochasticRoundingAdamW``); FP8 decoder linears (``fp8_recipe``);
@@ -64,6 +65,7 @@ from torchtune_mistral3.training import (
     build_pipeline,
     check_checkpoint_dir,
     check_cli_keys,
+    check_async_tensor_parallel,
     check_finite_for_save,
     check_sequence_parallel_length,
     check_shared_output_dir,
@@ -75,6 +77,7 @@ from torchtune_mistral3.training import (
     cost_balanced_stage_extras,
     count_step_data,
     distributed_timeout,
+    enable_async_tensor_parallel,
     ensure_single_process_env,
     explain_collective_timeouts,
     init_process_group_timeout,
@@ -180,6 +183,12 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         self._sequence_parallel = self._dims.tp_enabled and uses_sequence_parallel(self.tensor_parallel_plan or {})
         if self._sequence_parallel:
             check_sequence_parallel_length(cfg.tokenizer.get("max_seq_len", None), self._dims.tp)
+        # torch's async TP: collectives overlapped with the matmuls next to them (CUDA, inductor, sequence parallel)
+        self._async_tp = bool(cfg.get("tensor_parallel_async", False))
+        check_async_tensor_parallel(
+            self._async_tp, device_type=self._device.type, compile=cfg.get("compile", False),
+            sequence_parallel=self._sequence_parallel,
+        )
         # split: each TP rank encodes its share of a micro-batch's images (the features are all-gathered)
         self._tower_split = tower_mode(cfg.get("tensor_parallel_tower", None), self._dims.tp) == "split"
         if self._dims.pp_enabled and self._enable_activation_offloading:
@@ -317,6 +326,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         self._checkpointer.check_model_keys(model)  # on the whole model: a weight no stage reads is an error
         self._mesh = self._dims.build_mesh(self._device.type)
         set_mesh_timeout(self._mesh, self._distributed_timeout)
+        if self._async_tp:  # before the blocks are compiled
+            enable_async_tensor_parallel(self._mesh["tp"])
         self.dp_size = self._mesh["dp"].size()
         self.dp_rank = self._mesh["dp"].get_local_rank()
 

@@ -9,6 +9,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInpu
 from torchtune_mistral3.models.mistral3._parallelism import mistral3_pp_stage_extras, mistral3_tp_plan
 from torchtune_mistral3.training import (
     apply_tensor_parallel,
+    check_async_tensor_parallel,
     check_sequence_parallel_length,
     cut_pipeline_stage,
     resolve_tp_plan,
@@ -75,6 +76,22 @@ class TestPlan:
         for bad in (None, 510):
             with pytest.raises(ValueError, match=r"tensor_parallel_dim=4.*tokenizer.max_seq_len \(%s\)" % bad):
                 check_sequence_parallel_length(bad, 4)
+
+    def test_async_tensor_parallel_fails_without_cuda_compile_and_sequence_parallel(self, monkeypatch):
+        monkeypatch.delenv("TORCH_COMPILE_BACKEND", raising=False)
+        ready = dict(device_type="cuda", compile=True, sequence_parallel=True)
+        check_async_tensor_parallel(True, **ready)
+        check_async_tensor_parallel(False, device_type="cpu", compile=False, sequence_parallel=False)  # off: no check
+        for key, value, named in [
+            ("device_type", "cpu", "a CUDA device"),
+            ("compile", False, "compile=True"),
+            ("sequence_parallel", False, "tensor_parallel_plan.sequence_parallel=True"),
+        ]:
+            with pytest.raises(ValueError, match=f"tensor_parallel_async=True needs {named}"):
+                check_async_tensor_parallel(True, **{**ready, key: value})
+        monkeypatch.setenv("TORCH_COMPILE_BACKEND", "aot_eager")  # no inductor, no micro-pipeline pass
+        with pytest.raises(ValueError, match="TORCH_COMPILE_BACKEND=aot_eager"):
+            check_async_tensor_parallel(True, **ready)
 
     def test_pp_stage_extras(self):
         assert set(mistral3_pp_stage_extras()) == {"first_stage_extra", "last_stage_extra"}

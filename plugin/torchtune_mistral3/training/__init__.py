@@ -47,7 +47,9 @@ from ._stock import load_plugin_recipe, load_stock_recipe, stock_recipe_path
 from ._tower_split import assign_images, split_image_encoders, sum_split_encoder_grads, tower_mode
 from ._tp import (
     apply_tensor_parallel,
+    check_async_tensor_parallel,
     check_sequence_parallel_length,
+    enable_async_tensor_parallel,
     resolve_tp_plan,
     train_context,
     uses_loss_parallel,
@@ -60,6 +62,7 @@ __all__ = [
     "assign_images",
     "balanced_layer_split",
     "build_pipeline",
+    "check_async_tensor_parallel",
     "check_sequence_parallel_length",
     "check_checkpoint_dir",
     "check_shared_output_dir",
@@ -68,6 +71,7 @@ __all__ = [
     "check_world_size",
     "clip_grad_norm_",
     "compile_blocks",
+    "enable_async_tensor_parallel",
     "command_line_overrides",
     "convert_to_fp8",
     "cost_balanced_stage_extras",

@@ -1,6 +1,7 @@
 """Tensor parallelism helpers: plans resolved against (possibly pipeline-cut) modules, and loss parallel."""
 
 import contextlib
+import os
 from fnmatch import fnmatchcase
 from typing import ContextManager, Dict, Optional
 
@@ -116,6 +117,56 @@ def check_sequence_parallel_length(max_seq_len: Optional[int], tp: int) -> None:
             f"tensor_parallel_plan.sequence_parallel=True shards every sequence over tensor_parallel_dim={tp} "
             f"ranks: tokenizer.max_seq_len ({max_seq_len}) must be set to a multiple of {tp}"
         )
+
+
+def check_async_tensor_parallel(enabled: bool, *, device_type: str, compile: bool, sequence_parallel: bool) -> None:
+    """Check at start that torch's async tensor parallelism (config key ``tensor_parallel_async``) can work.
+
+    Inductor's micro-pipeline TP pass overlaps an all-gather with the matmul that reads it and a matmul with the
+    reduce-scatter of its output, through symmetric memory on CUDA: it needs compiled blocks (the inductor
+    backend) and the sequence-parallel layout, whose collectives those are.
+
+    Args:
+        enabled (bool): the config's ``tensor_parallel_async``.
+        device_type (str): the run's device type (``"cuda"``, ``"cpu"``).
+        compile (bool): the config's ``compile``.
+        sequence_parallel (bool): TP enabled with a sequence-parallel plan (:func:`uses_sequence_parallel`).
+
+    Raises:
+        ValueError: if enabled without all of CUDA, ``compile=True`` with inductor and
+            ``tensor_parallel_plan.sequence_parallel=True``; the message names what is missing.
+    """
+    if not enabled:
+        return
+    missing = []
+    if device_type != "cuda":
+        missing.append(f"a CUDA device (this run uses {device_type})")
+    backend = os.environ.get("TORCH_COMPILE_BACKEND", "inductor")
+    if not compile or backend != "inductor":
+        missing.append(f"compile=True with the inductor backend (compile={compile}, TORCH_COMPILE_BACKEND={backend})")
+    if not sequence_parallel:
+        missing.append("tensor_parallel_plan.sequence_parallel=True with tensor_parallel_dim > 1")
+    if missing:
+        raise ValueError(
+            "tensor_parallel_async=True needs " + "; ".join(missing) + ". Set tensor_parallel_async=False or "
+            "provide them."
+        )
+
+
+def enable_async_tensor_parallel(tp_mesh: DeviceMesh) -> None:
+    """Turn on torch's async tensor parallelism for ``tp_mesh``'s group, before the blocks are compiled.
+
+    Sets inductor's micro-pipeline TP pass and allocates symmetric memory for the TP process group. Check the
+    preconditions with :func:`check_async_tensor_parallel` first.
+
+    Args:
+        tp_mesh (DeviceMesh): 1-D tensor parallel mesh (``mesh["tp"]``).
+    """
+    import torch._inductor.config
+    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+    torch._inductor.config._micro_pipeline_tp = True
+    enable_symm_mem_for_group(tp_mesh.get_group().group_name)
 
 
 def train_context(enable_loss_parallel: bool) -> ContextManager:
