@@ -16,6 +16,9 @@ What the subclass adds to the stock recipe:
 - gradient-norm clipping that is correct under TP, PP and FSDP together;
 - ``compile`` per transformer block after TP and activation checkpointing (torchtitan's order); under TP the
   decoder blocks have static shapes and batches are padded to ``tokenizer.max_seq_len``;
+- sequence parallelism (``tensor_parallel_plan.sequence_parallel=True``): the residual stream between the TP
+  blocks sharded on the sequence; batches are padded to a multiple of ``tensor_parallel_dim``; on top of it
+  torch's async TP (``tensor_parallel_async``: CUDA and ``compile`` only);
 - a precision policy: ``dtype`` computes, ``master_dtype`` (default fp32) holds the parameters, gradients and
   optimizer states, ``reduce_dtype`` reduces the gradients (FSDP2's mixed precision on every layout, also with
   data parallel 1); bf16 stochastic rounding (``StochasticRoundingAdamW``); FP8 decoder linears (``fp8_recipe``);
@@ -67,7 +70,9 @@ from torchtune_mistral3.training import (
     build_pipeline,
     check_checkpoint_dir,
     check_cli_keys,
+    check_async_tensor_parallel,
     check_finite_for_save,
+    check_sequence_parallel_length,
     check_shared_output_dir,
     check_world_size,
     clip_grad_norm_,
@@ -77,6 +82,7 @@ from torchtune_mistral3.training import (
     cost_balanced_stage_extras,
     count_step_data,
     distributed_timeout,
+    enable_async_tensor_parallel,
     ensure_single_process_env,
     explain_collective_timeouts,
     init_process_group_timeout,
@@ -97,6 +103,7 @@ from torchtune_mistral3.training import (
     tower_mode,
     train_context,
     uses_loss_parallel,
+    uses_sequence_parallel,
 )
 from tqdm import tqdm
 
@@ -177,6 +184,16 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         self.data_parallel_dim = self._dims.dp
         self._loss_parallel = self._dims.tp_enabled and uses_loss_parallel(self.tensor_parallel_plan or {})
         self._static_shapes = needs_static_shapes(cfg.get("compile", False), self._dims.tp_enabled)
+        # each TP rank holds s / tp tokens of the residual stream: batches padded to a multiple of the TP degree
+        self._sequence_parallel = self._dims.tp_enabled and uses_sequence_parallel(self.tensor_parallel_plan or {})
+        if self._sequence_parallel:
+            check_sequence_parallel_length(cfg.tokenizer.get("max_seq_len", None), self._dims.tp)
+        # torch's async TP: collectives overlapped with the matmuls next to them (CUDA, inductor, sequence parallel)
+        self._async_tp = bool(cfg.get("tensor_parallel_async", False))
+        check_async_tensor_parallel(
+            self._async_tp, device_type=self._device.type, compile=cfg.get("compile", False),
+            sequence_parallel=self._sequence_parallel,
+        )
         # split: each TP rank encodes its share of a micro-batch's images (the features are all-gathered)
         self._tower_split = tower_mode(cfg.get("tensor_parallel_tower", None), self._dims.tp) == "split"
         if self._dims.pp_enabled and self._enable_activation_offloading:
@@ -314,6 +331,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         self._checkpointer.check_model_keys(model)  # on the whole model: a weight no stage reads is an error
         self._mesh = self._dims.build_mesh(self._device.type)
         set_mesh_timeout(self._mesh, self._distributed_timeout)
+        if self._async_tp:  # before the blocks are compiled
+            enable_async_tensor_parallel(self._mesh["tp"])
         self.dp_size = self._mesh["dp"].size()
         self.dp_rank = self._mesh["dp"].get_local_rank()
 
@@ -452,6 +471,10 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 "pipeline_parallel_dim > 1 and compile=True with tensor_parallel_dim > 1 need a fixed sequence "
                 "length: set tokenizer.max_seq_len"
             )
+        self._pad_tokens(batch, length)
+
+    def _pad_tokens(self, batch: Dict[str, Any], length: int) -> None:
+        """Right-pad tokens (pad id) and labels (ignored) to ``length``."""
         extra = length - batch["tokens"].shape[1]
         if extra > 0:
             batch["tokens"] = F.pad(batch["tokens"], (0, extra), value=self._tokenizer.pad_id)
@@ -494,6 +517,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 return pipeline_step(self._pipeline, batch, labels, num_tokens, forward_only=forward_only)
         if self._static_shapes:
             self._pad_for_pipeline(batch)
+        elif self._sequence_parallel:  # packs are max_seq_len long already, a multiple of the TP degree
+            self._pad_tokens(batch, -(-batch["tokens"].shape[1] // self._dims.tp) * self._dims.tp)
         labels = self._shifted_labels(batch)
         with train_context(self._loss_parallel):
             with self.activations_handling_ctx:

@@ -40,3 +40,19 @@ def load_bench(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def fake_tp2_mesh():
+    """A 2-rank CPU mesh in this one process (torch's fake backend: collectives return without data moving).
+
+    For checks that fail before any collective result matters; real TP numerics are tested across processes
+    (tests/training/_parallel_harness.py).
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    yield init_device_mesh("cpu", (2,))
+    dist.destroy_process_group()

@@ -65,6 +65,7 @@ def test_misspelt_key_fails_at_start_through_tune_run(tune, tmp_path):
         ],
         ["lr_scheduler.num_warmup_steps=1", "max_val_steps=1", "batch_size_val=1", "compile=False"],
         ["my_new_key=1", "allow_new_keys=[my_new_key]"],
+        ["tensor_parallel_plan.sequence_parallel=True", "tensor_parallel_async=False"],
     ],
 )
 def test_valid_overrides_pass(overrides):

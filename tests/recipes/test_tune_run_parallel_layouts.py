@@ -27,6 +27,8 @@ COMPILED = ["compile=True"]
 
 LAYOUTS = {
     "tp2": (2, ["tensor_parallel_dim=2", *COMPILED]),
+    # eager: batches padded to a multiple of 2 only, not to max_seq_len
+    "tp2_sequence_parallel": (2, ["tensor_parallel_dim=2", "tensor_parallel_plan.sequence_parallel=True"]),
     # no pipeline_microbatches: the documented default (the pipeline degree, 2) applies
     "pp2_1f1b": (2, ["pipeline_parallel_dim=2", "pipeline_schedule=1F1B"]),
     "pp2_gpipe": (2, ["pipeline_parallel_dim=2", "pipeline_schedule=GPipe", "pipeline_microbatches=2"]),

@@ -236,7 +236,9 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
         def __call__(self, logits, labels, num_tokens):
             seen_logits.add(_logits_layout(logits))
             return super().__call__(logits, labels, num_tokens)
-    plan = mistral3_tp_plan(loss_parallel=cfg.get("loss_parallel", True))
+    plan = mistral3_tp_plan(
+        loss_parallel=cfg.get("loss_parallel", True), sequence_parallel=cfg.get("sequence_parallel", False)
+    )
     use_lp = dims.tp_enabled and uses_loss_parallel(plan)
 
     def parallelize(m: nn.Module) -> nn.Module:
@@ -277,6 +279,14 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
     else:
         parts = [parallelize(model)]
     named = [(_clean(n), p) for part in parts for n, p in part.named_parameters()]
+    # The residual stream as the decoder layers see it: [b, s / tp, d] per rank under sequence parallelism.
+    residual_shapes = set()
+    for part in parts if not cfg.get("compile") else []:  # (a hook added after compiling would recompile)
+        for name, sub in part.named_modules():
+            if isinstance(sub, TransformerSelfAttentionLayer) and name.startswith("decoder.layers."):
+                sub.register_forward_hook(lambda _, args, out: residual_shapes.add(
+                    (type(args[0]).__name__, *args[0].shape, "->", type(out).__name__, *out.shape)
+                ))
     params = [p for _, p in named]
     pp_group = mesh["pp"].get_group() if dims.pp_enabled else None
 
@@ -382,7 +392,8 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
         shard = shard if use_lp else f"{chunks}Tensor:{spec['vocab']}"
         assert seen_logits == {shard}, seen_logits
     report.update(
-        logits=sorted(seen_logits), diffs=diffs, losses=losses, ref_losses=ref["losses"], ref_norms=ref["norms"]
+        logits=sorted(seen_logits), residual=sorted(" ".join(map(str, x)) for x in residual_shapes), diffs=diffs,
+        losses=losses, ref_losses=ref["losses"], ref_norms=ref["norms"],
     )
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)

@@ -12,7 +12,7 @@ from torchtune.data import Message
 
 from ..checkpointing import load_into_module
 from ..datasets import open_image
-from ..training import apply_tensor_parallel
+from ..training import apply_tensor_parallel, uses_sequence_parallel
 
 _ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
@@ -41,7 +41,17 @@ def load_inference_model(
 
     Returns:
         nn.Module: the model in eval mode.
+
+    Raises:
+        ValueError: for a sequence-parallel plan (a training layout: a decoding step's one token per sample
+            cannot be sharded on the sequence).
     """
+    if tp_mesh is not None and tp_mesh.size() > 1 and uses_sequence_parallel(dict(tp_plan)):
+        raise ValueError(
+            "tensor_parallel_plan.sequence_parallel=True is a training layout: generation and evaluation decode "
+            "one token per step, which cannot be sharded over the sequence. Set "
+            "tensor_parallel_plan.sequence_parallel=False (the default)."
+        )
     with training.set_default_dtype(dtype), torch.device("meta"):
         model = config.instantiate(cfg_model)
     if tp_mesh is not None and tp_mesh.size() > 1:

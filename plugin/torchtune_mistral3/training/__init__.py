@@ -45,7 +45,16 @@ from ._sample_index import IndexedCollate, IndexedDataset, count_step_data, pop_
 from ._step_plan import cost_balanced_stage_extras
 from ._stock import load_plugin_recipe, load_stock_recipe, stock_recipe_path
 from ._tower_split import assign_images, split_image_encoders, sum_split_encoder_grads, tower_mode
-from ._tp import apply_tensor_parallel, resolve_tp_plan, train_context, uses_loss_parallel
+from ._tp import (
+    apply_tensor_parallel,
+    check_async_tensor_parallel,
+    check_sequence_parallel_length,
+    enable_async_tensor_parallel,
+    resolve_tp_plan,
+    train_context,
+    uses_loss_parallel,
+    uses_sequence_parallel,
+)
 from ._training_state import latest_training_state, load_training_state, save_training_state
 
 __all__ = [
@@ -53,6 +62,8 @@ __all__ = [
     "assign_images",
     "balanced_layer_split",
     "build_pipeline",
+    "check_async_tensor_parallel",
+    "check_sequence_parallel_length",
     "check_checkpoint_dir",
     "check_shared_output_dir",
     "check_finite_for_save",
@@ -60,6 +71,7 @@ __all__ = [
     "check_world_size",
     "clip_grad_norm_",
     "compile_blocks",
+    "enable_async_tensor_parallel",
     "command_line_overrides",
     "convert_to_fp8",
     "cost_balanced_stage_extras",
@@ -107,6 +119,7 @@ __all__ = [
     "load_training_state",
     "save_training_state",
     "uses_loss_parallel",
+    "uses_sequence_parallel",
     "validate_pipeline_schedule",
     "validate_pipeline_stages",
     "validate_tensor_parallel",

@@ -1,13 +1,20 @@
 """Tensor parallelism helpers: plans resolved against (possibly pipeline-cut) modules, and loss parallel."""
 
 import contextlib
+import os
 from fnmatch import fnmatchcase
-from typing import ContextManager, Dict
+from typing import ContextManager, Dict, Optional
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, loss_parallel, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
 from torchtune.training import prepare_mha_for_tp
 
 from ._parallel_dims import validate_tensor_parallel
@@ -76,6 +83,90 @@ def uses_loss_parallel(plan: Dict[str, ParallelStyle], output_fqn: str = "decode
         and not style.use_local_output
         and tuple(style.output_layouts) == (Shard(-1),)
     )
+
+
+def uses_sequence_parallel(plan: Dict[str, ParallelStyle]) -> bool:
+    """Whether the plan shards the residual stream on the sequence (any ``SequenceParallel`` style).
+
+    Then every sequence length the model sees must be a multiple of the TP degree.
+
+    Args:
+        plan (Dict[str, ParallelStyle]): FQN glob -> style.
+
+    Returns:
+        bool: True if a module of the plan runs as ``SequenceParallel``.
+    """
+    return any(isinstance(style, SequenceParallel) for style in plan.values())
+
+
+def check_sequence_parallel_length(max_seq_len: Optional[int], tp: int) -> None:
+    """Check at setup that sequence-parallel batches can be padded to a multiple of the TP degree.
+
+    Each rank holds ``s / tp`` tokens of the residual stream, so every batch is padded to a multiple of ``tp``;
+    that padding must stay within ``tokenizer.max_seq_len``, which must then be a multiple of ``tp`` itself.
+
+    Args:
+        max_seq_len (Optional[int]): the config's ``tokenizer.max_seq_len``.
+        tp (int): the config's ``tensor_parallel_dim``.
+
+    Raises:
+        ValueError: if ``max_seq_len`` is unset or not a multiple of ``tp``; the message names both keys.
+    """
+    if max_seq_len is None or int(max_seq_len) % tp != 0:
+        raise ValueError(
+            f"tensor_parallel_plan.sequence_parallel=True shards every sequence over tensor_parallel_dim={tp} "
+            f"ranks: tokenizer.max_seq_len ({max_seq_len}) must be set to a multiple of {tp}"
+        )
+
+
+def check_async_tensor_parallel(enabled: bool, *, device_type: str, compile: bool, sequence_parallel: bool) -> None:
+    """Check at start that torch's async tensor parallelism (config key ``tensor_parallel_async``) can work.
+
+    Inductor's micro-pipeline TP pass overlaps an all-gather with the matmul that reads it and a matmul with the
+    reduce-scatter of its output, through symmetric memory on CUDA: it needs compiled blocks (the inductor
+    backend) and the sequence-parallel layout, whose collectives those are.
+
+    Args:
+        enabled (bool): the config's ``tensor_parallel_async``.
+        device_type (str): the run's device type (``"cuda"``, ``"cpu"``).
+        compile (bool): the config's ``compile``.
+        sequence_parallel (bool): TP enabled with a sequence-parallel plan (:func:`uses_sequence_parallel`).
+
+    Raises:
+        ValueError: if enabled without all of CUDA, ``compile=True`` with inductor and
+            ``tensor_parallel_plan.sequence_parallel=True``; the message names what is missing.
+    """
+    if not enabled:
+        return
+    missing = []
+    if device_type != "cuda":
+        missing.append(f"a CUDA device (this run uses {device_type})")
+    backend = os.environ.get("TORCH_COMPILE_BACKEND", "inductor")
+    if not compile or backend != "inductor":
+        missing.append(f"compile=True with the inductor backend (compile={compile}, TORCH_COMPILE_BACKEND={backend})")
+    if not sequence_parallel:
+        missing.append("tensor_parallel_plan.sequence_parallel=True with tensor_parallel_dim > 1")
+    if missing:
+        raise ValueError(
+            "tensor_parallel_async=True needs " + "; ".join(missing) + ". Set tensor_parallel_async=False or "
+            "provide them."
+        )
+
+
+def enable_async_tensor_parallel(tp_mesh: DeviceMesh) -> None:
+    """Turn on torch's async tensor parallelism for ``tp_mesh``'s group, before the blocks are compiled.
+
+    Sets inductor's micro-pipeline TP pass and allocates symmetric memory for the TP process group. Check the
+    preconditions with :func:`check_async_tensor_parallel` first.
+
+    Args:
+        tp_mesh (DeviceMesh): 1-D tensor parallel mesh (``mesh["tp"]``).
+    """
+    import torch._inductor.config
+    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+    torch._inductor.config._micro_pipeline_tp = True
+    enable_symm_mem_for_group(tp_mesh.get_group().group_name)
 
 
 def train_context(enable_loss_parallel: bool) -> ContextManager:

@@ -1,9 +1,18 @@
 """Tensor parallel plan and default pipeline split of the Mistral 3 family (model knowledge only)."""
 
-from typing import Dict
+from typing import Any, Dict, Tuple
 
-from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+)
 
 # Cost of what the first and last pipeline stages carry besides decoder layers, in decoder layers.
 # Mistral Medium 3.5 (12288 hidden, 131072 vocab, ~1.4B params per layer): the head is 1.6B params
@@ -13,7 +22,60 @@ _PP_FIRST_STAGE_EXTRA_LAYERS = 1.0
 _PP_LAST_STAGE_EXTRA_LAYERS = 1.0
 
 
-def mistral3_tp_plan(loss_parallel: bool = True) -> Dict[str, ParallelStyle]:
+class _GatherSequence(ParallelStyle):
+    """Module-input style: all-gather sequence-sharded (``Shard(1)``) positional inputs into full local tensors.
+
+    ``TransformerSelfAttentionLayer`` calls ``attn(h, h, mask=..., input_pos=...)``: a ``PrepareModuleInput``
+    with two ``Shard(1) -> Replicate`` inputs would all-gather the same ``h`` twice. Here each distinct tensor is
+    gathered once (its gradient is then reduce-scattered once). Keyword inputs (mask, positions) pass unchanged:
+    they already describe the full sequence.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def gather(_: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+            full: Dict[int, torch.Tensor] = {}
+            out = []
+            for arg in args:
+                if isinstance(arg, torch.Tensor):
+                    if id(arg) not in full:
+                        shard = arg if isinstance(arg, DTensor) else DTensor.from_local(
+                            arg, device_mesh, (Shard(1),), run_check=False
+                        )
+                        full[id(arg)] = shard.redistribute(device_mesh, (Replicate(),)).to_local()
+                    arg = full[id(arg)]
+                out.append(arg)
+            return tuple(out)
+
+        module.register_forward_pre_hook(gather)
+        return module
+
+
+class _ShardSequence(ParallelStyle):
+    """Module-input style: keep this rank's sequence slice of a replicated hidden state (no communication).
+
+    The backward all-gathers the gradient, so everything before (embeddings, image features) gets the full one.
+
+    Raises:
+        ValueError: at the forward, if the sequence length is not a multiple of the TP degree.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def shard(_: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+            h, *rest = args
+            if h.shape[1] % device_mesh.size() != 0:
+                raise ValueError(
+                    f"tensor_parallel_plan.sequence_parallel=True needs sequence lengths that are multiples of "
+                    f"tensor_parallel_dim={device_mesh.size()}, got {h.shape[1]} tokens: pad the batch (the recipe "
+                    "pads to a multiple; tokenizer.max_seq_len must be one)"
+                )
+            full = DTensor.from_local(h, device_mesh, (Replicate(),), run_check=False)
+            return (full.redistribute(device_mesh, (Shard(1),)).to_local(), *rest)
+
+        module.register_forward_pre_hook(shard)
+        return module
+
+
+def mistral3_tp_plan(loss_parallel: bool = True, sequence_parallel: bool = False) -> Dict[str, ParallelStyle]:
     """Tensor parallel plan of a Mistral 3 ``EarlyFusionModel``, keyed by full-model FQN globs.
 
     Column-wise q/k/v and gate/up (``w1``/``w3``), row-wise ``output_proj`` and down (``w2``), a
@@ -21,30 +83,54 @@ def mistral3_tp_plan(loss_parallel: bool = True) -> Dict[str, ParallelStyle]:
     and a column-wise head. The vision tower and projector are not in the plan: their weights stay replicated
     (the recipe's ``tensor_parallel_tower`` shares their images over the TP ranks instead).
 
+    With ``sequence_parallel`` the residual stream between decoder layers is sharded on the sequence (each rank
+    holds ``[b, s / tp, d]``): the norms (``sa_norm``, ``mlp_norm``, ``decoder.norm``) run on the local tokens,
+    the attention and MLP inputs are all-gathered, and ``output_proj`` / ``w2`` reduce-scatter instead of
+    all-reducing (the same bytes on the wire, a ``1 / tp`` of the residual activations kept per rank). The
+    embeddings and the image-feature scatter stay replicated (image features land in ``[IMG]`` positions of the
+    full sequence); the first decoder layer keeps its rank's slice of them (no communication). The sequence
+    length must then be a multiple of the TP degree. It is a training layout: generation refuses it.
+
     Args:
         loss_parallel (bool): keep the logits sharded on the vocabulary (DTensor ``Shard(-1)``) so the
             cross-entropy never materialises full-vocabulary logits on a rank; the loss and its backward
             must then run under ``torch.distributed.tensor.parallel.loss_parallel()``. False gathers
             the logits (plain replicated tensor). Default is True.
+        sequence_parallel (bool): shard the residual stream on the sequence between the tensor-parallel
+            blocks (Megatron sequence parallelism; what torch's async TP needs). Default is False.
 
     Returns:
         Dict[str, ParallelStyle]: the plan, for ``parallelize_module`` or the recipe's ``tensor_parallel_plan``.
     """
+    seq = Shard(1) if sequence_parallel else Replicate()
     if loss_parallel:
-        head = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+        head = ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False)
     else:
-        head = ColwiseParallel(output_layouts=Replicate())
-    return {
+        head = ColwiseParallel(input_layouts=seq, output_layouts=Replicate())
+    plan = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate()),
         "decoder.output": head,
         "decoder.layers.*.attn.q_proj": ColwiseParallel(),
         "decoder.layers.*.attn.k_proj": ColwiseParallel(),
         "decoder.layers.*.attn.v_proj": ColwiseParallel(),
-        "decoder.layers.*.attn.output_proj": RowwiseParallel(),
+        "decoder.layers.*.attn.output_proj": RowwiseParallel(output_layouts=seq),
         "decoder.layers.*.mlp.w1": ColwiseParallel(),
         "decoder.layers.*.mlp.w3": ColwiseParallel(),
-        "decoder.layers.*.mlp.w2": RowwiseParallel(),
+        "decoder.layers.*.mlp.w2": RowwiseParallel(output_layouts=seq),
     }
+    if sequence_parallel:
+        plan.update({
+            # the fused (replicated) hidden state -> this rank's sequence slice: a local slice, no communication
+            "decoder.layers.0": _ShardSequence(),
+            "decoder.layers.*.sa_norm": SequenceParallel(),
+            "decoder.layers.*.attn": _GatherSequence(),
+            "decoder.layers.*.mlp_norm": SequenceParallel(),
+            "decoder.layers.*.mlp": PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+            ),
+            "decoder.norm": SequenceParallel(),
+        })
+    return plan
 
 
 def mistral3_pp_stage_extras() -> Dict[str, float]:
