@@ -17,7 +17,12 @@ pytestmark = pytest.mark.integration
 PACKED = ["dataset.packed=True", "tokenizer.max_seq_len=128", "save_every_n_steps=1"]
 # layout -> extra overrides (activation checkpointing rides along with the 3-D layout: it must not change a loss)
 # (interleaved, the 128B config's schedule, covers what 1F1B would: the pack's mask and positions sent per stage)
-PACKED_LAYOUTS = {"tp2": [], "pp2_interleaved_4_stages": [], "fsdp2_tp2": ["enable_activation_checkpointing=True"]}
+# (tp2_pp2: the mistral3p5_medpix layout in small, TP with sequence parallelism x interleaved PP, compiled)
+PACKED_LAYOUTS = {
+    "tp2": ["tensor_parallel_plan.sequence_parallel=True"],
+    "tp2_pp2": ["tensor_parallel_plan.sequence_parallel=True", "pipeline_schedule=Interleaved1F1B"],
+    "fsdp2_tp2": ["enable_activation_checkpointing=True"],
+}
 
 
 @pytest.fixture(scope="module")

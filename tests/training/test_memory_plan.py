@@ -117,6 +117,9 @@ def test_packed_batch_counts_packs_and_their_images(tiny_model):
     lo = Layout(seq_len=64, batch_size=2, compile=True, image_px=56, packed=True, images_per_pack=3)
     (r,) = plan_memory(tiny_model, lo).ranks
     per_layer = 8 * H + 4 * NH * HD + 4 * NKV * HD + 6 * F + 4 * NH  # as in the hand-derived single-GPU plan
+    # two packs of 64 tokens and so few KV heads that the recipe runs SDPA with the dense mask: each layer keeps
+    # its 64 x 64 bf16 mask per pack, 2 x 64 bytes per token
+    per_layer += 2 * 64
     projector = 4 * H + 2 * DV + 2 * 4 * DV + 8 * 4 * DV
     assert r.activations_per_microbatch == L * per_layer * 2 * 64 + projector * 2 * 3 * 4  # 3 images of 2x2 tokens
     # without images_per_pack: the samples a pack holds at MedPix's mean length, one image each
@@ -331,3 +334,19 @@ def test_cli_reads_a_packed_dataset(capsys):
     assert main([*args, "dataset.packed=False", "batch_size=64", "pipeline_microbatches=64"]) == 0
     out = capsys.readouterr().out
     assert "(1 image(s) each)" in out and "64 samples, 131072 tokens computed, 33920 real" in out
+
+
+def test_sequence_parallel_keeps_the_residual_stream_at_one_over_tp(tiny_model):
+    # TP 2: of the layer's four whole hidden-size tensors the input and the residual become shards, and so does
+    # the stage output a pipeline rank keeps; the norm outputs the matmuls saved stay whole
+    from torchtune_mistral3.training._memory_plan import layer_activation_bytes_per_token, model_dims
+
+    dims = model_dims(tiny_model)
+    lo = Layout(tp=2, pp=2, microbatches=2, batch_size=2, seq_len=64, compile=True, image_px=56)
+    base = plan_memory(tiny_model, lo).ranks
+    split = plan_memory(tiny_model, Layout(**{**lo.__dict__, "sequence_parallel": True})).ranks
+    assert layer_activation_bytes_per_token(dims, 2, True) - layer_activation_bytes_per_token(
+        dims, 2, True, sequence_parallel=True) == 4 * H / 2
+    for b, s in zip(base, split):
+        per_mb = b.layers * (4 * H / 2) * 64 + (0 if s.pp_rank == 1 else 2 * H * 64 / 2)  # layers + stage output
+        assert b.activations - s.activations == pytest.approx(per_mb * b.microbatches_in_flight)

@@ -74,7 +74,7 @@ class TestPlan:
     def test_sequence_parallel_length_fails_with_indivisible_max_seq_len(self):
         check_sequence_parallel_length(512, 8)
         for bad in (None, 510):
-            with pytest.raises(ValueError, match=r"tensor_parallel_dim=4.*tokenizer.max_seq_len \(%s\)" % bad):
+            with pytest.raises(ValueError, match=rf"tensor_parallel_dim=4.*tokenizer.max_seq_len \({bad}\)"):
                 check_sequence_parallel_length(bad, 4)
 
     def test_async_tensor_parallel_fails_without_cuda_compile_and_sequence_parallel(self, monkeypatch):

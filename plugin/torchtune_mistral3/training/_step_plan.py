@@ -975,8 +975,10 @@ def plan_step(
             names += ["norm", "output"] if s == len(split) - 1 else []
         trained = sum(parts[n].trainable_per_tp_rank for n in names if n in parts) / shard
         sec = table.optimizer(trained, master, lo.optimizer_fused) * hw.memory_scale()
-        if lo.dp > 1:  # reduce-scatter of the gradients over data parallel (across nodes), not overlapped
-            sec += (lo.dp - 1) / lo.dp * trained * shard * master / (hw.pp_link_gbps * 1e9)
+        if lo.dp > 1:  # reduce-scatter of the gradients over data parallel, not overlapped with the backward
+            # the DP group (ranks tp apart) stays inside one node while tp x dp fits one, else it crosses nodes
+            dp_link = hw.nvlink_gbps if lo.tp * lo.dp <= GPUS_PER_NODE else hw.pp_link_gbps
+            sec += (lo.dp - 1) / lo.dp * trained * shard * master / (dp_link * 1e9)
         if tower_split and 0 in stages:  # the encoder's gradient shares summed over TP, once per step
             encoder = sum(parts[n].trainable_per_tp_rank for n in ("vision", "projector") if n in parts) / shard
             sec += hw.all_reduce_s(encoder * master, lo.tp) if encoder else 0.0
