@@ -256,8 +256,11 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         )
         self._tokenizer = config.instantiate(cfg.tokenizer)
         # sequences of exactly max_seq_len tokens: pipeline stages, packs, compiled tensor-parallel blocks
-        padded = self._dims.pp_enabled or config_is_packed(cfg.dataset) or self._static_shapes
-        check_tokenizer_fits_model(self._tokenizer, self._model_parts, pad_to_max_seq_len=padded)
+        why = [k for k, on in (("pipeline_parallel_dim > 1", self._dims.pp_enabled),
+                               ("dataset.packed=True", config_is_packed(cfg.dataset)),
+                               ("compile=True with tensor_parallel_dim > 1", self._static_shapes)) if on]
+        check_tokenizer_fits_model(self._tokenizer, self._model_parts, pad_to_max_seq_len=bool(why),
+                                   why_padded=" and ".join(why))
         if hasattr(self._loss_fn, "num_output_chunks"):
             for part in self._model_parts:
                 if self._pipeline is None or part is self._model_parts[-1] and self._pipeline.has_last:

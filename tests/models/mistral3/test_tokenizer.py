@@ -274,6 +274,9 @@ def test_padded_length_beyond_the_position_table_is_refused(tmp_path):
     check_tokenizer_fits_model(transform, [model], pad_to_max_seq_len=False)  # no padding: samples may be short
     with pytest.raises(ValueError, match=r"tokenizer\.max_seq_len=512, but .* max_seq_len=256 \(max_position_emb"):
         check_tokenizer_fits_model(transform, [model], pad_to_max_seq_len=True)
+    # the message names what pads (packing alone, without any parallelism, is found on a GPU run)
+    with pytest.raises(ValueError, match=r"^dataset\.packed=True pads every batch to tokenizer\.max_seq_len=512"):
+        check_tokenizer_fits_model(transform, [model], pad_to_max_seq_len=True, why_padded="dataset.packed=True")
     # the bound is the decoder's own check, which the first forward would hit (here on embedded tokens)
     hidden = torch.zeros(1, 512, model.decoder.norm.scale.shape[0], device="meta")
     with pytest.raises(ValueError, match=r"seq_len \(512\) of input tensor should be smaller than max_seq_len \(256\)"):

@@ -273,7 +273,13 @@ class Mistral3Tokenizer(ModelTokenizer, BaseTokenizer):
         raise ValueError(f"message {index}: role {message.role!r} is not supported (system, user, assistant only)")
 
 
-def check_tokenizer_fits_model(tokenizer: Any, model_parts: List[nn.Module], *, pad_to_max_seq_len: bool) -> None:
+def check_tokenizer_fits_model(
+    tokenizer: Any,
+    model_parts: List[nn.Module],
+    *,
+    pad_to_max_seq_len: bool,
+    why_padded: str = "pipeline_parallel_dim > 1 (and compile=True with tensor_parallel_dim > 1)",
+) -> None:
     """Check at setup that the tokenizer's ids and sequence lengths fit the model (call after building both).
 
     Vocabulary: the tekken vocabulary (``n_words``: ``config.default_vocab_size``, special tokens included,
@@ -291,6 +297,8 @@ def check_tokenizer_fits_model(tokenizer: Any, model_parts: List[nn.Module], *, 
             ``max_seq_len`` and the file ``path`` (or ``tokenizer.path``).
         model_parts (List[nn.Module]): this rank's model, or its pipeline stages.
         pad_to_max_seq_len (bool): whether every batch is padded to ``tokenizer.max_seq_len``.
+        why_padded (str): what pads the batches, for the messages (the config keys). Default names pipeline
+            and compiled tensor parallelism.
 
     Raises:
         ValueError: if the vocabulary is larger than the embedding, or padded batches exceed the model's
@@ -318,13 +326,12 @@ def check_tokenizer_fits_model(tokenizer: Any, model_parts: List[nn.Module], *, 
         return
     if tokenizer.max_seq_len is None:
         raise ValueError(
-            "pipeline_parallel_dim > 1 (and compile=True with tensor_parallel_dim > 1) pads every batch to "
-            "tokenizer.max_seq_len: set it (e.g. 2048)"
+            f"{why_padded} pads every batch to tokenizer.max_seq_len: set it (e.g. 2048)"
         )
     positions = [m.max_seq_len for part in model_parts for m in part.modules() if isinstance(m, TransformerDecoder)]
     if positions and tokenizer.max_seq_len > min(positions):
         raise ValueError(
-            f"pipeline_parallel_dim > 1 pads every batch to tokenizer.max_seq_len={tokenizer.max_seq_len}, but the "
+            f"{why_padded} pads every batch to tokenizer.max_seq_len={tokenizer.max_seq_len}, but the "
             f"model's position table holds max_seq_len={min(positions)} (max_position_embeddings of the "
             f"checkpoint's config.json, or model.max_seq_len): set tokenizer.max_seq_len<={min(positions)}."
         )
