@@ -89,6 +89,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode instead of the recipe's default (e.g. max-autotune-no-cudagraphs)")
+    ap.add_argument("--variants", default=None, help="comma list of causal,dense,flex (default: all the device has)")
     ap.add_argument("--fp8", default=None, help="also time the layer with FP8 linears (tensorwise or rowwise)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -101,7 +104,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     cfg = tp_shard_config(slice_hf_config(3, tiny=args.tiny), tp)
     t = cfg["text_config"]
     h = t["hidden_size"]
-    layer = _real_layers(_stage(cfg, [1, 1, 1], 1, device, compiled, seq))[0]
+    if args.compile_mode:  # the layer compiled with this mode (the recipe compiles with torch's default)
+        layer = _real_layers(_stage(cfg, [1, 1, 1], 1, device, False, seq))[0]
+        layer.compile(mode=args.compile_mode, dynamic=False)
+    else:
+        layer = _real_layers(_stage(cfg, [1, 1, 1], 1, device, compiled, seq))[0]
     fp8_layer = None
     if args.fp8:  # the recipe's order: FP8 swap, then compile
         from torchtune import training
@@ -117,12 +124,16 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     table = CostTable.load()
     kv = t["num_key_value_heads"]
     variants = ["causal", "dense"] + (["flex"] if device == "cuda" else [])  # no flex backward on the CPU
+    if args.variants:
+        variants = [v for v in args.variants.split(",") if v in variants]
     result = {
         "command": "python bench/packed_layer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "host": platform.node(), "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__, "tiny": args.tiny, "compiled": compiled, "tp": tp, "seq": seq,
         "kv_heads_per_rank": kv, "cases": [],
     }
+    if args.compile_mode:
+        result["compile_mode"] = args.compile_mode
     for packs in [int(p) for p in args.packs.split(",")]:
         cases = layouts(mix, seq, packs, packs)
         packed, causal = cases["packed"], cases["pad_max"]
@@ -146,7 +157,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         case["planner_s"] = pred
         if not args.tiny:
             case["planner_error"] = {v: pred[v] / case[v]["s_per_microbatch"] - 1 for v in pred if v in case}
-        if device == "cuda":
+        if device == "cuda" and "dense" in case:
             case["dense_kernels"] = attention_kernels(layer, packed[0], h, device, "dense")
         result["cases"].append(case)
     result["total_s"] = time.perf_counter() - t0
