@@ -247,6 +247,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(format_plan(plan))
         if step is not None:
             print(format_step_plan(step))
+            if cfg.get("tensor_parallel_async", False) and not options["tp_overlap"]:
+                print("tensor_parallel_async=True: the overlap it buys is not in this plan (never measured here); "
+                      "plan.tp_overlap=<share of the TP collectives hidden> gives a what-if")
     return 0 if plan.fits else 1
 
 

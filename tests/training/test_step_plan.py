@@ -227,3 +227,20 @@ def test_planner_predicts_the_measured_packed_layers_within_10_percent(tp):
         # the kernel picked is the faster one inside the layer too, or within 1% of it
         best = min(case["dense"]["s_per_microbatch"], case["flex"]["s_per_microbatch"])
         assert case[kernel]["s_per_microbatch"] <= 1.01 * best, (p, kernel)
+
+
+def test_tp_overlap_what_if_hides_that_share_of_the_layer_collectives(capsys):
+    from torchtune_mistral3.plan import main
+
+    args = ["--config", "mistral3p5_medpix", "plan.world_size=64", "plan.gpu_gib=79.6", "plan.json=True"]
+    steps = {}
+    for share in (0.0, 0.5, 1.0):
+        main([*args, f"plan.tp_overlap={share}"])
+        steps[share] = json.loads(capsys.readouterr().out)["step"]
+    # the pipeline replays the same actions with each layer's collectives shortened: the step falls with the share
+    assert steps[0.0]["step_s"] > steps[0.5]["step_s"] > steps[1.0]["step_s"]
+    with pytest.raises(SystemExit):
+        main([*args, "plan.tp_overlap=1.5"])
+    assert "must lie in [0, 1]" in capsys.readouterr().err
+    main(args[:-1] + ["tensor_parallel_async=True"])
+    assert "tensor_parallel_async=True: the overlap it buys is not in this plan" in capsys.readouterr().out
