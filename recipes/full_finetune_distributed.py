@@ -288,6 +288,13 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 collate_fn=collate_name,
             )
 
+        if self._val_dataloader is not None and len(self._val_dataloader) == 0:  # else the logged val_loss is 0
+            val_bs = cfg.get("batch_size_val", cfg.batch_size)
+            what = "packs" if config_is_packed(cfg.dataset_val) else "samples"
+            raise ValueError(
+                f"dataset_val gives 0 batches of batch_size_val={val_bs} {what} per data-parallel rank (full batches "
+                "only): lower batch_size_val, set dataset_val.packed=False, or remove dataset_val."
+            )
         self._steps_per_epoch = len(self._dataloader) // self._gradient_accumulation_steps
         if self._steps_per_epoch == 0:
             raise ValueError(

@@ -64,3 +64,17 @@ def test_packed_resume_equals_uninterrupted(tune, tmp_path, checkpoint, single_p
     assert "Resumed from" in output
     assert sorted(metrics) == [3]
     assert metrics[3] == ref[3] | {"tokens_per_second_per_gpu": metrics[3]["tokens_per_second_per_gpu"]}
+
+
+def test_packed_validation_gives_the_unpacked_validation_loss(tune, tmp_path, checkpoint):  # noqa: F811
+    # validation is the token mean over the whole validation split, packed or not; a packed validation set too
+    # small for one full batch is refused at start (it would log val_loss 0.0)
+    val = ["run_val_every_n_steps=1", "max_steps_per_epoch=1", "max_val_steps=null", "batch_size_val=1"]
+    unpacked, _ = _run(tune, tmp_path / "unpacked", checkpoint, 1, [*PACKED, *val])
+    packed, _ = _run(tune, tmp_path / "packed", checkpoint, 1, [*PACKED, *val, "dataset_val.packed=True"])
+    assert packed[1]["val_loss"] == pytest.approx(unpacked[1]["val_loss"], rel=1e-6)
+    proc = tune("run", "full_finetune_distributed", "--config", "mistral3p5_medpix_demo",
+                f"output_dir={tmp_path / 'empty'}", f"checkpoint_dir={checkpoint}", *PACKED,
+                "dataset_val.packed=True", "batch_size_val=64", check=False)
+    assert proc.returncode == 1
+    assert "dataset_val gives 0 batches of batch_size_val=64 packs per data-parallel rank" in proc.stderr
