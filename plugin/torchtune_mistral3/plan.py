@@ -160,6 +160,7 @@ def layout_from_config(cfg: DictConfig) -> Tuple[Layout, dict]:
         images_per_pack=int(plan["images_per_pack"]) if plan.get("images_per_pack", None) is not None else None,
         sequence_parallel=bool((cfg.get("tensor_parallel_plan", {}) or {}).get("sequence_parallel", False)),
     )
+    layout.tower_split = tower_mode(cfg.get("tensor_parallel_tower", None), tp) == "split"
     options = {
         "gpu_gib": float(plan.get("gpu_gib", 80.0)),
         "allocator_margin": float(plan.get("allocator_margin", 0.10)),
@@ -172,9 +173,10 @@ def layout_from_config(cfg: DictConfig) -> Tuple[Layout, dict]:
         "pp_link_gbps": float(plan.get("pp_link_gbps", PP_LINK_GBPS)),
         "tp_overlap": float(plan.get("tp_overlap", 0.0)),
         # the recipe's tensor_parallel_tower (split by default under TP); plan.tower_split overrides it
-        "tower_split": bool(plan.get("tower_split", tower_mode(cfg.get("tensor_parallel_tower", None), tp) == "split")),
+        "tower_split": bool(plan.get("tower_split", layout.tower_split)),
         "real_tokens_per_sample": plan.get("real_tokens_per_sample", None),
     }
+    layout.tower_split = options["tower_split"]  # plan.tower_split decides for both plans
     if not 0.0 <= options["tp_overlap"] <= 1.0:
         raise ValueError(f"plan.tp_overlap={options['tp_overlap']} must lie in [0, 1] (share of the TP collectives "
                          "hidden)")

@@ -350,3 +350,13 @@ def test_sequence_parallel_keeps_the_residual_stream_at_one_over_tp(tiny_model):
     for b, s in zip(base, split):
         per_mb = b.layers * (4 * H / 2) * 64 + (0 if s.pp_rank == 1 else 2 * H * 64 / 2)  # layers + stage output
         assert b.activations - s.activations == pytest.approx(per_mb * b.microbatches_in_flight)
+
+
+def test_tower_split_holds_the_busiest_rank_share_of_the_images(tiny_model):
+    # 3 images of 2 x 2 merged tokens in a pack over TP 2: whole images are shared, so the busiest rank encodes
+    # ceil(3 / 2) = 2 of them; the trainable projector's activations follow (the frozen tower keeps none)
+    projector = 4 * H + 2 * DV + 2 * 4 * DV + 8 * 4 * DV  # per merged image token, as above
+    lo = Layout(tp=2, seq_len=64, compile=True, image_px=56, packed=True, images_per_pack=3)
+    (whole,) = plan_memory(tiny_model, lo).ranks
+    (split,) = plan_memory(tiny_model, Layout(**{**lo.__dict__, "tower_split": True})).ranks
+    assert whole.activations_per_microbatch - split.activations_per_microbatch == projector * (3 - 2) * 4

@@ -191,6 +191,9 @@ class Layout:
         sequence_parallel (bool): ``tensor_parallel_plan.sequence_parallel``: the residual stream between TP
             blocks is sharded on the sequence, so a layer's input and residual (and a stage's output) are kept at
             ``1 / tp``; the gathered norm outputs the matmuls save stay whole. Default is False.
+        tower_split (bool): ``tensor_parallel_tower: split``: each TP rank runs the tower and projector on about
+            ``1 / tp`` of a micro-batch's patches, so stage 0 holds that share of their activations. Default is
+            False (every TP rank encodes every image).
     """
 
     tp: int = 1
@@ -217,6 +220,7 @@ class Layout:
     packed: bool = False
     images_per_pack: Optional[int] = None
     sequence_parallel: bool = False
+    tower_split: bool = False
 
     @property
     def images_per_sequence(self) -> int:
@@ -621,7 +625,10 @@ def plan_memory(
     tokens = mb * lo.seq_len
     side = lo.image_px // (dims.patch_size * dims.merge)
     images = lo.images_per_sequence
-    image_tokens = mb * images * side * side
+    encoded = mb * images  # images this rank's tower encodes per micro-batch
+    if lo.tower_split and lo.tp > 1:  # whole images shared over the TP ranks: the busiest gets ceil(n / tp)
+        encoded = math.ceil(encoded / lo.tp)
+    image_tokens = encoded * side * side
     patches = image_tokens * dims.merge**2
     if side * (side + 1) * images > lo.seq_len:
         what = "a pack" if lo.packed else "a sample"
