@@ -196,6 +196,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         )
         # split: each TP rank encodes its share of a micro-batch's images (the features are all-gathered)
         self._tower_split = tower_mode(cfg.get("tensor_parallel_tower", None), self._dims.tp) == "split"
+        self._image_free_batches_hang = False  # set by _setup_model where FSDP2 cannot reduce unused parameters
+        self._packed_kernel_logged: Optional[str] = None
         if self._dims.pp_enabled and self._enable_activation_offloading:
             raise ValueError("enable_activation_offloading is not supported with pipeline_parallel_dim > 1")
         self._run_val_every_n_steps = cfg.get("run_val_every_n_steps", None)
@@ -253,6 +255,11 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             model_state_dict=None,
             ac_mode=cfg.get("ac_mode", None),
             ac_option=cfg.get("ac_option", None),
+        )
+        # the decoder's KV heads per rank (after TP divided them): the packed-attention kernel choice
+        self._kv_heads_per_rank = next(
+            m.num_kv_heads for part in self._model_parts for name, m in part.named_modules()
+            if name.startswith("decoder.layers.") and isinstance(m, modules.MultiHeadAttention)
         )
         self._tokenizer = config.instantiate(cfg.tokenizer)
         # sequences of exactly max_seq_len tokens: pipeline stages, packs, compiled tensor-parallel blocks
@@ -496,17 +503,13 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         FlexAttention's BlockMask, or a dense mask for SDPA where flex would leave the GPU idle (few packs per
         micro-batch and one KV head per TP rank, :func:`packed_attention_prefers_flex`).
         """
-        packs = document_ids.shape[0] // (self._pipeline.n_microbatches if self._pipeline is not None else 1)
-        if getattr(self, "_kv_heads_per_rank", None) is None:  # the decoder's, after TP divided them
-            self._kv_heads_per_rank = next(
-                m.num_kv_heads for part in self._model_parts for name, m in part.named_modules()
-                if name.startswith("decoder.layers.") and isinstance(m, modules.MultiHeadAttention)
-            )
-        flex = packed_attention_prefers_flex(max(packs, 1), self._kv_heads_per_rank, document_ids.shape[1])
+        n_micro = self._pipeline.n_microbatches if self._pipeline is not None else 1
+        packs = max(document_ids.shape[0] // n_micro, 1)
+        flex = packed_attention_prefers_flex(packs, self._kv_heads_per_rank, document_ids.shape[1])
         mask = block_causal_mask(document_ids, flex=flex)
         kind = "FlexAttention BlockMask" if isinstance(mask, BlockMask) else "SDPA with the dense mask"
-        if kind != getattr(self, "_packed_kernel_logged", None) and self._is_rank_zero:
-            log.info(f"Packed attention: {kind} ({max(packs, 1)} pack(s) per micro-batch, "
+        if kind != self._packed_kernel_logged and self._is_rank_zero:
+            log.info(f"Packed attention: {kind} ({packs} pack(s) per micro-batch, "
                      f"{self._kv_heads_per_rank} KV head(s) per rank, {document_ids.shape[1]} tokens per pack)")
             self._packed_kernel_logged = kind
         return mask
@@ -562,7 +565,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         the parameters that received a gradient, so a data-parallel replica whose micro-batch has no image would
         leave the trainable projector (or tower) out of a collective the other replicas join.
         """
-        if not getattr(self, "_image_free_batches_hang", False):
+        if not self._image_free_batches_hang:
             return
         for b in batches:
             image = (b.get("encoder_input") or {}).get("image") or {}
