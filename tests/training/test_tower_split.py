@@ -3,7 +3,7 @@
 Two gloo ranks build the tiny Mistral 3 VLM (fp32, vision tower trainable) twice from the same seed under TP 2:
 once with the replicated encoder, once with ``split_image_encoders``. Each rank must encode exactly its
 cost-balanced share of the images (counted in patches at the tower's input), and the gathered features, the loss
-and every gradient (after ``sum_split_encoder_grads``) must equal the replicated run's to 1e-6 relative.
+and every gradient (after ``sum_split_encoder_grads``) must equal the replicated run's to 1e-5 relative (about 80 fp32 epsilons).
 """
 
 import json
@@ -29,7 +29,11 @@ from torchtune_mistral3.training import (
 )
 
 IMAGE_TOKEN, VOCAB, SEQ = 10, 256, 24
-RTOL = 1e-6
+# fp32 epsilon is 1.2e-7; the split and replicated runs sum the same terms in other orders (the features gathered
+# across ranks, the encoder gradients summed over the TP group, and on CPUs with AVX-512 bf16/fp32 kernels other
+# blockings), so they differ by tens of epsilons: 1.03e-6 was seen on one AMD EPYC. 1e-5 (about 80 epsilons)
+# holds on any x86 CPU and is still 1,000 times below the 1e-2 a missing gradient sum gives (asserted below).
+RTOL = 1e-5
 # (height, width) px; patch 14 px, 2 x 2 merge: (h / 14) * (w / 14) patches, a quarter as many [IMG] tokens.
 CASES = {
     # tokens 2, 4, 3: rank 0 takes image 1 (4), rank 1 image 2 (3) then image 0 (2): gathered rows need reordering
