@@ -8,8 +8,9 @@ widths so that it trains on a laptop CPU. The text linears are stored as per-ten
 
 import copy
 import json
+import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -87,6 +88,9 @@ def _init_like_pretraining(model: nn.Module, std: float = 0.02) -> None:
             nn.init.normal_(p, std=std)
 
 
+MARKER_FILE = "demo_checkpoint.json"
+
+
 def write_demo_checkpoint(
     checkpoint_dir: str,
     seed: int = 0,
@@ -96,37 +100,112 @@ def write_demo_checkpoint(
 ) -> Path:
     """Write (once) a tiny FP8 Mistral 3 checkpoint with the real tekken tokenizer into ``checkpoint_dir``.
 
-    The weights depend only on ``seed`` and ``hf_config``. A directory that already holds the same
-    ``config.json`` is left as it is, so the demo config can call this on every run.
+    The weights depend only on ``seed`` and ``hf_config``. A directory that already holds the same model (its
+    ``demo_checkpoint.json`` marker says so) is left as it is, so the demo config can call this on every run.
+    Nothing else is ever replaced: the writer creates ``checkpoint_dir`` when it does not exist (or is empty) and
+    rewrites it only when it holds the writer's own earlier output and nothing else (the files its marker
+    lists). Any other directory, e.g. a trained ``<output_dir>/epoch_<N>`` or a downloaded model, is refused.
 
     Args:
-        checkpoint_dir (str): directory to write (created atomically: written under a temporary name, renamed).
+        checkpoint_dir (str): directory to write (written under a temporary name, then renamed into place).
         seed (int): seed of the random weights. Default is 0.
         hf_config (Optional[Dict[str, Any]]): HF config of the model. Default is :data:`DEMO_HF_CONFIG`.
         tokenizer_file (Optional[str]): tekken.json to copy next to the weights. Default is the real tekken
             file that mistral-common ships (``tekken_240911.json``, the Pixtral vocabulary).
-        overwrite (bool): rewrite even if the directory already holds this model. Default is False.
+        overwrite (bool): rewrite even if the directory already holds this model (still only the writer's own
+            output). Default is False.
 
     Returns:
         Path: ``checkpoint_dir``.
-    """
-    from torchtune_mistral3.checkpointing import default_fp8_keys, write_hf_checkpoint
 
+    Raises:
+        FileExistsError: if ``checkpoint_dir`` exists and is not this writer's own output (the message names it
+            and what it holds).
+    """
     config = copy.deepcopy(hf_config or DEMO_HF_CONFIG)
     target = Path(checkpoint_dir)
-    existing = target / "config.json"
     marker = {"seed": seed, "config": config, "format": 3}
-    if not overwrite and (target / "demo_checkpoint.json").is_file() and existing.is_file():
-        if json.loads((target / "demo_checkpoint.json").read_text()) == marker:
-            return target
+    if not overwrite and _read_marker(target) == marker and (target / "config.json").is_file():
+        return target  # written before: nothing to do
+    _check_own_output(target)
 
     if tokenizer_file is None:
         import mistral_common
 
         tokenizer_file = str(Path(mistral_common.__file__).parent / "data" / "tekken_240911.json")
+    written = target.parent / f".{target.name}.demo"
+    _write(written, config, seed, tokenizer_file)
+    # Written last, listing every file: a later call may replace exactly these and nothing else.
+    files = sorted(p.name for p in written.iterdir()) + [MARKER_FILE]
+    (written / MARKER_FILE).write_text(json.dumps({**marker, "files": files}, indent=2))
+    _replace(target, written)
+    return target
 
-    staging = target.parent / f".{target.name}.source"
-    staging.mkdir(parents=True, exist_ok=True)
+
+def _read_marker(target: Path) -> Optional[Dict[str, Any]]:
+    """The marker in ``target`` without its file list, or None if there is none (or it cannot be read)."""
+    try:
+        saved = json.loads((target / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return {k: v for k, v in saved.items() if k != "files"} if isinstance(saved, dict) else None
+
+
+def _check_own_output(target: Path) -> None:
+    """Refuse ``target`` unless it is absent, empty, or holds the files its marker lists and nothing else.
+
+    Raises:
+        FileExistsError: if ``target`` is a file, or holds anything this writer did not write.
+    """
+    if not target.exists():
+        return
+    if not target.is_dir():
+        _refuse(target, "is a file, not a directory")
+    entries = sorted(p.name for p in target.iterdir())
+    if not entries:
+        return
+    try:
+        own = set(json.loads((target / MARKER_FILE).read_text())["files"]) | {MARKER_FILE}
+    except (OSError, ValueError, KeyError, TypeError):
+        # no marker, an unreadable one, or one from before the marker listed its files
+        _refuse(target, f"holds {_names(entries)} and no {MARKER_FILE} listing its files")
+    foreign = [e for e in entries if e not in own]
+    if foreign:
+        _refuse(target, f"holds {_names(foreign)}, which the demo writer did not write")
+
+
+def _names(entries: List[str]) -> str:
+    return ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+
+
+def _refuse(target: Path, why: str) -> None:
+    raise FileExistsError(
+        f"checkpoint_dir {target} {why}. The demo writes its random tiny model only into a new (or empty) directory "
+        "or over its own earlier output, so it leaves this one untouched. To train from the checkpoint in it, set "
+        f"prepare_checkpoint=null; for the demo model, point checkpoint_dir at a new directory (e.g. "
+        f"checkpoint_dir={target.parent / (target.name + '_demo')}) or delete {target} yourself."
+    )
+
+
+def _replace(target: Path, written: Path) -> None:
+    """Rename the finished ``written`` to ``target``, replacing the writer's own earlier output there."""
+    if not target.exists():
+        written.rename(target)
+        return
+    old = target.parent / f".{target.name}.demo-old"
+    shutil.rmtree(old, ignore_errors=True)
+    target.rename(old)
+    written.rename(target)
+    shutil.rmtree(old)
+
+
+def _write(directory: Path, config: Dict[str, Any], seed: int, tokenizer_file: str) -> None:
+    """Write the checkpoint of ``config`` with weights from ``seed`` into ``directory`` (replaced if it exists)."""
+    from torchtune_mistral3.checkpointing import default_fp8_keys, write_hf_checkpoint
+
+    staging = directory.parent / f"{directory.name}.source"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     tekken = json.loads(Path(tokenizer_file).read_text())
     # The shipped file is Pixtral-12B's (16 px patches, no merge); declare this model's image geometry.
     tekken["image"] = {
@@ -149,16 +228,11 @@ def write_demo_checkpoint(
     activation_scales = {k: torch.tensor(1.0 / 448, dtype=torch.bfloat16) for k in fp8_keys}
     write_hf_checkpoint(
         state_dict,
-        target,
+        directory,
         config=config,
         source_dir=staging,
         dtype=torch.bfloat16,
         fp8_keys=fp8_keys,
         activation_scales=activation_scales,
     )
-    (staging / "tekken.json").unlink()
-    staging.rmdir()
-    # Written last: a directory without it is rewritten on the next call.
-    (target / "demo_checkpoint.json").write_text(json.dumps(marker, indent=2))
-    return target
-
+    shutil.rmtree(staging)
