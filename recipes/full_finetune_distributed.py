@@ -66,15 +66,18 @@ from torchtune_mistral3.training import (
     NonFiniteGuard,
     ParallelDims,
     PipelineLoss,
+    RunClaim,
     apply_tensor_parallel,
     build_pipeline,
     check_async_tensor_parallel,
     check_checkpoint_dir,
     check_cli_keys,
     check_finite_for_save,
+    check_resumable,
     check_sequence_parallel_length,
     check_shared_output_dir,
     check_world_size,
+    claim_output_dir,
     clip_grad_norm_,
     command_line_overrides,
     compile_blocks,
@@ -94,6 +97,7 @@ from torchtune_mistral3.training import (
     pop_sample_indices,
     precision_policy,
     prepare_metric_logger_env,
+    run_record,
     save_training_state,
     set_fsdp_gradient_sum,
     set_mesh_timeout,
@@ -218,6 +222,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         self._last_saved_step = None
         self._nonfinite = NonFiniteGuard(cfg.get("max_nonfinite_steps", 0), cfg.output_dir)
         self._step_rows: List[int] = []  # dataset rows of the step being taken (named if it is not finite)
+        self._run: Optional[RunClaim] = None  # this run's hold on output_dir (_claim_output_dir)
         self._cfg = cfg
 
     # ------------------------------------------------------------------ setup
@@ -228,6 +233,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         Args:
             cfg (DictConfig): the parsed config.
         """
+        self._claim_output_dir(cfg)
         if self._is_rank_zero:
             prepare_metric_logger_env(cfg.metric_logger)
             self._metric_logger = config.instantiate(cfg.metric_logger)
@@ -320,6 +326,18 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         self._profiler = self._setup_profiler(cfg.get(stock.PROFILER_KEY, None))
         if self._resume_from_checkpoint:
             self._resume()
+
+    def _claim_output_dir(self, cfg: DictConfig) -> None:
+        """Lock ``output_dir`` for this run and record it (``run.json``), before anything is written there.
+
+        Refuses a directory another run is writing (its lock) or, for a fresh run, one holding another run's
+        checkpoints or training states unless ``overwrite_output_dir=True`` (see :func:`claim_output_dir`). A dry
+        run of the set-up that writes nothing may override this with a no-op.
+
+        Args:
+            cfg (DictConfig): the parsed config.
+        """
+        self._run = claim_output_dir(cfg, self._layout())
 
     def _setup_model(
         self,
@@ -676,6 +694,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         parts = self._model_parts if self._pipeline is not None else self._model
         path = self._checkpointer.save_distributed(parts, epoch, mesh=self._mesh, pp_dim="pp")
         epoch_done = self.global_step >= (epoch + 1) * self._steps_per_epoch
+        epochs_run = epoch + 1 if epoch_done else epoch
         state = save_training_state(
             self._output_dir,
             self.global_step,
@@ -684,22 +703,37 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             optimizer=self._optimizer,
             extra={
                 "global_step": self.global_step,
-                "epochs_run": epoch + 1 if epoch_done else epoch,
+                "epochs_run": epochs_run,
                 "dataloader": None if epoch_done else self._dataloader.state_dict(),
                 "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler is not None else None,
             },
+            run_record=self._run_record(epochs_run) if self._run is not None else None,
+            replace_other_runs=self._run is not None and self._run.replacing,
         )
+        if self._run is not None and self._run.replacing:  # overwrite_output_dir: this run's first save is complete
+            self._run.delete_replaced_checkpoints(keep=path)
         kind = "final" if final else "intermediate"
         utils.log_rank_zero(
             log, f"Saved the {kind} checkpoint (step {self.global_step}) to {path}, training state to {state}"
         )
 
+    def _run_record(self, epochs_run: int) -> Dict[str, Any]:
+        """What a training state records of this run, compared on resume (:func:`check_resumable`)."""
+        run_id = self._run.run_id if self._run is not None else None
+        return run_record(self._cfg, self._layout(), run_id=run_id, dataloader=self._dataloader,
+                          steps_per_epoch=self._steps_per_epoch, epochs_run=epochs_run)
+
     def _resume(self) -> None:
         """Continue from the newest training state in ``output_dir`` (``resume_from_checkpoint: True``)."""
-        # the newest training state every rank can read (a damaged one is skipped with a warning)
+        # the newest training state every rank can read (a damaged one is skipped with a warning), if this run
+        # continues it exactly: same sample order, schedule and update (else refused, naming every key)
+        now = self._run_record(epochs_run=self.epochs_run)
         directory, extra = load_training_state(
-            self._output_dir, layout=self._layout(), model_parts=self._model_parts, optimizer=self._optimizer
+            self._output_dir, layout=self._layout(), model_parts=self._model_parts, optimizer=self._optimizer,
+            check=partial(check_resumable, now=now),
         )
+        if self._run is not None:
+            self._run.continue_run(directory)
         self.global_step, self.epochs_run = extra["global_step"], extra["epochs_run"]
         if extra["dataloader"] is not None:
             self._dataloader.load_state_dict(extra["dataloader"])

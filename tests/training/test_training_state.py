@@ -1,5 +1,6 @@
 """Training states: restricted unpickling, a damaged newest state, a failed write (one process, gloo)."""
 
+import json
 import logging
 import os
 import subprocess
@@ -167,3 +168,40 @@ def test_frozen_parameters_stay_out_of_the_state_and_keep_their_loaded_values(pr
     unfrozen[0].requires_grad_(True)
     with pytest.raises(ValueError, match=r"no saved value for the trainable \['0.weight', '0.bias'\]"):
         load_training_state(tmp_path, layout=LAYOUT, model_parts=[unfrozen], optimizer=optimizer)
+
+
+def _save_for_run(output_dir, step, run_id, replace_other_runs=False):
+    model, optimizer = _model_and_optimizer(step)
+    extra = {"global_step": step, "epochs_run": 0, "dataloader": None, "lr_scheduler": None}
+    save_training_state(output_dir, step, layout=LAYOUT, model_parts=[model], optimizer=optimizer, extra=extra,
+                        run_record={"run_id": run_id}, replace_other_runs=replace_other_runs)
+
+
+def _steps(output_dir):
+    return sorted(int(p.name[5:]) for p in (output_dir / "training_state").iterdir() if p.name.startswith("step_"))
+
+
+def test_retention_never_deletes_this_runs_state_to_keep_another_runs(process_group, tmp_path):
+    # an older run reached steps 10 and 12; a new run in the same output_dir saves steps 1, 2, 3
+    for step in (10, 12):
+        _save_for_run(tmp_path, step, "old")
+    for step in (1, 2, 3):
+        _save_for_run(tmp_path, step, "new")
+    assert _steps(tmp_path) == [2, 3, 10, 12]  # the new run's 2 newest are kept; the old run's are not its to delete
+    # overwrite_output_dir=True: the old run's states go once the new run's state is complete
+    _save_for_run(tmp_path, 4, "new", replace_other_runs=True)
+    assert _steps(tmp_path) == [3, 4]
+    assert json.loads((tmp_path / "training_state" / "step_4" / "run.json").read_text()) == {"run_id": "new"}
+
+
+def test_resume_check_runs_before_the_state_is_read(process_group, tmp_path):
+    _save(tmp_path, 1, seed=1)
+    model, optimizer = _model_and_optimizer(99)
+    before = model.weight.detach().clone()
+
+    def refuse(directory):
+        raise ValueError(f"Cannot resume {directory} exactly: batch_size: 2 -> 4")
+
+    with pytest.raises(ValueError, match="batch_size: 2 -> 4"):
+        load_training_state(tmp_path, layout=LAYOUT, model_parts=[model], optimizer=optimizer, check=refuse)
+    assert torch.equal(model.weight, before)

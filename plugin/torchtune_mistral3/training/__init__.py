@@ -41,6 +41,15 @@ from ._precision import (
     precision_policy,
     shard_model,
 )
+from ._run_identity import (
+    OutputDirInUseError,
+    OutputDirTakenError,
+    RunClaim,
+    check_resumable,
+    claim_output_dir,
+    run_identity,
+    run_record,
+)
 from ._sample_index import IndexedCollate, IndexedDataset, count_step_data, pop_sample_indices
 from ._step_plan import cost_balanced_stage_extras
 from ._stock import load_plugin_recipe, load_stock_recipe, stock_recipe_path
@@ -58,6 +67,13 @@ from ._tp import (
 from ._training_state import latest_training_state, load_training_state, save_training_state
 
 __all__ = [
+    "OutputDirInUseError",
+    "OutputDirTakenError",
+    "RunClaim",
+    "check_resumable",
+    "claim_output_dir",
+    "run_identity",
+    "run_record",
     "apply_tensor_parallel",
     "assign_images",
     "balanced_layer_split",

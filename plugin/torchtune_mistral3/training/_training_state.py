@@ -20,7 +20,7 @@ import pickle
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,7 @@ from torch.optim import Optimizer
 log = logging.getLogger(__name__)
 
 STATE_DIR = "training_state"
+RUN_FILE = "run.json"  # the record of the run that wrote a state (see _run_identity)
 _PREFIX = "step_"
 # Globals torch's weights_only unpickler must accept beyond its defaults (tensors, builtin containers,
 # numbers, strings, None): none, for the state save_training_state writes. A state holding another object
@@ -88,8 +89,15 @@ def save_training_state(
     optimizer: Optimizer,
     extra: Dict[str, Any],
     keep_last: int = 2,
+    run_record: Optional[Dict[str, Any]] = None,
+    replace_other_runs: bool = False,
 ) -> Path:
     """Save this rank's training state; call on every rank.
+
+    With ``run_record`` (holding the run's ``run_id``), the state records the run that wrote it (its
+    ``run.json``) and retention counts only this run's states: a state of another run is never kept in place of
+    one of this run, and is deleted only with ``replace_other_runs`` (``overwrite_output_dir=True``), after this
+    state is complete.
 
     Args:
         output_dir (Union[str, Path]): the run's ``output_dir``.
@@ -98,7 +106,11 @@ def save_training_state(
         model_parts (Sequence[nn.Module]): this rank's model (or pipeline stages).
         optimizer (Optimizer): the optimizer over their parameters.
         extra (Dict[str, Any]): picklable recipe state (step counters, data loader, LR scheduler).
-        keep_last (int): complete states to keep; older ones are deleted. Default is 2.
+        keep_last (int): complete states of this run to keep; older ones are deleted. Default is 2.
+        run_record (Optional[Dict[str, Any]]): the run's record (``run_id``, config, data, steps per epoch),
+            written as ``run.json`` and checked on resume. Default is None: no record, every state counts as
+            this run's.
+        replace_other_runs (bool): delete the states of other runs once this one is complete. Default is False.
 
     Returns:
         Path: the directory written.
@@ -138,16 +150,34 @@ def save_training_state(
         )
     if rank == 0:
         (partial / "layout.json").write_text(json.dumps(layout, sort_keys=True))
+        if run_record is not None:
+            (partial / RUN_FILE).write_text(json.dumps(run_record, indent=1, sort_keys=True))
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
-        done = sorted(
-            (p for p in root.glob(f"{_PREFIX}*") if p.name[len(_PREFIX) :].isdigit()),
-            key=lambda p: int(p.name[len(_PREFIX) :]),
-        )
-        for old in done[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        _retain(root, keep_last, None if run_record is None else run_record["run_id"], replace_other_runs)
     dist.barrier()
     return final
+
+
+def _run_of(directory: Path) -> Optional[str]:
+    try:
+        return json.loads((directory / RUN_FILE).read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _retain(root: Path, keep_last: int, run_id: Optional[str], replace_other_runs: bool) -> None:
+    """Delete this run's states beyond the ``keep_last`` newest (and other runs' with ``replace_other_runs``)."""
+    done = sorted(
+        (p for p in root.glob(f"{_PREFIX}*") if p.name[len(_PREFIX) :].isdigit()),
+        key=lambda p: int(p.name[len(_PREFIX) :]),
+    )
+    own = [p for p in done if run_id is None or _run_of(p) == run_id]
+    doomed = own[:-keep_last] if keep_last > 0 else []
+    if replace_other_runs:
+        doomed += [p for p in done if p not in own]
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_training_state(path: Union[str, Path]) -> Dict[str, Any]:
@@ -215,6 +245,7 @@ def load_training_state(
     layout: Dict[str, int],
     model_parts: Sequence[nn.Module],
     optimizer: Optimizer,
+    check: Optional[Callable[[Path], None]] = None,
 ) -> Tuple[Path, Dict[str, Any]]:
     """Restore this rank's weights, optimizer state and RNG from the newest readable training state.
 
@@ -228,13 +259,16 @@ def load_training_state(
         layout (Dict[str, int]): this run's world size and parallel degrees.
         model_parts (Sequence[nn.Module]): this rank's model (or pipeline stages), already built and sharded.
         optimizer (Optimizer): the optimizer over their parameters.
+        check (Optional[Callable[[Path], None]]): called with the state directory before it is read; raises
+            (``ValueError``) to refuse it, e.g. :func:`check_resumable`. Default is None.
 
     Returns:
         Tuple[Path, Dict[str, Any]]: the directory loaded and the ``extra`` saved with it.
 
     Raises:
         FileNotFoundError: if ``output_dir`` holds no training state.
-        ValueError: if the state to load was saved with another layout (the message gives both).
+        ValueError: if the state to load was saved with another layout (the message gives both), or ``check``
+            refuses it.
         UnsafeTrainingStateError: if a rank's file holds objects other than tensors and builtin containers.
         RuntimeError: if no training state is readable on every rank (every file that failed is named).
     """
@@ -251,6 +285,8 @@ def load_training_state(
         except (OSError, json.JSONDecodeError) as e:  # the same file (and verdict) for every rank
             state, problem = None, ("damaged", f"{directory / 'layout.json'} cannot be read ({e})")
         else:
+            if check is not None:  # the same files and config on every rank: the same verdict
+                check(directory)
             state, problem = _read_this_rank(directory)
         problems = [p for p in _all_ranks(problem) if p is not None]
         refused = [msg for kind, msg in problems if kind == "refused"]
