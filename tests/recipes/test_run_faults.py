@@ -46,8 +46,11 @@ def test_nonfinite_step_stops_and_leaves_the_good_states_byte_identical(tune, tm
     good = _digests(out)
     assert {"training_state/step_1/rank_00000.pt", "training_state/step_2/rank_00000.pt"} <= good.keys()
 
-    # lr=1e30: step 1 (at lr 5e29 in the warm-up) makes the weights huge, step 2's loss is NaN
-    proc = tune(*DEMO, f"output_dir={out}", *QUIET, "optimizer.lr=1e30", "max_steps_per_epoch=3", check=False)
+    # lr=1e30: step 1 (at lr 5e29 in the warm-up) makes the weights huge, step 2's loss is NaN. A new run into
+    # this output_dir must say overwrite_output_dir=True, and replaces nothing before its first complete save.
+    overwrite = "overwrite_output_dir=True"
+    proc = tune(*DEMO, f"output_dir={out}", *QUIET, overwrite, "optimizer.lr=1e30", "max_steps_per_epoch=3",
+                check=False)
     err = proc.stdout + proc.stderr
     assert proc.returncode != 0
     # batch_size 2, no shuffling: step 2 reads rows 2 and 3
@@ -62,6 +65,7 @@ def test_nonfinite_step_stops_and_leaves_the_good_states_byte_identical(tune, tm
         *DEMO,
         f"output_dir={out}",
         *QUIET,
+        overwrite,
         "optimizer.eps=0",
         "max_steps_per_epoch=1",
         "save_every_n_steps=1",

@@ -392,11 +392,13 @@ def _claim(cfg: DictConfig, layout: Dict[str, int]) -> Tuple[OutputDirLock, str,
     output_dir = Path(cfg.output_dir)
     resume = bool(cfg.get("resume_from_checkpoint", False))
     overwrite = bool(cfg.get("overwrite_output_dir", False))
+    previous = read_run_file(output_dir)
+    run_id = previous["run_id"] if resume and previous and "run_id" in previous else uuid.uuid4().hex[:12]
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": started, "user": _user()}
+    holder = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "started": started, "user": _user()}
     lock = OutputDirLock(output_dir)
     lock.acquire(holder)
-    previous = read_run_file(output_dir)
+    previous = read_run_file(output_dir)  # again, under the lock
     work = [] if resume else previous_work(output_dir)
     if work and not overwrite:
         lock.release()
@@ -407,8 +409,7 @@ def _claim(cfg: DictConfig, layout: Dict[str, int]) -> Tuple[OutputDirLock, str,
             f"resume_from_checkpoint=True; start beside it with output_dir={_free_subdir(output_dir)}; or replace "
             "it with overwrite_output_dir=True (its files are deleted once this run's first save is complete)."
         )
-    run_id = previous["run_id"] if resume and previous and "run_id" in previous else uuid.uuid4().hex[:12]
-    record = {"run_id": run_id, **holder, **run_identity(cfg, layout)}
+    record = {**holder, **run_identity(cfg, layout)}
     if work:
         record["replaces"] = {"run": previous.get("run_id") if previous else None, "files": work}
     write_run_file(output_dir, record)
