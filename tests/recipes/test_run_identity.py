@@ -109,3 +109,26 @@ def test_a_second_run_at_once_is_refused_naming_the_first(tune, tmp_path):
     assert not (out / "epoch_0").exists()  # killed before any save
     tune(*DEMO, f"output_dir={out}", *QUIET, "max_steps_per_epoch=1")
     assert (out / "epoch_0").is_dir()
+
+
+def test_the_lora_recipe_has_the_same_protection(tune, tmp_path):
+    lora = ["run", "lora_finetune_distributed", "--config", "mistral3p5_medpix_lora_demo", *QUIET,
+            "save_merged_model=False"]
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "adapter_config.json").write_text("{}")
+    proc = tune(*lora, f"output_dir={tmp_path / 'refused'}", f"checkpoint_dir={trained}", check=False)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert f"FileExistsError: checkpoint_dir {trained} holds " in proc.stderr
+    assert [p.name for p in trained.iterdir()] == ["adapter_config.json"]
+
+    out = tmp_path / "run"
+    first = [*lora, f"output_dir={out}", "max_steps_per_epoch=2", "save_every_n_steps=1"]
+    tune(*first)
+    good = _digests(out)
+    proc = tune(*first, check=False)
+    assert proc.returncode != 0 and f"OutputDirTakenError: output_dir {out} holds the work of run" in proc.stderr
+    proc = tune(*first, "resume_from_checkpoint=True", "batch_size=1", "model.lora_rank=4", check=False)
+    assert proc.returncode != 0 and "batch_size: 2 -> 1" in proc.stderr, proc.stderr[-3000:]
+    assert "model.lora_rank: 8 -> 4" in proc.stderr
+    assert _digests(out) == good

@@ -204,3 +204,14 @@ def test_release_lets_the_next_run_lock(tmp_path):
     start = time.monotonic()
     assert other.acquire({"pid": 2}) and time.monotonic() - start < 1
     other.release()
+
+
+def test_data_files_of_a_dataset_list_are_fingerprinted(tmp_path):
+    a, b = tmp_path / "a.parquet", tmp_path / "b.json"
+    a.write_bytes(b"a" * 10)
+    b.write_bytes(b"b" * (3 << 20))  # beyond the hashed head and tail
+    cfg = _cfg(tmp_path / "out")
+    cfg.dataset = [{"_component_": "x", "data_files": str(a)}, {"_component_": "y", "data_files": {"train": [str(b)]}}]
+    files = run_identity(cfg, LAYOUT)["data_files"]
+    assert sorted(files) == [str(a), str(b)]
+    assert files[str(b)]["bytes"] == 3 << 20

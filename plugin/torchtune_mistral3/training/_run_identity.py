@@ -152,13 +152,16 @@ def data_fingerprint(cfg: DictConfig) -> Dict[str, Dict[str, Any]]:
     node = cfg.get("dataset", None)
     if node is None:
         return {}
-    leaves = _flat({"d": OmegaConf.to_container(node, resolve=True)})
-    paths: List[str] = []
-    for value in leaves.values():
-        for v in value if isinstance(value, list) else [value]:
-            if isinstance(v, str) and os.path.isfile(v):
-                paths.append(v)
-    return {p: _file_fingerprint(Path(p)) for p in sorted(set(paths))}
+    paths = {v for v in _strings(OmegaConf.to_container(node, resolve=True)) if os.path.isfile(v)}
+    return {p: _file_fingerprint(Path(p)) for p in sorted(paths)}
+
+
+def _strings(value: Any) -> List[str]:
+    """Every string in nested dicts and lists (a list of datasets, ``data_files`` lists or dicts)."""
+    if isinstance(value, str):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return [s for v in items for s in _strings(v)]
 
 
 def run_identity(cfg: DictConfig, layout: Dict[str, int]) -> Dict[str, Any]:
@@ -382,9 +385,8 @@ def claim_output_dir(cfg: DictConfig, layout: Dict[str, int]) -> RunClaim:
         dist.broadcast_object_list(outcome, src=0)
     run_id, replacing, error = outcome[0]
     if error is not None:
-        raise {"OutputDirInUseError": OutputDirInUseError, "OutputDirTakenError": OutputDirTakenError}[error[0]](
-            error[1]
-        )
+        kind = OutputDirInUseError if error[0] == OutputDirInUseError.__name__ else OutputDirTakenError
+        raise kind(error[1])
     return RunClaim(cfg.output_dir, run_id, lock, replacing)
 
 
