@@ -162,7 +162,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
     (default 1800), ``master_dtype`` (default fp32), ``reduce_dtype`` (default: the master dtype),
     ``fp8_recipe`` (default null; tensorwise or rowwise), ``tensor_parallel_tower`` (default ``split``: each TP
     rank encodes its share of the images; ``replicate``), ``assume_shared_output_dir`` (default False),
-    ``allow_new_keys`` (see docs/configs.md).
+    ``overwrite_output_dir`` (default False), ``allow_new_keys`` (see docs/configs.md).
 
     Args:
         cfg (DictConfig): the parsed config.
