@@ -90,7 +90,7 @@ def compile_blocks(model: nn.Module, *, static_decoder_shapes: bool, verbose: bo
             _compile_block(module, _tower_block, backend, dynamic=True)
     if verbose:
         decoder = "static" if static_decoder_shapes else "dynamic"
-        log.info(f"Compiled {len(blocks)} transformer blocks with torch.compile (decoder blocks: {decoder} shapes)")
+        log.info(f"Compiled {len(blocks)} transformer blocks with torch.compile (decoder blocks with {decoder} shapes)")
     return len(blocks)
 
 
