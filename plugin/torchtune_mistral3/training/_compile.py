@@ -19,6 +19,10 @@ Why each choice (dynamo's ``TORCH_LOGS=recompiles`` named every cause on a GPU r
   (``RecursionError`` in ``proxy_tensor._compute_proxy``: the proxy of the sequence-length SymInt resolves to a
   ``sym_max(s, 1)`` node that needs itself; the same happens for a stock torchtune llama3 block, so it is not
   this model's code).
+- **Inductor's size tests**: with dynamic shapes inductor still guards a few kernel choices on the sizes; the
+  one seen on a GPU (the fused RMSNorm-backward reductions, ``3072*x.size()[1]*x.size()[0] >= 5242880``) is
+  switched to its size-independent mode for the dynamic blocks (``_DYNAMIC_INDUCTOR_OPTIONS``). On CPU inductor
+  added no guard after warm-up on the demo (docs/performance.md, "Shapes and compiles").
 - **The loss** (:func:`compile_loss`): torchtune's ``compile_loss`` compiles the chunked cross-entropy with
   dynamo's defaults, so the first new label count recompiles it; here it is dynamic from the first call too,
   static where the batches are (TP).
@@ -49,9 +53,18 @@ def _decoder_block(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return type(block).forward(block, *args, **kwargs)
 
 
+# Inductor options for blocks with dynamic shapes. On CUDA inductor fuses an RMSNorm backward's two reductions
+# (rows and columns, "mix-order reduction") only when ``rows * cols >= 5 * 2**20``, ``rows >= 2 * cols`` and
+# ``rows >= 4096``; with a symbolic row count (tokens) each test is a guard, and a batch on the other side of one
+# recompiles (the GPU run's ``3072*x.size()[1]*x.size()[0] >= 5242880``). Non-strict mode skips these three
+# size tests (torch's "non-critical checks"), so the choice, and the graph, is the same for every length.
+_DYNAMIC_INDUCTOR_OPTIONS = {"triton.mix_order_reduction_non_strict_mode": True}
+
+
 def _compile_block(block: nn.Module, forward: Any, backend: str, dynamic: Optional[bool]) -> None:
     """Replace ``block.forward`` (on the instance) by ``forward`` compiled; hooks and wrappers stay eager."""
-    compiled = torch.compile(forward, backend=backend, dynamic=dynamic)
+    options = _DYNAMIC_INDUCTOR_OPTIONS if dynamic and backend == "inductor" else None
+    compiled = torch.compile(forward, backend=backend, dynamic=dynamic, options=options)
     block.forward = types.MethodType(compiled, block)
 
 
