@@ -36,6 +36,7 @@ What the subclass adds to the stock recipe:
 
 import contextlib
 import gc
+import math
 import os
 import sys
 import time
@@ -453,8 +454,9 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         """Like the stock method, but the sampler shards over the data-parallel ranks only; batches get their shape.
 
         Ranks of one tensor- or pipeline-parallel group must see the same batch. The collate pads to
-        ``tokenizer.max_seq_len`` under pipeline parallelism and compiled TP (shaped once), to a multiple of the
-        TP degree under sequence parallelism, else to the longest sample (packs are ``max_seq_len`` long).
+        ``tokenizer.max_seq_len`` under pipeline parallelism and compiled TP (shaped once), else the longest sample
+        rounded up to a multiple of the TP degree under sequence parallelism and of the loss's output chunks under
+        ``compile`` (packs are ``max_seq_len`` long).
 
         Returns:
             StatefulDataLoader: the data loader.
@@ -466,10 +468,13 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         collate = collate_for_dataset(ds, _get_component_from_path(collate_fn))  # packs get the packed collate
         # the batch's final shape, decided here once (the step pads nothing)
         collate = partial(collate, padding_idx=self._tokenizer.pad_id, ignore_idx=self._loss_fn.ignore_index)
+        multiple = self._dims.tp if self._sequence_parallel else 1  # each TP rank holds s / tp tokens
+        if self._compile:  # equal loss chunks: a last chunk of one token would be another graph of the loss
+            multiple = math.lcm(multiple, getattr(self._loss_fn, "num_output_chunks", 1))
         if self._dims.pp_enabled or self._static_shapes:  # pipeline stages, compiled TP blocks: shaped once
             collate = partial(collate, pad_to_length=self._tokenizer.max_seq_len)
-        elif self._sequence_parallel:  # each TP rank holds s / tp tokens of the residual stream
-            collate = partial(collate, pad_to_multiple_of=self._dims.tp)
+        elif multiple > 1:
+            collate = partial(collate, pad_to_multiple_of=multiple)
         sampler = StatefulDistributedSampler(ds, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=shuffle)
         return StatefulDataLoader(
             dataset=IndexedDataset(ds),  # the batches carry their dataset rows, named when a step fails

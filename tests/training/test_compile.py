@@ -92,7 +92,8 @@ def test_no_recompile_after_warm_up(demo, monkeypatch):
     compile_blocks(model, static_decoder_shapes=False, verbose=False)
 
     rng = random.Random(0)
-    padded = [padded_collate_mistral3(_samples(transform, rng, 2)) for _ in range(STEPS_AFTER_WARM_UP + 1)]
+    padded = [padded_collate_mistral3(_samples(transform, rng, 2), pad_to_multiple_of=8)  # as the recipe's collate
+              for _ in range(STEPS_AFTER_WARM_UP + 1)]
     unpacked = _samples(transform, rng, 8 * (STEPS_AFTER_WARM_UP + 1))
     packs = PackedDataset(unpacked, [len(s["tokens"]) for s in unpacked], max_seq_len=MAX_SEQ_LEN)
     packed = [padded_collate_packed_mistral3([packs[i]]) for i in range(min(len(packs), STEPS_AFTER_WARM_UP + 1))]
@@ -114,3 +115,26 @@ def test_no_recompile_after_warm_up(demo, monkeypatch):
         _step(model, loss_fn, q)
     reasons = [r for code, v in guard_failures.items() for r in v[seen.get(code, 0):]]
     assert _compiled() == warm, f"recompiled after warm-up ({_compiled()} vs {warm} graphs, frames): {reasons}"
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_compiled_loss_takes_every_length_in_one_graph(monkeypatch, batch):
+    # lengths as the recipe's collate gives them under compile (multiples of the 8 loss chunks); torchtune's
+    # compile_loss (dynamo's default shapes) compiles a second graph at the second length
+    monkeypatch.setenv("TORCH_COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    vocab = 24  # no chunk has 24 rows: dynamo's duck sizing would tie the two sizes
+    loss_fn = compile_loss(CEWithChunkedOutputLoss(), static_shapes=False, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    for i, s in enumerate([64, 48, 200, 16, 104, 352]):
+        logits = torch.randn(batch, s, vocab, generator=g)
+        labels = torch.randint(0, vocab, (batch, s), generator=g)
+        labels[:, :3] = -100
+        chunks = [c.contiguous() for c in logits.chunk(8, dim=1)]  # the model's output chunks are tensors of their own
+        got = loss_fn(chunks, labels)
+        want = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=-100)
+        torch.testing.assert_close(got, want)
+        if i == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs == 1

@@ -37,7 +37,6 @@ import torch._functorch.config
 import torch._inductor.config
 from torch import nn
 from torchtune.modules import TransformerSelfAttentionLayer
-from torchtune.modules.loss import CEWithChunkedOutputLoss
 from torchtune.utils import get_logger
 
 log = get_logger("INFO")
@@ -108,10 +107,13 @@ def compile_blocks(model: nn.Module, *, static_decoder_shapes: bool, verbose: bo
 
 
 def compile_loss(loss: nn.Module, *, static_shapes: bool, verbose: bool = True) -> nn.Module:
-    """Compile a loss, as torchtune's ``training.compile_loss``, with shapes dynamic unless ``static_shapes``.
+    """Compile a chunked cross-entropy's per-chunk ``compute_cross_entropy`` (torchtune's choice), in place.
 
-    Of a chunked cross-entropy only the per-chunk upcast + cross-entropy is compiled (torchtune's choice): its
-    chunks change length with the batch's padded length, so it is compiled dynamic from the first call.
+    Unlike torchtune's ``training.compile_loss``, shapes are dynamic from the first call unless ``static_shapes``
+    (a chunk's length follows the batch's): one graph for every length. The recipe's collate pads batches to a
+    multiple of ``num_output_chunks`` under ``compile``, so no chunk is one token wide (a size dynamo would
+    specialise: one more graph). A loss without ``compute_cross_entropy`` (``torch.nn.CrossEntropyLoss``,
+    computed by the recipe's ``PipelineLoss``) stays eager, as the recipe ran it before.
 
     Args:
         loss (nn.Module): the config's loss.
@@ -119,16 +121,16 @@ def compile_loss(loss: nn.Module, *, static_shapes: bool, verbose: bool = True) 
         verbose (bool): log it. Default is True.
 
     Returns:
-        nn.Module: the loss, compiled in place for a chunked cross-entropy, else a compiled wrapper.
+        nn.Module: ``loss``.
     """
-    backend = os.environ.get("TORCH_COMPILE_BACKEND", "inductor")
-    dynamic = not static_shapes
-    if verbose:
-        log.info(f"Compiling the loss with torch.compile ({'static' if static_shapes else 'dynamic'} shapes)")
-    if isinstance(loss, CEWithChunkedOutputLoss):
-        loss.compute_cross_entropy = torch.compile(loss.compute_cross_entropy, backend=backend, dynamic=dynamic)
+    if not hasattr(loss, "compute_cross_entropy"):
         return loss
-    return torch.compile(loss, backend=backend, dynamic=dynamic)
+    backend = os.environ.get("TORCH_COMPILE_BACKEND", "inductor")
+    loss.compute_cross_entropy = torch.compile(loss.compute_cross_entropy, backend=backend, dynamic=not static_shapes)
+    if verbose:
+        log.info(f"Compiled the loss's cross-entropy with torch.compile ({'static' if static_shapes else 'dynamic'} "
+                 "shapes)")
+    return loss
 
 
 def needs_static_shapes(compile: bool, tensor_parallel: bool) -> bool:
