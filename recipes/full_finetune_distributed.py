@@ -54,7 +54,7 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
 from torchtune.config._utils import _get_component_from_path
 from torchtune_mistral3.checkpointing import load_into_module
-from torchtune_mistral3.data import collate_for_dataset, config_is_packed
+from torchtune_mistral3.data import collate_for_dataset, config_is_packed, padded_collate_packed_mistral3
 from torchtune_mistral3.models.mistral3 import (
     block_causal_mask,
     check_tokenizer_fits_model,
@@ -466,10 +466,11 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         else:
             ds = config.instantiate(cfg_dataset, self._tokenizer)
         collate = collate_for_dataset(ds, _get_component_from_path(collate_fn))  # packs get the packed collate
+        packed = collate is padded_collate_packed_mistral3  # max_seq_len long: one shape already
         # the batch's final shape, decided here once (the step pads nothing)
         collate = partial(collate, padding_idx=self._tokenizer.pad_id, ignore_idx=self._loss_fn.ignore_index)
         multiple = self._dims.tp if self._sequence_parallel else 1  # each TP rank holds s / tp tokens
-        if self._compile:  # equal loss chunks: a last chunk of one token would be another graph of the loss
+        if self._compile and not packed:  # equal loss chunks: a chunk of one token would be another graph
             multiple = math.lcm(multiple, getattr(self._loss_fn, "num_output_chunks", 1))
         if self._dims.pp_enabled or self._static_shapes:  # pipeline stages, compiled TP blocks: shaped once
             collate = partial(collate, pad_to_length=self._tokenizer.max_seq_len)
