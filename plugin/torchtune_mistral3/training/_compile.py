@@ -22,7 +22,7 @@ Why each choice (dynamo's ``TORCH_LOGS=recompiles`` named every cause on a GPU r
 - **Inductor's size tests**: with dynamic shapes inductor still guards a few kernel choices on the sizes; the
   one seen on a GPU (the fused RMSNorm-backward reductions, ``3072*x.size()[1]*x.size()[0] >= 5242880``) is
   switched to its size-independent mode for the dynamic blocks (``_DYNAMIC_INDUCTOR_OPTIONS``). On CPU inductor
-  added no guard after warm-up on the demo (docs/performance.md, "Shapes and compiles").
+  added no guard after warm-up on the demo (docs/performance.md, section 3b).
 - **The loss** (:func:`compile_loss`): torchtune's ``compile_loss`` compiles the chunked cross-entropy with
   dynamo's defaults, so the first new label count recompiles it; here it is dynamic from the first call too,
   static where the batches are (TP).
