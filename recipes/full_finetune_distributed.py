@@ -36,6 +36,7 @@ What the subclass adds to the stock recipe:
 
 import contextlib
 import gc
+import math
 import os
 import sys
 import time
@@ -43,7 +44,6 @@ from functools import partial
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -54,7 +54,7 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
 from torchtune.config._utils import _get_component_from_path
 from torchtune_mistral3.checkpointing import load_into_module
-from torchtune_mistral3.data import collate_for_dataset, config_is_packed
+from torchtune_mistral3.data import collate_for_dataset, config_is_packed, padded_collate_packed_mistral3
 from torchtune_mistral3.models.mistral3 import (
     block_causal_mask,
     check_tokenizer_fits_model,
@@ -81,6 +81,7 @@ from torchtune_mistral3.training import (
     clip_grad_norm_,
     command_line_overrides,
     compile_blocks,
+    compile_loss,
     convert_to_fp8,
     cost_balanced_stage_extras,
     count_step_data,
@@ -247,8 +248,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         self._checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
         self._compile = cfg.get("compile", False)
         self._loss_fn = config.instantiate(cfg.loss)
-        if self._compile:
-            training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
+        if self._compile:  # dynamic shapes from the first call, static under TP (padded to max_seq_len)
+            self._loss_fn = compile_loss(self._loss_fn, static_shapes=self._static_shapes, verbose=self._is_rank_zero)
         # summed cross-entropy / global label-token count; 0 (not NaN) for a micro-batch without labels
         self._step_loss = PipelineLoss(self._loss_fn, loss_parallel=self._loss_parallel)
         self._model = self._setup_model(
@@ -468,9 +469,12 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         collate_fn: str,
         dataloader_state_dict: Optional[Dict[str, Any]] = None,
     ) -> StatefulDataLoader:
-        """Like the stock method, but the sampler shards over the data-parallel ranks only.
+        """Like the stock method, but the sampler shards over the data-parallel ranks only; batches get their shape.
 
-        Ranks of one tensor- or pipeline-parallel group must see the same batch.
+        Ranks of one tensor- or pipeline-parallel group must see the same batch. The collate pads to
+        ``tokenizer.max_seq_len`` under pipeline parallelism and compiled TP (shaped once), else the longest sample
+        rounded up to a multiple of the TP degree under sequence parallelism and of the loss's output chunks under
+        ``compile`` (packs are ``max_seq_len`` long).
 
         Returns:
             StatefulDataLoader: the data loader.
@@ -480,14 +484,22 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         else:
             ds = config.instantiate(cfg_dataset, self._tokenizer)
         collate = collate_for_dataset(ds, _get_component_from_path(collate_fn))  # packs get the packed collate
+        packed = collate is padded_collate_packed_mistral3  # max_seq_len long: one shape already
+        # the batch's final shape, decided here once (the step pads nothing)
+        collate = partial(collate, padding_idx=self._tokenizer.pad_id, ignore_idx=self._loss_fn.ignore_index)
+        multiple = self._dims.tp if self._sequence_parallel else 1  # each TP rank holds s / tp tokens
+        if self._compile and not packed:  # equal loss chunks: a chunk of one token would be another graph
+            multiple = math.lcm(multiple, getattr(self._loss_fn, "num_output_chunks", 1))
+        if self._dims.pp_enabled or self._static_shapes:  # pipeline stages, compiled TP blocks: shaped once
+            collate = partial(collate, pad_to_length=self._tokenizer.max_seq_len)
+        elif multiple > 1:
+            collate = partial(collate, pad_to_multiple_of=multiple)
         sampler = StatefulDistributedSampler(ds, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=shuffle)
         return StatefulDataLoader(
             dataset=IndexedDataset(ds),  # the batches carry their dataset rows, named when a step fails
             batch_size=batch_size,
             sampler=sampler,
-            collate_fn=IndexedCollate(
-                partial(collate, padding_idx=self._tokenizer.pad_id, ignore_idx=self._loss_fn.ignore_index)
-            ),
+            collate_fn=IndexedCollate(collate),
             drop_last=True,
         )
 
@@ -497,23 +509,6 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         """Pop the labels and align them with the logits (position t predicts token t + 1)."""
         labels = batch.pop("labels")
         return torch.hstack((labels[:, 1:], torch.full_like(labels[:, :1], self._loss_fn.ignore_index)))
-
-    def _pad_for_pipeline(self, batch: Dict[str, Any]) -> None:
-        """Pipeline stages and compiled TP blocks are shaped once: pad every batch to ``tokenizer.max_seq_len``."""
-        length = self._tokenizer.max_seq_len
-        if length is None:
-            raise ValueError(
-                "pipeline_parallel_dim > 1 and compile=True with tensor_parallel_dim > 1 need a fixed sequence "
-                "length: set tokenizer.max_seq_len"
-            )
-        self._pad_tokens(batch, length)
-
-    def _pad_tokens(self, batch: Dict[str, Any], length: int) -> None:
-        """Right-pad tokens (pad id) and labels (ignored) to ``length``."""
-        extra = length - batch["tokens"].shape[1]
-        if extra > 0:
-            batch["tokens"] = F.pad(batch["tokens"], (0, extra), value=self._tokenizer.pad_id)
-            batch["labels"] = F.pad(batch["labels"], (0, extra), value=self._loss_fn.ignore_index)
 
     def _packed_mask(self, document_ids: torch.Tensor):
         """The block-causal mask of a packed batch, in the kernel's form that is faster for one micro-batch.
@@ -541,16 +536,10 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         """
         if "document_ids" in batch:  # packed sequences: the block-causal mask, built on the device
             batch["mask"] = self._packed_mask(batch.pop("document_ids"))
+        labels = self._shifted_labels(batch)  # the batch has its final shape (the collate's, see _setup_data)
         if self._pipeline is not None:
-            self._pad_for_pipeline(batch)
-            labels = self._shifted_labels(batch)
             with train_context(self._loss_parallel):
                 return pipeline_step(self._pipeline, batch, labels, num_tokens, forward_only=forward_only)
-        if self._static_shapes:
-            self._pad_for_pipeline(batch)
-        elif self._sequence_parallel:  # packs are max_seq_len long already, a multiple of the TP degree
-            self._pad_tokens(batch, -(-batch["tokens"].shape[1] // self._dims.tp) * self._dims.tp)
-        labels = self._shifted_labels(batch)
         with train_context(self._loss_parallel):
             with self.activations_handling_ctx:
                 logits = self._model(**batch)

@@ -121,3 +121,33 @@ def test_config_is_packed_reads_one_node_or_a_list():
 
     cfg = OmegaConf.create({"one": {"packed": True}, "list": [{"split": "train"}, {"packed": True}], "off": {}})
     assert config_is_packed(cfg.one) and config_is_packed(cfg.list) and not config_is_packed(cfg.off)
+
+
+def test_padded_length_decides_the_batch_length_once():
+    from torchtune_mistral3.data import padded_length
+
+    assert padded_length(13) == 13
+    assert padded_length(13, pad_to_multiple_of=8) == 16 and padded_length(16, pad_to_multiple_of=8) == 16
+    assert padded_length(13, pad_to_length=64) == 64
+    assert padded_length(13, pad_to_multiple_of=8, pad_to_length=64) == 64
+    with pytest.raises(ValueError, match="a sample of 65 tokens does not fit the fixed batch length 64"):
+        padded_length(65, pad_to_length=64)
+    with pytest.raises(ValueError, match="pad_to_length=60 is not a multiple of pad_to_multiple_of=8"):
+        padded_length(13, pad_to_multiple_of=8, pad_to_length=60)
+
+
+def test_pad_to_length_pads_every_batch_to_one_length():
+    batch = [{"tokens": [1, 5, 6], "labels": [-100, 5, 6]}, {"tokens": [1, 7], "labels": [-100, 7]}]
+    out = padded_collate_mistral3(batch, padding_idx=0, ignore_idx=-1, pad_to_length=6)
+    assert out["tokens"].tolist() == [[1, 5, 6, 0, 0, 0], [1, 7, 0, 0, 0, 0]]
+    assert out["labels"].tolist() == [[-100, 5, 6, -1, -1, -1], [-100, 7, -1, -1, -1, -1]]
+
+
+def test_packed_collate_checks_the_layout():
+    from torchtune_mistral3.data import padded_collate_packed_mistral3
+
+    pack = {"tokens": [5] * 8, "labels": [-100] * 8, "input_pos": list(range(8)), "seq_lens": [3, 5]}
+    out = padded_collate_packed_mistral3([pack], pad_to_length=8, pad_to_multiple_of=4)
+    assert out["tokens"].shape == (1, 8) and out["document_ids"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 1]]
+    with pytest.raises(ValueError, match=r"packs of 8 tokens, but the batch layout needs 12"):
+        padded_collate_packed_mistral3([pack], pad_to_length=12)

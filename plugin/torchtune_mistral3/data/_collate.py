@@ -2,7 +2,7 @@
 
 import math
 from collections.abc import Sequence
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
@@ -11,16 +11,49 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 _EMPTY_IMAGE_HW = 28
 
 
+def padded_length(longest: int, *, pad_to_multiple_of: int = 1, pad_to_length: Optional[int] = None) -> int:
+    """The one place a batch's sequence length is decided: the longest sample, rounded up, or one fixed length.
+
+    Args:
+        longest (int): tokens of the batch's longest sample (or pack).
+        pad_to_multiple_of (int): round up to this multiple (e.g. the TP degree under sequence parallelism).
+            Default is 1.
+        pad_to_length (Optional[int]): every batch this long (``tokenizer.max_seq_len``: pipeline stages and
+            compiled tensor-parallel blocks are shaped once); it must be a multiple of ``pad_to_multiple_of``.
+            Default is None (longest in the batch).
+
+    Returns:
+        int: the batch's sequence length.
+
+    Raises:
+        ValueError: if a sample is longer than ``pad_to_length``, or ``pad_to_length`` is not a multiple of
+            ``pad_to_multiple_of``.
+    """
+    if pad_to_length is None:
+        return math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of
+    if pad_to_length % pad_to_multiple_of:
+        raise ValueError(f"pad_to_length={pad_to_length} is not a multiple of pad_to_multiple_of={pad_to_multiple_of}")
+    if longest > pad_to_length:
+        raise ValueError(
+            f"a sample of {longest} tokens does not fit the fixed batch length {pad_to_length} "
+            "(tokenizer.max_seq_len): the model transform must truncate to it"
+        )
+    return pad_to_length
+
+
 def padded_collate_mistral3(
     batch: List[Dict[str, Any]],
     padding_idx: int = 11,
     ignore_idx: int = CROSS_ENTROPY_IGNORE_IDX,
     pad_to_multiple_of: int = 1,
+    pad_to_length: Optional[int] = None,
 ) -> Dict[str, Any]:
-    """Pad a list of transformed samples into the batch a Mistral 3 model consumes.
+    """Pad a list of transformed samples into the batch a Mistral 3 model consumes, in its final shape.
 
-    Tokens and labels are right-padded (with ``padding_idx`` and ``ignore_idx``) to the longest sample, rounded up
-    to a multiple of ``pad_to_multiple_of``. The images of the whole batch, in sample order and then in order
+    Tokens and labels are right-padded (with ``padding_idx`` and ``ignore_idx``) to the length
+    :func:`padded_length` decides: the longest sample rounded up to a multiple of ``pad_to_multiple_of``, or
+    ``pad_to_length``. Nothing pads the batch again later (the recipe builds this collate with its layout's
+    arguments). The images of the whole batch, in sample order and then in order
     within each sample, are stacked into one float tensor, each zero-padded at the bottom and right to the largest
     height and width; their true sizes and the number per sample come alongside. Samples may hold any number of
     images, zero included; other keys (metadata such as ``mode``) are not copied into the batch.
@@ -31,6 +64,7 @@ def padded_collate_mistral3(
         padding_idx (int): token padding id. Default is 11 (``<pad>``).
         ignore_idx (int): label padding id. Default is -100.
         pad_to_multiple_of (int): round the padded length up to this multiple. Default is 1.
+        pad_to_length (Optional[int]): pad every batch to this length instead. Default is None.
 
     Returns:
         Dict[str, Any]: ``tokens`` LongTensor [B, S], ``labels`` LongTensor [B, S], and
@@ -39,7 +73,8 @@ def padded_collate_mistral3(
         ``[0, 3, 28, 28]``.
 
     Raises:
-        ValueError: if a sample's tokens and labels differ in length or an image is not ``[3, h, w]``.
+        ValueError: if a sample's tokens and labels differ in length, a sample is longer than ``pad_to_length``,
+            or an image is not ``[3, h, w]``.
 
     Example:
         >>> batch = padded_collate_mistral3([transform(s1), transform(s2)])
@@ -50,7 +85,7 @@ def padded_collate_mistral3(
     for i, s in enumerate(batch):
         if len(s["labels"]) != lengths[i]:
             raise ValueError(f"sample {i}: {lengths[i]} tokens but {len(s['labels'])} labels")
-    seq_len = math.ceil(max(lengths, default=0) / pad_to_multiple_of) * pad_to_multiple_of
+    seq_len = padded_length(max(lengths, default=0), pad_to_multiple_of=pad_to_multiple_of, pad_to_length=pad_to_length)
     tokens = torch.full((len(batch), seq_len), padding_idx, dtype=torch.long)
     labels = torch.full((len(batch), seq_len), ignore_idx, dtype=torch.long)
     for i, s in enumerate(batch):
@@ -85,6 +120,8 @@ def padded_collate_packed_mistral3(
     batch: List[Dict[str, Any]],
     padding_idx: int = 11,
     ignore_idx: int = CROSS_ENTROPY_IGNORE_IDX,
+    pad_to_multiple_of: int = 1,
+    pad_to_length: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Collate packs of :class:`~torchtune_mistral3.datasets.PackedDataset` (all ``max_seq_len`` tokens long).
 
@@ -97,6 +134,9 @@ def padded_collate_packed_mistral3(
             ``encoder_input``, all of one length.
         padding_idx (int): token padding id (unused: packs are padded already). Default is 11.
         ignore_idx (int): label padding id (unused). Default is -100.
+        pad_to_multiple_of (int): the layout's multiple, which the packs' length must already be. Default is 1.
+        pad_to_length (Optional[int]): the layout's fixed length, which the packs' length must already be.
+            Default is None.
 
     Returns:
         Dict[str, Any]: the keys of :func:`padded_collate_mistral3`, plus ``input_pos`` LongTensor [B, S]
@@ -104,7 +144,8 @@ def padded_collate_packed_mistral3(
         within its pack; the padding tail is one more document).
 
     Raises:
-        ValueError: if the packs differ in length or their ``seq_lens`` do not cover them.
+        ValueError: if the packs differ in length, their ``seq_lens`` do not cover them, or their length is not
+            the one the layout asks for.
 
     Example:
         >>> batch = padded_collate_packed_mistral3([packs[0], packs[1]])
@@ -114,6 +155,10 @@ def padded_collate_packed_mistral3(
     lengths = {len(p["tokens"]) for p in batch}
     if len(lengths) > 1:
         raise ValueError(f"packs of different lengths {sorted(lengths)} in one batch: packs are max_seq_len long")
+    length = lengths.pop() if lengths else 0
+    wanted = padded_length(length, pad_to_multiple_of=pad_to_multiple_of, pad_to_length=pad_to_length)
+    if length and wanted != length:  # padding a pack would leave its document ids short
+        raise ValueError(f"packs of {length} tokens, but the batch layout needs {wanted} (tokenizer.max_seq_len)")
     out = padded_collate_mistral3(batch, padding_idx=padding_idx, ignore_idx=ignore_idx)
     for i, p in enumerate(batch):
         if sum(p["seq_lens"]) != len(p["tokens"]) or len(p["input_pos"]) != len(p["tokens"]):

@@ -1,5 +1,5 @@
 from ._cluster import check_shared_output_dir
-from ._compile import compile_blocks, needs_static_shapes
+from ._compile import compile_blocks, compile_loss, needs_static_shapes
 from ._config_keys import check_cli_keys
 from ._grad_norm import clip_grad_norm_
 from ._launch import (
@@ -87,6 +87,7 @@ __all__ = [
     "check_world_size",
     "clip_grad_norm_",
     "compile_blocks",
+    "compile_loss",
     "enable_async_tensor_parallel",
     "command_line_overrides",
     "convert_to_fp8",

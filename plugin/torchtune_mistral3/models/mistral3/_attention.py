@@ -15,6 +15,11 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torchtune.modules import KVCache, MultiHeadAttention
 
+try:  # torch >= 2.9: variable-length flash attention (CUDA)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - older torch: the dense-mask path everywhere
+    varlen_attn = None
+
 _compiled_flex_attention = None
 
 
@@ -297,30 +302,55 @@ def _attend_within_images(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: Sequence[int],
+    mask: torch.Tensor,
     dropout_p: float,
     is_causal: bool,
 ) -> torch.Tensor:
-    """Block-diagonal attention over packed images: one SDPA call per image, no mask tensor.
+    """Block-diagonal attention over the patches of images packed in one sequence: ONE call over all of them.
 
-    ``mask`` holds the patch count of each image, in sequence order. Mask-free per-image calls keep the
-    flash/memory-efficient kernels available on GPU and avoid an S x S mask over all patches of a batch
-    (tens of GB for a batch of full-resolution images).
+    ``mask`` holds the patch offsets of the images, ``[0, p_0, p_0 + p_1, ..., p]`` (a tensor of ``n + 1``
+    values, like varlen attention's ``cu_seqlens``). No guard of a compiled block depends on the image sizes or
+    count: the call sees tensors only, so a compiled tower block with a symbolic patch count serves every batch.
+    On CUDA in bf16/fp16 it is torch's variable-length flash attention (no mask tensor; ``max`` is the whole
+    sequence, an upper bound the kernel only uses to size its grid), else SDPA with the dense ``[p, p]``
+    block-diagonal boolean mask built from the offsets (CPU, fp32 parity runs).
     """
-    if len(mask) == 0:
+    # q, k, v: [1, n_h, p, h_d]
+    p = q.shape[2]
+    if p == 0:
         # No image (the encoder still runs so data-parallel ranks issue the same collectives).
         return v
-    if len(mask) == 1:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    chunks = zip(q.split(mask, dim=2), k.split(mask, dim=2), v.split(mask, dim=2))
-    return torch.cat([F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p) for qi, ki, vi in chunks], dim=2)
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if varlen_attn is not None and q.device.type == "cuda" and half and not dropout_p:
+        offsets = mask.to(torch.int32)
+        # [1, n_h, p, h_d] -> [p, n_h, h_d]
+        out = varlen_attn(*(t[0].transpose(0, 1) for t in (q, k, v)), offsets, offsets, p, p)
+        return out.transpose(0, 1).unsqueeze(0)
+    # image of every patch (1-based): [p]; the block-diagonal mask [p, p] (True attends). ``mask`` is not sliced:
+    # a slice of n values would make dynamo specialise n = 1 (one image) apart from n > 1.
+    image = torch.searchsorted(mask, torch.arange(p, device=q.device, dtype=mask.dtype), right=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=image[:, None] == image[None, :], dropout_p=dropout_p)
+
+
+def image_patch_offsets(patches_per_image: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The ``mask`` of :class:`ImageBlockAttention`: patch offsets ``[0, p_0, p_0 + p_1, ..., p]`` of packed images.
+
+    Args:
+        patches_per_image (Sequence[int]): patches of each image, in sequence order.
+        device (torch.device): where the attention runs.
+
+    Returns:
+        torch.Tensor: LongTensor ``[n + 1]`` on ``device``.
+    """
+    counts = torch.tensor([0, *patches_per_image], dtype=torch.long)
+    return counts.cumsum(0).to(device, non_blocking=True)
 
 
 class ImageBlockAttention(Mistral3Attention):
     """Non-causal attention over the patches of several images packed into one sequence (Pixtral attention).
 
-    Each patch attends only to patches of its own image: ``mask`` is the tuple of per-image patch counts (in
-    sequence order) instead of a mask tensor.
+    Each patch attends only to patches of its own image: ``mask`` is the tensor of the images' patch offsets
+    (:func:`image_patch_offsets`), and all images are attended in one call (see :func:`_attend_within_images`).
 
     Args:
         **kwargs: keyword arguments of :class:`~torchtune.modules.MultiHeadAttention`; ``is_causal`` is forced to

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torchtune.modules import RMSNorm
 
+from ._attention import image_patch_offsets
 from ._position_embeddings import pixtral_patch_positions
 
 
@@ -101,9 +102,10 @@ class PixtralVisionEncoder(nn.Module):
         keep = torch.cat(keep).to(x.device, non_blocking=True)
         positions = pixtral_patch_positions(grids, self.max_patches_per_side).to(x.device, non_blocking=True)
 
-        # [1, p, d]: all images in one sequence; attention stays within each image's span
+        # [1, p, d]: all images in one sequence; attention stays within each image's span, given to the blocks
+        # as a tensor of patch offsets (no Python value of the batch reaches a compiled block)
         x = self.ln_pre(x.index_select(0, keep).unsqueeze(0))
-        spans = tuple(rows * cols for rows, cols in grids)
+        offsets = image_patch_offsets([rows * cols for rows, cols in grids], x.device)
         for layer in self.layers:
-            x = layer(x, mask=spans, input_pos=positions.unsqueeze(0))
+            x = layer(x, mask=offsets, input_pos=positions.unsqueeze(0))
         return x.squeeze(0)
