@@ -78,6 +78,7 @@ from torchtune_mistral3.training import (
     clip_grad_norm_,
     command_line_overrides,
     compile_blocks,
+    compiled_graph_count,
     convert_to_fp8,
     cost_balanced_stage_extras,
     count_step_data,
@@ -89,6 +90,7 @@ from torchtune_mistral3.training import (
     is_stage_stand_in,
     load_stock_recipe,
     load_training_state,
+    loader_worker_options,
     needs_static_shapes,
     pipeline_step,
     pop_sample_indices,
@@ -471,6 +473,9 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 partial(collate, padding_idx=self._tokenizer.pad_id, ignore_idx=self._loss_fn.ignore_index)
             ),
             drop_last=True,
+            # worker processes decode and resize the images while the GPU trains (num_workers, prefetch_factor)
+            **loader_worker_options(self._cfg.get("num_workers", 0), self._cfg.get("prefetch_factor", None),
+                                    self._device.type),
         )
 
     # ------------------------------------------------------------------ step
@@ -649,17 +654,26 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         return self._reduce_loss(loss_sum) / max(int(tokens), 1)
 
     def _batches(self, epoch: int) -> Iterator[List[Dict[str, Any]]]:
-        """Group the epoch's batches into optimizer steps of ``gradient_accumulation_steps`` micro-batches."""
+        """Group the epoch's batches into optimizer steps of ``gradient_accumulation_steps`` micro-batches.
+
+        Sets ``self._data_wait_s``: the seconds this step's micro-batches kept the training process waiting on
+        the data loader (with workers, only what they had not prepared in time).
+        """
         self._dataloader.sampler.set_epoch(epoch)
         step: List[Dict[str, Any]] = []
         rows: List[int] = []
-        for batch in self._dataloader:
+        wait = 0.0
+        start = time.perf_counter()
+        batches = iter(self._dataloader)
+        for batch in batches:
+            wait += time.perf_counter() - start
             rows += pop_sample_indices(batch)
             step.append(batch)
             if len(step) == self._gradient_accumulation_steps:
-                self._step_rows = rows
+                self._step_rows, self._data_wait_s = rows, wait
                 yield step
-                step, rows = [], []
+                step, rows, wait = [], [], 0.0
+            start = time.perf_counter()
 
     def _layout(self) -> Dict[str, int]:
         return {"world_size": self.world_size, "pp": self._dims.pp, "dp": self._dims.dp, "tp": self._dims.tp}
@@ -726,6 +740,10 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 done += 1
                 elapsed = time.perf_counter() - t0
                 metrics["tokens_per_second_per_gpu"] = metrics["input_tokens"] / (elapsed * self.world_size)
+                # wall time of the step (data wait included) and its share spent waiting on the data loader;
+                # graphs compiled so far: a rise after the first steps is a recompile
+                metrics.update(step_time_s=elapsed, data_wait_s=self._data_wait_s,
+                               compiled_graphs=compiled_graph_count())
                 if self._run_val_every_n_steps and self._val_dataloader is not None:
                     if self.global_step % self._run_val_every_n_steps == 0:
                         metrics["val_loss"] = self._validate()
