@@ -740,10 +740,10 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 done += 1
                 elapsed = time.perf_counter() - t0
                 metrics["tokens_per_second_per_gpu"] = metrics["input_tokens"] / (elapsed * self.world_size)
-                # wall time of the step (data wait included) and its share spent waiting on the data loader;
-                # graphs compiled so far: a rise after the first steps is a recompile
+                # wall time of the step (data wait included), the part spent waiting on the data loader, graphs
+                # compiled so far (a rise after the first steps is a recompile) and when the step ended
                 metrics.update(step_time_s=elapsed, data_wait_s=self._data_wait_s,
-                               compiled_graphs=compiled_graph_count())
+                               compiled_graphs=compiled_graph_count(), unix_time_s=time.time())
                 if self._run_val_every_n_steps and self._val_dataloader is not None:
                     if self.global_step % self._run_val_every_n_steps == 0:
                         metrics["val_loss"] = self._validate()

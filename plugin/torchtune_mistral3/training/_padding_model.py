@@ -19,6 +19,8 @@ from typing import Dict, Sequence
 
 import numpy as np
 
+from torchtune_mistral3.models.mistral3._transform import pixtral_image_size
+
 from ._compile import needs_static_shapes
 
 # What is known of MedPix-VQA's samples (/work/shared/reference: NeMo AutoModel's Ministral-3 3B MedPix golden
@@ -92,10 +94,8 @@ def image_tokens(height: int, width: int, max_image_size: int) -> int:
     Returns:
         int: tokens.
     """
-    scale = min(1.0, max_image_size / max(height, width))
-    rows = math.ceil(height * scale / PIXTRAL_TOKEN_PX)
-    cols = math.ceil(width * scale / PIXTRAL_TOKEN_PX)
-    return rows * (cols + 1)
+    h, w = pixtral_image_size(height, width, max_image_size=max_image_size, token_size=PIXTRAL_TOKEN_PX)
+    return h // PIXTRAL_TOKEN_PX * (w // PIXTRAL_TOKEN_PX + 1)
 
 
 def medpix_sample_shapes(n: int, seed: int = 0) -> Dict[str, np.ndarray]:
