@@ -38,8 +38,9 @@ What it does, in one process that launches the real command:
    prediction for the same layout and lengths (``plan.sample_lengths``);
 5. ``--peer``: transformers' ``Mistral3ForConditionalGeneration`` built from the same ``config.json`` (random
    weights, fp32, vision tower frozen, gradient checkpointing as the config's activation checkpointing), its own
-   processing (``PixtralProcessor`` when it imports; without torchvision, ``PixtralImageProcessorPil`` and the
-   ``[IMG]`` row layout PixtralProcessor writes, tokenized by transformers' tekken tokenizer), a plain loop over
+   processing (``PixtralImageProcessorPil``, transformers' slow path: the fast ``PixtralProcessor`` imports
+   torchvision, which the GPU image may lack; the ``[IMG]`` row layout PixtralProcessor writes; transformers' tekken
+   tokenizer, ``convert_tekken_tokenizer``), a plain loop over
    the same rows (bf16 autocast, fused AdamW on CUDA, 4 samples x 2 accumulation, padded to the longest) for
    ``--peer-steps`` steps (fewer than the plugin's: its steady state comes after the first steps);
 6. ``--fixed-shape``: the project's fixed-shape step benchmark (``bench/step_speed.py``'s ``run_variant``,
@@ -372,22 +373,12 @@ def _peer_batches(data: Path, tekken: str, max_image_size: int, max_seq_len: int
     import pyarrow.parquet as pq
     from PIL import Image
     from transformers.integrations.mistral import convert_tekken_tokenizer
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
     tokenizer = convert_tekken_tokenizer(tekken)
-    try:
-        from transformers import PixtralProcessor
-        from transformers.models.pixtral.image_processing_pixtral import PixtralImageProcessor
-
-        processor = PixtralProcessor(PixtralImageProcessor(size={"longest_edge": max_image_size},
-                                                           patch_size={"height": 14, "width": 14}),
-                                     tokenizer, patch_size=14, spatial_merge_size=2)
-        kind = "PixtralProcessor"
-    except ImportError:  # no torchvision: the PIL image processor and PixtralProcessor's [IMG] layout
-        from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
-
-        processor = PixtralImageProcessorPil(size={"longest_edge": max_image_size},
-                                             patch_size={"height": 28, "width": 28})
-        kind = "PixtralImageProcessorPil + [IMG] layout"
+    # transformers' slow (PIL) Pixtral image processor: its fast one needs torchvision, which the GPU image may
+    # lack; sizes rounded up to 28 px (patch x merge), as the plugin's resize and the model's merge use them
+    processor = PixtralImageProcessorPil(size={"longest_edge": max_image_size}, patch_size={"height": 28, "width": 28})
     rows = pq.read_table(data).to_pylist()
     order = np.random.default_rng(seed).permutation(len(rows))
     pad = tokenizer.convert_tokens_to_ids("<pad>")
@@ -396,16 +387,13 @@ def _peer_batches(data: Path, tekken: str, max_image_size: int, max_seq_len: int
     def make(chunk):
         images = [Image.open(io.BytesIO(rows[i]["image_id"]["bytes"])).convert("RGB") for i in chunk]
         texts = [f"<s>[INST][IMG]{rows[i]['question']}[/INST]{rows[i]['answer']}</s>" for i in chunk]
-        if kind == "PixtralProcessor":
-            out = processor(text=texts, images=images, return_tensors="pt", padding=True)
-        else:
-            out = dict(processor(images, return_tensors="pt"))
-            expanded = []
-            for text, (h, w) in zip(texts, out["image_sizes"].tolist()):
-                layout = ("[IMG]" * (w // 28) + "[IMG_BREAK]") * (h // 28)
-                layout = layout[: -len("[IMG_BREAK]")] + "[IMG_END]"
-                expanded.append(text.replace("[IMG]", layout, 1))
-            out.update(tokenizer(expanded, padding=True, return_tensors="pt", add_special_tokens=False))
+        out = dict(processor(images, return_tensors="pt"))
+        expanded = []  # PixtralProcessor's expansion of [IMG]: rows x ([IMG] x cols + [IMG_BREAK]), last -> [IMG_END]
+        for text, (h, w) in zip(texts, out["image_sizes"].tolist()):
+            layout = ("[IMG]" * (w // 28) + "[IMG_BREAK]") * (h // 28)
+            layout = layout[: -len("[IMG_BREAK]")] + "[IMG_END]"
+            expanded.append(text.replace("[IMG]", layout, 1))
+        out.update(tokenizer(expanded, padding=True, return_tensors="pt", add_special_tokens=False))
         ids = out["input_ids"][:, :max_seq_len]
         labels = ids.clone()
         for r in range(len(ids)):  # the answer and </s> only
@@ -470,6 +458,7 @@ def run_peer(ckpt: Path, data: Path, device: str, steps: int, warmup: int, max_i
         "real_tokens_per_s_per_gpu": sum(tokens[after]) / sum(times[after]),
         "data_share": sum(waits[after]) / sum(times[after]),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
+        "real_tokens_per_sample": sum(tokens) / (steps * grad_accum * batch),
         "step_s": times, "real_tokens": tokens, "losses": losses,
         "gradient_checkpointing": checkpointing,
     }
@@ -652,6 +641,8 @@ def ratios(result: Dict[str, Any]) -> Dict[str, float]:
         out["packed_over_padded_real_tokens_per_s"] = (s["packed"]["real_tokens_per_s_per_gpu"]
                                                        / s["padded"]["real_tokens_per_s_per_gpu"])
     peer = result.get("peer") or {}
+    if "real_tokens_per_sample" in peer:  # the same rows, tokenized by each side
+        out["peer_over_plugin_tokens_per_sample"] = peer["real_tokens_per_sample"] / result["workload"]["mean_tokens"]
     for m in s:
         if "real_tokens_per_s_per_gpu" in peer:
             peer_rate = peer["real_tokens_per_s_per_gpu"]
