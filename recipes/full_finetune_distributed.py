@@ -664,8 +664,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         rows: List[int] = []
         wait = 0.0
         start = time.perf_counter()
-        batches = iter(self._dataloader)
-        for batch in batches:
+        for batch in self._dataloader:  # the first wait includes starting the workers
             wait += time.perf_counter() - start
             rows += pop_sample_indices(batch)
             step.append(batch)

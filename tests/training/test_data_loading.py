@@ -60,7 +60,8 @@ def test_workers_give_the_batches_of_the_training_process(dataset):
     assert len(plain) == len(dataset) // 3 == len(with_workers)
     assert all(_same(a, b) for a, b in zip(plain, with_workers))
     # the rows are carried through the workers too, in the sampler's order
-    assert [int(i) for b in with_workers for i in b["dataset_indices"]] == list(_loader(dataset, 0).sampler)[: len(plain) * 3]
+    rows = [int(i) for b in with_workers for i in b["dataset_indices"]]
+    assert rows == list(_loader(dataset, 0).sampler)[: len(plain) * 3]
 
 
 def test_resume_with_workers_continues_with_the_batches_of_a_straight_run(dataset):
