@@ -34,6 +34,12 @@ def test_workload_follows_the_medpix_model(tmp_path):
     assert np.abs(measured - model).max() <= 16 and abs((measured - model).mean()) <= 3
     long_sides = [max(hw) for hw in drawn["image_hw"]]
     assert 256 <= min(long_sides) and max(long_sides) <= 1200 and len(set(drawn["image_hw"])) == 40
+    # the peer's own processing (transformers' Pixtral image processor, tekken tokenizer) gives every row exactly
+    # the plugin's tokens: both sides train on the same work
+    peer = list(bench._peer_batches(tmp_path / "w.parquet", str(ckpt / "tekken.json"), 1024, 4096, 1, seed=0))
+    order = np.random.default_rng(0).permutation(40)
+    assert [int(b["attention_mask"].sum()) for b in peer] == measured[order].tolist()
+    assert all(int((b["labels"] != -100).sum()) > 0 for b in peer)
 
 
 @pytest.mark.integration
