@@ -80,3 +80,25 @@ def test_smoke_run_reports_what_its_logs_say(tmp_path):
     padded, packed = (result["modes"][m]["summary"]["real_tokens_per_s_per_gpu"] for m in ("padded", "packed"))
     assert ratios["packed_over_padded_real_tokens_per_s"] == pytest.approx(packed / padded)
     assert ratios["padded_over_peer_real_tokens_per_s"] == pytest.approx(padded / peer["real_tokens_per_s_per_gpu"])
+
+
+def test_3b_checkpoint_config_is_the_3b_builder(tmp_path):
+    import json
+
+    import torch
+    from torchtune_mistral3.models.mistral3 import (
+        ministral3_3b,
+        mistral3_arguments_from_hf_config,
+        mistral3_from_hf_config,
+    )
+
+    config = load_bench("e2e").model_hf_config("3b")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with torch.device("meta"):
+        ours, builder = mistral3_from_hf_config(str(tmp_path)), ministral3_3b()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in builder.state_dict().items()}
+    args = mistral3_arguments_from_hf_config(config)
+    # Ministral-3 3B's published YaRN: factor 16 over 16384 positions, Llama-4 query scale 0.1
+    rope = (args["rope_scaling_factor"], args["rope_original_max_seq_len"], args["llama4_scaling_beta"])
+    assert rope == (16.0, 16384, 0.1)
+    assert args["tie_word_embeddings"] and args["num_layers"] == 26 and args["embed_dim"] == 3072
