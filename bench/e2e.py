@@ -610,6 +610,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             print(result["peer"]["error"], file=sys.stderr)
         _write(result, args.out)
     if args.fixed_shape:
+        import gc
+
+        gc.collect()  # the peer's model and optimizer states leave the GPU first
+        if device == "cuda":
+            torch.cuda.empty_cache()
         result["fixed_shape"] = {}
         for mode, entry in result["modes"].items():
             if "summary" not in entry:
