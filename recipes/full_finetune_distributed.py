@@ -82,6 +82,7 @@ from torchtune_mistral3.training import (
     command_line_overrides,
     compile_blocks,
     compile_loss,
+    compiled_graph_count,
     convert_to_fp8,
     cost_balanced_stage_extras,
     count_step_data,
@@ -93,6 +94,7 @@ from torchtune_mistral3.training import (
     is_stage_stand_in,
     load_stock_recipe,
     load_training_state,
+    loader_worker_options,
     needs_static_shapes,
     pipeline_step,
     pop_sample_indices,
@@ -501,6 +503,9 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             sampler=sampler,
             collate_fn=IndexedCollate(collate),
             drop_last=True,
+            # worker processes decode and resize the images while the GPU trains (num_workers, prefetch_factor)
+            **loader_worker_options(self._cfg.get("num_workers", 0), self._cfg.get("prefetch_factor", None),
+                                    self._device.type),
         )
 
     # ------------------------------------------------------------------ step
@@ -656,17 +661,25 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         return self._reduce_loss(loss_sum) / max(int(tokens), 1)
 
     def _batches(self, epoch: int) -> Iterator[List[Dict[str, Any]]]:
-        """Group the epoch's batches into optimizer steps of ``gradient_accumulation_steps`` micro-batches."""
+        """Group the epoch's batches into optimizer steps of ``gradient_accumulation_steps`` micro-batches.
+
+        Sets ``self._data_wait_s``: the seconds this step's micro-batches kept the training process waiting on
+        the data loader (with workers, only what they had not prepared in time).
+        """
         self._dataloader.sampler.set_epoch(epoch)
         step: List[Dict[str, Any]] = []
         rows: List[int] = []
-        for batch in self._dataloader:
+        wait = 0.0
+        start = time.perf_counter()
+        for batch in self._dataloader:  # the first wait includes starting the workers
+            wait += time.perf_counter() - start
             rows += pop_sample_indices(batch)
             step.append(batch)
             if len(step) == self._gradient_accumulation_steps:
-                self._step_rows = rows
+                self._step_rows, self._data_wait_s = rows, wait
                 yield step
-                step, rows = [], []
+                step, rows, wait = [], [], 0.0
+            start = time.perf_counter()
 
     def _layout(self) -> Dict[str, int]:
         return {"world_size": self.world_size, "pp": self._dims.pp, "dp": self._dims.dp, "tp": self._dims.tp}
@@ -749,6 +762,10 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 done += 1
                 elapsed = time.perf_counter() - t0
                 metrics["tokens_per_second_per_gpu"] = metrics["input_tokens"] / (elapsed * self.world_size)
+                # wall time of the step (data wait included), the part spent waiting on the data loader, graphs
+                # compiled so far (a rise after the first steps is a recompile) and when the step ended
+                metrics.update(step_time_s=elapsed, data_wait_s=self._data_wait_s,
+                               compiled_graphs=compiled_graph_count(), unix_time_s=time.time())
                 if self._run_val_every_n_steps and self._val_dataloader is not None:
                     if self.global_step % self._run_val_every_n_steps == 0:
                         metrics["val_loss"] = self._validate()

@@ -25,7 +25,12 @@ r"""Print the per-GPU memory and the step time a config's layout needs, before b
   default 45), ``plan.tp_overlap`` (share of the decoder layers' TP collectives assumed hidden, as sequence
   parallelism + async TP would; default 0, a what-if), ``plan.tower_split`` (the tower's images shared over the TP
   group; default: the config's ``tensor_parallel_tower``, which is ``split`` under TP unless set to ``replicate``),
-  ``plan.real_tokens_per_sample`` (default: the image's layout positions + 150 text tokens).
+  ``plan.real_tokens_per_sample`` (default: the image's layout positions + 150 text tokens, or the mean sample
+  length where the padding model has lengths), ``plan.sample_lengths`` (a JSON file: a list of the data's sample
+  lengths in tokens, or an object with a ``sample_lengths`` list, as ``bench/e2e.py`` writes; default: the MedPix
+  model of ``training/_padding_model.py`` at the config's ``tokenizer.max_image_size``). Where the recipe pads a
+  batch to its longest sample (no pipeline, no compiled TP, not packed), the plan computes the expected longest of
+  ``batch_size`` (x data parallel) samples drawn from these lengths, not ``max_seq_len``.
 
 With ``pipeline_parallel_dim`` > 1 and no ``pipeline_split``, both plans use the recipe's cost-balanced split
 (:func:`~torchtune_mistral3.training.cost_balanced_stage_extras`).
@@ -51,6 +56,7 @@ from torchtune_mistral3.training._memory_plan import (
     plan_to_json,
 )
 from torchtune_mistral3.training._step_plan import (
+    DEFAULT_MAX_IMAGE_SIZE,
     HBM_TBPS,
     NVLINK_ALLREDUCE_GBPS,
     PP_LINK_GBPS,
@@ -185,6 +191,19 @@ def layout_from_config(cfg: DictConfig) -> Tuple[Layout, dict]:
     return layout, options
 
 
+def _sample_lengths(cfg: DictConfig) -> Optional[List[int]]:
+    """The lengths in the ``plan.sample_lengths`` JSON file, or None (the planner's MedPix model)."""
+    path = (cfg.get("plan", {}) or {}).get("sample_lengths", None)
+    if path is None:
+        return None
+    data = json.loads(Path(path).read_text())
+    lengths = data.get("sample_lengths") if isinstance(data, dict) else data
+    if not isinstance(lengths, list) or not lengths or not all(isinstance(x, int) and x > 0 for x in lengths):
+        raise ValueError(f"plan.sample_lengths={path}: expected a JSON list of positive token counts (or an object "
+                         "whose 'sample_lengths' is one), as bench/e2e.py writes")
+    return lengths
+
+
 def plan_config(cfg: DictConfig) -> Tuple[MemoryPlan, dict]:
     """Build the config's model on the meta device and plan its layout's memory (and step time, ``plan.time``).
 
@@ -213,7 +232,10 @@ def plan_config(cfg: DictConfig) -> Tuple[MemoryPlan, dict]:
                       tp_overlap=options["tp_overlap"])
         real = options["real_tokens_per_sample"]
         options["step"] = plan_step(model, layout, table, hw, tower_split=options["tower_split"],
-                                    real_tokens_per_sample=float(real) if real is not None else None)
+                                    real_tokens_per_sample=float(real) if real is not None else None,
+                                    sample_lengths=_sample_lengths(cfg),
+                                    max_image_size=int((cfg.get("tokenizer", {}) or {}).get("max_image_size", None)
+                                                       or DEFAULT_MAX_IMAGE_SIZE))
     return (
         plan_memory(model, layout, options["gpu_gib"], options["allocator_margin"], options["reserve_gib"]),
         options,

@@ -1,6 +1,7 @@
 from ._cluster import check_shared_output_dir
 from ._compile import compile_blocks, compile_loss, needs_static_shapes
 from ._config_keys import check_cli_keys
+from ._data_loading import compiled_graph_count, loader_worker_options
 from ._grad_norm import clip_grad_norm_
 from ._launch import (
     DEFAULT_DISTRIBUTED_TIMEOUT_S,
@@ -88,11 +89,13 @@ __all__ = [
     "clip_grad_norm_",
     "compile_blocks",
     "compile_loss",
+    "compiled_graph_count",
     "enable_async_tensor_parallel",
     "command_line_overrides",
     "convert_to_fp8",
     "cost_balanced_stage_extras",
     "count_step_data",
+    "loader_worker_options",
     "cosine_with_warmup",
     "cut_pipeline_stage",
     "DEFAULT_DISTRIBUTED_TIMEOUT_S",

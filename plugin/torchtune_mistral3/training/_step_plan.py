@@ -40,6 +40,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ._memory_plan import Layout, ModelDims, _stages, count_parts, model_dims
+from ._padding_model import expected_longest, medpix_sample_lengths, padding_mode
 
 TABLE_FILE = Path(__file__).with_name("step_costs_h200.json")
 PROVISIONAL_FILE = Path(__file__).with_name("step_costs_h200_provisional.json")
@@ -701,6 +702,10 @@ TEXT_TOKENS_PER_SAMPLE = 150
 # over its compiled one-chunk step (410.7 / 359.3 ms, bench/results/step_speed_h200_final.json).
 EAGER_TIME_FACTOR = 1.143
 GPUS_PER_NODE = 8
+# Without a measured length distribution, the padded (longest-in-batch) layouts are planned over this many samples
+# of the MedPix model (training/_padding_model.py) at the configs' tokenizer.max_image_size.
+MODEL_SAMPLES = 4096
+DEFAULT_MAX_IMAGE_SIZE = 1024
 
 
 def _layer_matmul(dims: Dict[str, int]) -> float:
@@ -827,6 +832,10 @@ class StepPlan:
         model_flops (float): model FLOPs per step of the computed tokens.
         tower_split (bool): whether the tower's images are shared over the TP group.
         stage_s (List[float]): forward + backward seconds of one micro-batch through each stage. Default is [].
+        padding (str): how the recipe pads this layout's batches: ``longest``, ``max_seq_len`` or ``packs``
+            (:func:`~torchtune_mistral3.training._padding_model.padding_mode`). Default is "max_seq_len".
+        padded_seq_len (float): the expected computed length of a sequence (``longest``: the expected longest of
+            the batch's samples; else ``seq_len``). Default is 0 (``seq_len``).
     """
 
     layout: Layout
@@ -843,6 +852,8 @@ class StepPlan:
     model_flops: float
     tower_split: bool
     stage_s: List[float] = field(default_factory=list)
+    padding: str = "max_seq_len"
+    padded_seq_len: float = 0.0
 
     @property
     def world(self) -> int:
@@ -873,6 +884,7 @@ class StepPlan:
                 "ranks": [asdict(r) for r in self.ranks], "stage_s": self.stage_s,
                 "pipeline_s": self.pipeline_s, "step_s": self.step_s,
                 "samples": self.samples, "tokens": self.tokens, "real_tokens": self.real_tokens,
+                "padding": self.padding, "padded_seq_len": self.padded_seq_len or self.layout.seq_len,
                 "real_tokens_per_s_per_gpu": self.real_tokens_per_s_per_gpu, "mfu": self.mfu,
                 "real_mfu": self.real_mfu}
 
@@ -918,8 +930,15 @@ def plan_step(
     hw: Hardware = Hardware(),
     tower_split: bool = False,
     real_tokens_per_sample: Optional[float] = None,
+    sample_lengths: Optional[Sequence[int]] = None,
+    max_image_size: int = DEFAULT_MAX_IMAGE_SIZE,
 ) -> StepPlan:
     """Predict the step time of ``model`` trained with ``layout``.
+
+    Sequences are as long as the recipe makes them (:func:`~torchtune_mistral3.training._padding_model.padding_mode`):
+    ``tokenizer.max_seq_len`` (``layout.seq_len``) under pipeline parallelism, compiled TP and packing; elsewhere the
+    expected longest of the ``batch_size`` samples of a batch (``batch_size x dp`` under data parallelism, where
+    every layer waits for the slowest replica), drawn from ``sample_lengths``.
 
     Args:
         model (Mistral3FusionModel): the model with its trainable flags (meta device is fine).
@@ -928,11 +947,28 @@ def plan_step(
         hw (Hardware): GPU and links. Default is an H100 with the default links.
         tower_split (bool): the tower's images shared over the TP group. Default is False.
         real_tokens_per_sample (Optional[float]): real tokens of a sample; None for the image's layout positions
-            plus ``TEXT_TOKENS_PER_SAMPLE`` (capped at the sequence). Default is None.
+            plus ``TEXT_TOKENS_PER_SAMPLE`` (capped at the sequence), or the mean of ``sample_lengths`` when given.
+            Default is None.
+        sample_lengths (Optional[Sequence[int]]): token lengths of the data's samples (e.g. written by
+            ``bench/e2e.py``); None for ``MODEL_SAMPLES`` samples of the MedPix model where the padding depends on
+            them (elsewhere the real tokens keep their default). Default is None.
+        max_image_size (int): ``tokenizer.max_image_size`` of the MedPix model's samples. Default is 1024.
 
     Returns:
         StepPlan: the prediction.
     """
+    padding = padding_mode(packed=layout.packed, pp=layout.pp, tp=layout.tp, compile=layout.compile)
+    padded_seq_len = float(layout.seq_len)
+    if padding == "longest":
+        lengths = sample_lengths
+        if lengths is None:
+            lengths = medpix_sample_lengths(MODEL_SAMPLES, max_image_size)
+        if real_tokens_per_sample is None:  # truncated at max_seq_len
+            real_tokens_per_sample = float(np.mean(np.minimum(lengths, layout.seq_len)))
+        padded_seq_len = expected_longest(lengths, layout.batch_size * max(layout.dp, 1), layout.seq_len)
+        layout = Layout(**{**layout.__dict__, "seq_len": max(1, round(padded_seq_len))})
+    elif sample_lengths is not None and real_tokens_per_sample is None:
+        real_tokens_per_sample = float(np.mean(np.minimum(sample_lengths, layout.seq_len)))
     lo = layout
     dims = model_dims(model)
     if lo.pp > 1 and lo.layer_split is None and lo.stage_extras is None:
@@ -1009,10 +1045,10 @@ def plan_step(
     trains_projector = bool(parts.get("projector") and parts["projector"].trainable_per_tp_rank)
     return StepPlan(
         layout=lo, hardware=hw, table_source=table.source, provisional=table.provisional, layer_split=list(split),
-        ranks=ranks, pipeline_s=pipeline_s, step_s=step_s, samples=samples, tokens=samples * lo.seq_len,
+        ranks=ranks, pipeline_s=pipeline_s, step_s=step_s, samples=samples, tokens=round(samples * padded_seq_len),
         real_tokens=samples * real_per_sequence,
         model_flops=model_flops_per_step(dims, lo, mb, samples, trains_projector), tower_split=tower_split,
-        stage_s=[t.forward + t.backward for t in times],
+        stage_s=[t.forward + t.backward for t in times], padding=padding, padded_seq_len=padded_seq_len,
     )
 
 
@@ -1045,6 +1081,9 @@ def format_step_plan(plan: StepPlan) -> str:
         f"real tokens/s per GPU {plan.real_tokens_per_s_per_gpu:.0f}; MFU {plan.mfu:.1%} "
         f"(real tokens only: {plan.real_mfu:.1%})"
     )
+    if plan.padding == "longest":
+        lines.append(f"padding: to the longest sample of each batch, expected {plan.padded_seq_len:.0f} tokens "
+                     "(training/_padding_model.py; plan.sample_lengths gives the data's own lengths)")
     return "\n".join(lines)
 
 
