@@ -3,7 +3,8 @@
 Two gloo ranks build the tiny Mistral 3 VLM (fp32, vision tower trainable) twice from the same seed under TP 2:
 once with the replicated encoder, once with ``split_image_encoders``. Each rank must encode exactly its
 cost-balanced share of the images (counted in patches at the tower's input), and the gathered features, the loss
-and every gradient (after ``sum_split_encoder_grads``) must equal the replicated run's to 1e-5 relative (about 80 fp32 epsilons).
+and every gradient (after ``sum_split_encoder_grads``) must equal the replicated run's to 1e-5 relative (about 80
+fp32 epsilons).
 """
 
 import json
