@@ -327,6 +327,8 @@ def run_mode(mode: str, args, ckpt: Path, data: Path, val: Path, work: Path, per
     launched = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.time() - launched
+    # the run's own output (its log lines, TORCH_LOGS=recompiles if set), kept beside the runs
+    (work / f"{mode}.log").write_text(proc.stdout + "\n" + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return {"command": " ".join(cmd[2:]), "launched": launched, "wall_s": wall, "steps": read_log(output_dir),
