@@ -60,6 +60,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -331,7 +332,12 @@ def run_mode(mode: str, args, ckpt: Path, data: Path, val: Path, work: Path, per
     (work / f"{mode}.log").write_text(proc.stdout + "\n" + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return {"command": " ".join(cmd[2:]), "launched": launched, "wall_s": wall, "steps": read_log(output_dir),
+    steps = read_log(output_dir)
+    # a 3B training state and checkpoint take ~17 GB: the next mode (or the peer) needs the disk
+    for sub in output_dir.iterdir():
+        if sub.is_dir() and sub.name != "logs":
+            shutil.rmtree(sub)
+    return {"command": " ".join(cmd[2:]), "launched": launched, "wall_s": wall, "steps": steps,
             "steps_run": epochs * per_epoch}
 
 
@@ -538,6 +544,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--peer-warmup", type=int, default=5)
     ap.add_argument("--fixed-shape", action="store_true", help="also time bench/step_speed.py's step at the shapes")
     ap.add_argument("--fixed-steps", type=int, default=10)
+    ap.add_argument("--with-result", action="append", default=[],
+                    help="an earlier --out JSON of the same workload: its modes join the fixed-shape step and ratios")
     ap.add_argument("--workdir", default=None, help="checkpoint, data and runs (default: a new temporary folder)")
     ap.add_argument("--smoke", action="store_true", help="CPU: the demo's tiny model, small images, eager")
     args = ap.parse_args(argv)
@@ -611,6 +619,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             result["peer"] = {"error": f"{type(e).__name__}: {str(e)[-2000:]}"}
             print(result["peer"]["error"], file=sys.stderr)
         _write(result, args.out)
+    for earlier in args.with_result:  # modes measured by an earlier call (a call is limited to 10 minutes)
+        for mode, entry in json.loads(Path(earlier).read_text())["modes"].items():
+            result["modes"].setdefault(mode, entry)
     if args.fixed_shape:
         import gc
 
