@@ -290,11 +290,8 @@ class MedPixDataset(SFTDataset):
             raise
 
 
-def _load_splits(source: str, data_files: Any, load_dataset_kwargs: Dict[str, Any]) -> DatasetDict:
-    kwargs = dict(load_dataset_kwargs)
-    if data_files is not None:
-        kwargs["data_files"] = data_files
-    loaded = load_dataset(source, **kwargs)
+def _load_splits(source: str, data_files: Any, **load_dataset_kwargs: Any) -> DatasetDict:
+    loaded = load_dataset(source, data_files=data_files, **load_dataset_kwargs)
     return DatasetDict({"train": loaded}) if isinstance(loaded, Dataset) else loaded
 
 
@@ -407,7 +404,7 @@ def medpix_dataset(
           split: train
     """
     columns = _resolve_columns(column_map)
-    splits = _load_splits(source, data_files, load_dataset_kwargs)
+    splits = _load_splits(source, data_files, **load_dataset_kwargs)
     base = split.split("[")[0].split("+")[0]
     if split_by_case is None:  # one split only (e.g. one local file), or not the one asked for: split by case
         pool = base not in splits or (len(splits) == 1 and base in ("train", "validation"))
