@@ -379,3 +379,27 @@ def test_packed_sample_equals_unpacked_samples():
         expected = [d for d, n in enumerate(packed[i]["seq_lens"]) for _ in range(n)]
         assert batch["document_ids"][i].tolist() == expected
         assert batch["input_pos"][i].tolist() == packed[i]["input_pos"]
+
+
+def test_a_data_file_of_zero_rows_is_named(transform, tmp_path):
+    empty = _write(_sample_table().slice(0, 0), tmp_path / "empty.parquet")
+    with pytest.raises(ValueError, match=r"parquet data file\(s\) \[.*empty.parquet'\] hold 0 rows"):
+        medpix_dataset(transform, source="parquet", data_files=empty, split_by_case=False)
+    full = str(MEDPIX_SAMPLE_DIR / "train.parquet")
+    with pytest.raises(ValueError, match="empty.parquet"):  # named among others (a glob or a split dict)
+        medpix_dataset(transform, source="parquet", data_files={"train": [full, empty]}, split_by_case=False)
+
+
+def test_an_unreachable_hub_says_how_to_get_the_data(tmp_path):
+    code = (
+        "from torchtune_mistral3.datasets import medpix_dataset\n"
+        "from torchtune_mistral3.models.mistral3._transform import mistral3_transform\n"
+        f"medpix_dataset(mistral3_transform({str(TEKKEN)!r}, max_seq_len=512))\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ConnectionError: Couldn't reach 'mmoukouba/MedPix-VQA' on the Hub"), last
+    assert "datasets.load_dataset('mmoukouba/MedPix-VQA')" in last
+    assert "dataset.source=parquet dataset.data_files=<files>" in last

@@ -8,8 +8,10 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, 
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import Dataset, DatasetDict, ReadInstruction, concatenate_datasets, load_dataset
+import pyarrow.parquet as pq
+from datasets import Dataset, DatasetDict, ReadInstruction, concatenate_datasets, config, load_dataset
 from datasets import Image as ImageFeature
+from datasets.exceptions import DatasetGenerationError
 from PIL import Image
 from torchtune.data import Message
 from torchtune.datasets import SFTDataset
@@ -290,8 +292,46 @@ class MedPixDataset(SFTDataset):
             raise
 
 
+def _local_files(data_files: Any) -> List[Path]:
+    """The local files ``data_files`` names (a path, glob, list or split -> paths dict)."""
+    if isinstance(data_files, Mapping):
+        return [f for v in data_files.values() for f in _local_files(v)]
+    if isinstance(data_files, (list, tuple)):
+        return [f for v in data_files for f in _local_files(v)]
+    if not isinstance(data_files, (str, Path)):
+        return []
+    path = Path(data_files)
+    return sorted(path.parent.glob(path.name)) if any(c in path.name for c in "*?[") else [path]
+
+
+def _empty_files(data_files: Any) -> List[str]:
+    """Local data files that hold no rows (a parquet file of 0 rows, or a 0-byte file)."""
+    empty = []
+    for path in _local_files(data_files):
+        if not path.is_file():
+            continue
+        if path.stat().st_size == 0 or (path.suffix == ".parquet" and pq.read_metadata(path).num_rows == 0):
+            empty.append(str(path))
+    return empty
+
+
 def _load_splits(source: str, data_files: Any, **load_dataset_kwargs: Any) -> DatasetDict:
-    loaded = load_dataset(source, data_files=data_files, **load_dataset_kwargs)
+    try:
+        loaded = load_dataset(source, data_files=data_files, **load_dataset_kwargs)
+    except DatasetGenerationError as e:
+        empty = _empty_files(data_files)
+        if empty:
+            raise ValueError(
+                f"{source} data file(s) {empty} hold 0 rows: fill them or leave them out of data_files"
+            ) from e
+        raise
+    except ConnectionError as e:  # no network and not in the local cache
+        raise ConnectionError(
+            f"{e}: {source!r} is not in the local Hugging Face cache ({config.HF_DATASETS_CACHE}) and the hub cannot "
+            f"be reached. Download it once where the hub is reachable, with the same HF_HOME "
+            f"(python -c \"import datasets; datasets.load_dataset('{source}')\"), or point the config at local "
+            "files: dataset.source=parquet dataset.data_files=<files> (dataset_val too)"
+        ) from e
     return DatasetDict({"train": loaded}) if isinstance(loaded, Dataset) else loaded
 
 
