@@ -110,7 +110,8 @@ def load_into_module(
 
     Raises:
         KeyError: if ``strict`` and the checkpoint lacks keys of the module (all of them are named).
-        ValueError: if a stored tensor's shape differs from the module's (file, key and both shapes named).
+        ValueError: if a stored tensor's shape differs from the module's (file, key and both shapes named), or
+            it holds NaN or inf values (file and key named).
     """
     state = module.state_dict()
     missing = [k for k in state if k not in reader]
@@ -140,6 +141,14 @@ def load_into_module(
             value = torch.empty(shape, dtype=want)
         else:
             value = reader.read(key, want, offset=offset, shape=shape)
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                # else the first step reports a non-finite loss and blames the learning rate
+                bad = int((~torch.isfinite(value)).sum())
+                raise ValueError(
+                    f"'{info.path}': '{info.hf_key}' holds {bad} non-finite values (NaN or inf) in the part this "
+                    f"rank reads: the input checkpoint '{reader.checkpoint_dir}' is damaged; re-download or re-export "
+                    "it"
+                )
         if not local.is_meta:
             with torch.no_grad():
                 local.copy_(value)
