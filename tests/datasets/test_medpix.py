@@ -403,3 +403,25 @@ def test_an_unreachable_hub_says_how_to_get_the_data(tmp_path):
     assert last.startswith("ConnectionError: Couldn't reach 'mmoukouba/MedPix-VQA' on the Hub"), last
     assert "datasets.load_dataset('mmoukouba/MedPix-VQA')" in last
     assert "dataset.source=parquet dataset.data_files=<files>" in last
+
+
+def test_answers_cut_at_max_seq_len_are_counted_when_the_dataset_is_built(caplog):
+    # reference: the full pixel transform without a limit gives each row's whole length and answer start
+    whole = medpix_sample_dataset(mistral3_transform(str(TEKKEN), max_seq_len=None, max_image_size=224))
+    samples = [whole[i] for i in range(len(whole))]
+    lengths, starts = [len(s["tokens"]) for s in samples], [_answer_start(s) for s in samples]
+    limit = max(starts) + 2  # every answer starts inside the limit: no row is refused
+    cut = [r for r, n in enumerate(lengths) if n > limit]
+    assert 0 < len(cut) < len(samples)
+    with caplog.at_level(logging.WARNING):
+        ds = medpix_sample_dataset(mistral3_transform(str(TEKKEN), max_seq_len=limit, max_image_size=224))
+    assert len(ds) == len(samples)
+    first = cut[0]
+    assert (f"parquet: {len(cut)} of {len(samples)} rows are longer than max_seq_len={limit}: their answers are cut "
+            f"and lose </s> (first: split 'train' row {first}, {lengths[first]} tokens)") in caplog.text
+    # and what the message says: those samples end without </s>
+    assert all(ds[r]["tokens"][-1] != ds._model_transform.eos_id for r in cut)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a limit every row fits: no warning
+        medpix_sample_dataset(mistral3_transform(str(TEKKEN), max_seq_len=max(lengths), max_image_size=224))
+    assert "are cut" not in caplog.text

@@ -237,6 +237,33 @@ def _measure_rows(
     return lengths, bad
 
 
+def _log_cut_rows(
+    data: Dataset, lengths: List[Optional[int]], message_transform: Transform, model_transform: Transform, source: str
+) -> None:
+    """Warn, with their count, about rows that ``max_seq_len`` cuts inside the answer (they lose ``</s>``).
+
+    A kept row fills ``max_seq_len`` exactly when it was cut (MedPix's image comes before the answer, so a cut
+    inside an image leaves no answer and the row is already refused); the untruncated count tells a cut row
+    from one that fits to the token.
+    """
+    limit, full = getattr(model_transform, "max_seq_len", None), getattr(model_transform, "untruncated_length", None)
+    if limit is None or full is None:
+        return
+    cut = {}
+    for i, n in enumerate(lengths):
+        if n == limit:
+            total = full(message_transform(data[i], load_image=False)["messages"])
+            if total > limit:
+                cut[i] = total
+    if cut:
+        i = min(cut)
+        log.warning(
+            "%s: %d of %d rows are longer than max_seq_len=%d: their answers are cut and lose </s> (first: split %r "
+            "row %d, %d tokens); raise tokenizer.max_seq_len to train them whole",
+            source, len(cut), len(lengths), limit, data[_SPLIT][i], data[_ROW][i], cut[i],
+        )
+
+
 def _drop_bad_rows(data: Dataset, bad: Dict[int, str], source: str, skip: bool, kind: str) -> Dataset:
     """Raise for the first bad row (naming its split and row), or drop them all and log how many."""
     if not bad:
@@ -494,6 +521,7 @@ def medpix_dataset(
         raise ValueError("packed=True packs to the tokenizer's max_seq_len: set tokenizer.max_seq_len")
     if measure:
         lengths, too_long = _measure_rows(data, message_transform, model_transform)
+        _log_cut_rows(data, lengths, message_transform, model_transform, source)
         data = _drop_bad_rows(data, too_long, source, skip_bad_rows, "too long")
         lengths = [n for n in lengths if n is not None]
     dataset = MedPixDataset(data, message_transform, model_transform, source)
