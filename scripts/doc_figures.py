@@ -1,15 +1,19 @@
 """Regenerate the figures the docs quote from code and shipped results, so they cannot drift.
 
-    python scripts/doc_figures.py
+    python scripts/doc_figures.py            # from the code and bench/results (seconds)
+    python scripts/doc_figures.py --demo     # also runs the demo commands the docs quote (minutes on a CPU)
 
 prints each figure with the doc that quotes it; ``tests/test_docs.py`` checks the docs against these functions.
 """
 
+import argparse
 import json
+import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -69,14 +73,67 @@ def lora_scaled_mm_speedup() -> float:
     return rows["fp8_dequantize"] / rows["fp8_scaled_mm"]
 
 
+# docs/parallelism.md: the demo's first 3 steps, one process
+DEMO_STEPS = ["dtype=fp32", "shuffle=False", "max_steps_per_epoch=3", "batch_size=2"]
+
+
+def tune_run(*args: str) -> subprocess.CompletedProcess:
+    """``tune run ARGS`` with this interpreter, failing loudly."""
+    proc = subprocess.run([sys.executable, "-m", "torchtune._cli.tune", "run", *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"tune run {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def logged_steps(output_dir: Path) -> Dict[int, Dict[str, float]]:
+    """Every ``Step N | key:value ...`` line of a run's DiskLogger file, by step."""
+    (log,) = (Path(output_dir) / "logs").glob("*.txt")
+    return {int(m[1]): {k: float(v) for k, v in re.findall(r"(\w+):([-+0-9.eE]+)", m[2])}
+            for m in re.finditer(r"Step (\d+) \| (.*)", log.read_text())}
+
+
+def demo_losses_line(output_dir: Path) -> str:
+    """``docs/parallelism.md``'s sentence of the demo's 3 steps (``tune run ... DEMO_STEPS``)."""
+    steps = logged_steps(output_dir)
+    losses = " / ".join(f"{steps[s]['loss']:.6f}" for s in sorted(steps))
+    norms = " / ".join(f"{steps[s]['grad_norm']:.5f}" for s in sorted(steps))
+    return f"logged {losses}, with grad norms {norms}"
+
+
+def demo_eval_lines(eval_dir: Path, stdout: str) -> List[str]:
+    """``docs/evaluation.md``'s validation loss sentence and table of the demo's evaluation."""
+    results = json.loads((Path(eval_dir) / "medpix_eval.json").read_text())
+    loss = (f"a validation loss of {results['val_loss']:.4f} (perplexity {results['perplexity']:.0f}) over "
+            f"{results['label_tokens']} answer tokens")
+    table = [line for line in stdout.splitlines() if re.match(r"^\s+(group|overall|[A-Z]\w*)\s", line)]
+    return [loss, *table]
+
+
+def run_demo(out: Path) -> Sequence[str]:
+    """Run the demo commands the docs quote into ``out``; return the lines to quote."""
+    tune_run("full_finetune_distributed", "--config", "mistral3p5_medpix_demo", f"output_dir={out / 'three'}",
+             *DEMO_STEPS)
+    tune_run("full_finetune_distributed", "--config", "mistral3p5_medpix_demo", f"output_dir={out / 'demo'}")
+    proc = tune_run("medpix_eval", "--config", "mistral3p5_medpix_demo_eval",
+                    f"checkpoint_dir={out / 'demo' / 'epoch_0'}", f"output_dir={out / 'eval'}")
+    return [demo_losses_line(out / "three"), *demo_eval_lines(out / "eval", proc.stdout)]
+
+
 def main() -> None:
     """Print every figure with the doc that quotes it."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--demo", action="store_true", help="also run the demo commands (minutes)")
+    args = parser.parse_args()
     sizes = training_state_sizes()
     print("docs/cluster.md: {params_b:.2f} B parameters, export {export_gb:.0f} GB, state {state_tb:.2f} TB, "
           "output_dir {output_dir_tb:.2f} TB".format(**sizes))
     print("docs/performance.md, check against the H200:")
     print("\n".join(memory_check_rows()))
     print(f"configs/*lora*.yaml: scaled_mm {lora_scaled_mm_speedup():.2f}x faster than dequantize")
+    if args.demo:
+        with tempfile.TemporaryDirectory() as d:
+            print("docs/parallelism.md, docs/evaluation.md (the demo):")
+            print("\n".join(run_demo(Path(d))))
 
 
 if __name__ == "__main__":

@@ -91,3 +91,14 @@ def test_a_full_disk_during_a_save_names_the_file_and_leaves_no_partial_director
     else:
         assert f"'{out / 'epoch_0'}' was not created" in message
     assert sorted(p.name for p in out.iterdir()) == (["epoch_0"] if previous else [])  # no .epoch_0.partial
+
+
+def test_non_finite_count_covers_raw_fp8_bytes():
+    from torchtune_mistral3.checkpointing._load import _non_finite
+
+    values = torch.tensor([float("nan"), 1.0, float("inf"), -2.0])
+    assert _non_finite(values) == _non_finite(values.to(torch.bfloat16)) == 2
+    # e4m3fn has no inf (the cast saturates it to 448); its NaN bytes are counted (torch.isfinite refuses fp8)
+    assert _non_finite(values.to(torch.float8_e4m3fn)) == 1
+    assert _non_finite(torch.tensor([1.0, 448.0]).to(torch.float8_e4m3fn)) == 0
+    assert _non_finite(torch.tensor([1, 2])) == 0
