@@ -105,7 +105,7 @@ def demo_eval_lines(eval_dir: Path, stdout: str) -> List[str]:
     results = json.loads((Path(eval_dir) / "medpix_eval.json").read_text())
     loss = (f"a validation loss of {results['val_loss']:.4f} (perplexity {results['perplexity']:.0f}) over "
             f"{results['label_tokens']} answer tokens")
-    table = [line for line in stdout.splitlines() if re.match(r"^\s+(group|overall|[A-Z]\w*)\s", line)]
+    table = [line for line in stdout.splitlines() if re.match(r"^\s*(group|overall|[A-Z]{2,}) +(n|\d+) ", line)]
     return [loss, *table]
 
 

@@ -167,3 +167,15 @@ def test_frozen_parameters_stay_out_of_the_state_and_keep_their_loaded_values(pr
     unfrozen[0].requires_grad_(True)
     with pytest.raises(ValueError, match=r"no saved value for the trainable \['0.weight', '0.bias'\]"):
         load_training_state(tmp_path, layout=LAYOUT, model_parts=[unfrozen], optimizer=optimizer)
+
+
+def test_load_restores_the_random_state_of_the_save(process_group, tmp_path):
+    import random
+
+    _save(tmp_path, 2, seed=0)  # the draws after the save are the ones the resumed run must repeat
+    expected = (torch.rand(3), random.random(), nn.Dropout(0.5)(torch.ones(8)))
+    torch.manual_seed(123)  # a resumed process starts elsewhere
+    random.seed(123)
+    _load(tmp_path)
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert torch.equal(nn.Dropout(0.5)(torch.ones(8)), expected[2])
