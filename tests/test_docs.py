@@ -3,6 +3,7 @@
 import importlib.util
 import re
 
+import pytest
 from omegaconf import OmegaConf
 from torchtune_mistral3 import _registry
 
@@ -71,3 +72,12 @@ def test_lora_configs_quote_the_measured_scaled_mm_speedup():
         assert "not measured yet" not in text
         assert f"scaled_mm: {speedup} faster on one H200" in text
     assert f"{speedup} `dequantize`" in _text("docs/lora.md")
+
+
+@pytest.mark.integration
+def test_parallelism_doc_quotes_the_demo_run(tmp_path):
+    figures = _doc_figures()
+    figures.tune_run("full_finetune_distributed", "--config", "mistral3p5_medpix_demo", f"output_dir={tmp_path}",
+                     *figures.DEMO_STEPS)
+    assert figures.demo_losses_line(tmp_path) in _text("docs/parallelism.md")
+    assert " ".join(figures.DEMO_STEPS) in _text("docs/parallelism.md")
