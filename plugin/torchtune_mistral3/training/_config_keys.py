@@ -8,8 +8,14 @@ silently ignored. :func:`check_cli_keys` accepts an override key when
   torchtune recipe it extends, and the modules that receive the whole config) for ``cfg.get("k", ...)``,
   ``cfg["k"]`` and ``cfg.k`` (``self._cfg`` too), so a key another change adds to the recipe is known
   without a list to keep up to date, or
-- it is ``a.b`` and ``a`` is a ``_component_`` node whose callable takes an argument ``b`` (or ``**kwargs``), or
+- it is ``a.b`` and ``a`` is a ``_component_`` node whose callable takes an argument ``b``; a callable with
+  ``**kwargs`` takes what the callee it hands them to takes (followed through its source: ``dataset.packd``
+  is refused because ``medpix_dataset`` hands it to ``datasets.load_dataset``), or
 - it is listed in ``allow_new_keys`` (``allow_new_keys=[my_key]``), for a key read by code the scan cannot see.
+
+The planner and the Slurm printer check their overrides with :func:`check_override_keys` too.
+:func:`check_config_values` refuses counts that are not positive integers and a learning rate that is not a
+positive number, at start.
 """
 
 import ast
@@ -189,7 +195,7 @@ def _keywords(
     accepts, less the keywords it sets itself in that call (``medpix_dataset(..., source="parquet", **kwargs)``
     does not accept ``source``). ``bindings`` names the callables passed in as arguments (``_build_lora(mistral3,
     ...)`` calls ``builder(**model_kwargs)``). ``fixed`` collects the keywords a forwarding call sets itself, with
-    the function that sets them.
+    the path of the callee they are set for.
     """
     try:
         signature = inspect.signature(fn)
@@ -199,8 +205,11 @@ def _keywords(
     var_kw = _var_keyword(signature)
     if var_kw is None:
         return own
-    if getattr(fn, "__module__", None) == "datasets.load" and getattr(fn, "__name__", None) == "load_dataset":
-        return _load_dataset_keywords()
+    if getattr(fn, "__name__", None) == "load_dataset":
+        import datasets
+
+        if fn is datasets.load_dataset:  # its **config_kwargs go to the builder config: those fields
+            return _load_dataset_keywords()
     if depth > 8:
         return None
     body = fn.__init__ if inspect.isclass(fn) else fn
