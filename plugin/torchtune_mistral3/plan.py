@@ -27,6 +27,9 @@ r"""Print the per-GPU memory and the step time a config's layout needs, before b
   group; default: the config's ``tensor_parallel_tower``, which is ``split`` under TP unless set to ``replicate``),
   ``plan.real_tokens_per_sample`` (default: the image's layout positions + 150 text tokens).
 
+Override keys are checked as ``tune run`` checks them (a misspelt key is refused with the closest valid one), and
+counts and ``plan.*`` numbers must be positive (exit code 2 with the message).
+
 With ``pipeline_parallel_dim`` > 1 and no ``pipeline_split``, both plans use the recipe's cost-balanced split
 (:func:`~torchtune_mistral3.training.cost_balanced_stage_extras`).
 """
