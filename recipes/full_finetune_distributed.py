@@ -72,6 +72,7 @@ from torchtune_mistral3.training import (
     check_async_tensor_parallel,
     check_checkpoint_dir,
     check_cli_keys,
+    check_config_values,
     check_finite_for_save,
     check_resumable,
     check_sequence_parallel_length,
@@ -172,6 +173,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
     """
 
     def __init__(self, cfg: DictConfig) -> None:
+        check_config_values(cfg)  # counts and the learning rate, before anything is built
         check_shared_output_dir(cfg)  # a multi-node run must write where every node sees
         if _prepare_checkpoint(cfg) is None:
             check_checkpoint_dir(cfg.checkpointer.get("checkpoint_dir", None), cfg.get("hf_repo", None))
@@ -296,13 +298,16 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             collate_fn=collate_name,
         )
         self._val_dataloader = None
-        if cfg.get("dataset_val", None) is not None:
-            self._val_dataloader = self._setup_data(
-                cfg_dataset=cfg.dataset_val,
-                shuffle=False,
-                batch_size=cfg.get("batch_size_val", cfg.batch_size),
-                collate_fn=collate_name,
-            )
+        if cfg.get("dataset_val", None) is not None and self._run_val_every_n_steps:  # built only when used
+            try:
+                self._val_dataloader = self._setup_data(
+                    cfg_dataset=cfg.dataset_val,
+                    shuffle=False,
+                    batch_size=cfg.get("batch_size_val", cfg.batch_size),
+                    collate_fn=collate_name,
+                )
+            except ValueError as e:  # a bad row or file: say it is the validation set
+                raise ValueError(f"dataset_val: {e}") from e
 
         if self._val_dataloader is not None and len(self._val_dataloader) == 0:  # else the logged val_loss is 0
             val_bs = cfg.get("batch_size_val", cfg.batch_size)

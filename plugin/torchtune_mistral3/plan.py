@@ -32,6 +32,9 @@ r"""Print the per-GPU memory and the step time a config's layout needs, before b
   batch to its longest sample (no pipeline, no compiled TP, not packed), the plan computes the expected longest of
   ``batch_size`` (x data parallel) samples drawn from these lengths, not ``max_seq_len``.
 
+Override keys are checked as ``tune run`` checks them (a misspelt key is refused with the closest valid one), and
+counts and ``plan.*`` numbers must be positive (exit code 2 with the message).
+
 With ``pipeline_parallel_dim`` > 1 and no ``pipeline_split``, both plans use the recipe's cost-balanced split
 (:func:`~torchtune_mistral3.training.cost_balanced_stage_extras`).
 """
@@ -40,10 +43,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
+from torchtune_mistral3.training._config_keys import check_config_values, check_override_keys, training_recipe_files
 from torchtune_mistral3.training._memory_plan import (
     HF_REPO_TO_SIZE,
     NAMED_SIZES,
@@ -73,6 +77,40 @@ _TRAINABLE_FLAGS = ("vision_trainable", "projector_trainable", "embeddings_train
                     "decoder_trainable")
 
 
+# recipe keys the plans use, and the planner's own numbers: (keys, the least value allowed, strictly above it)
+_RECIPE_COUNTS = ("batch_size", "gradient_accumulation_steps", "pipeline_microbatches", "tensor_parallel_dim",
+                  "pipeline_parallel_dim")
+_PLAN_LIMITS = (
+    (("world_size", "image_px", "images_per_sample", "images_per_pack", "seq_len"), 1, False),
+    (("gpu_gib", "nvlink_gbps", "pp_link_gbps", "real_tokens_per_sample"), 0, True),
+    (("allocator_margin", "reserve_gib"), 0, False),
+)
+
+
+def check_plan_values(plan: DictConfig) -> None:
+    """Refuse ``plan.*`` numbers the planner would misread (``plan.world_size=0``, ``plan.gpu_gib=-5``).
+
+    Args:
+        plan (DictConfig): the config's ``plan`` section.
+
+    Raises:
+        ValueError: naming every wrong key and the range it must lie in.
+    """
+    problems = []
+    for keys, least, strict in _PLAN_LIMITS:
+        for key in keys:
+            value = plan.get(key, None)
+            if value is None:
+                continue
+            whole = keys[0] == "world_size"
+            number = not isinstance(value, bool) and isinstance(value, int if whole else (int, float))
+            if not number or value < least or (strict and value == least):
+                kind = "an integer" if whole else "a number"
+                problems.append(f"plan.{key}={value!r} must be {kind} {'>' if strict else '>='} {least}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def _dtype_bytes(cfg: DictConfig, key: str, default: str) -> int:
     value = str(cfg.get(key, None) or default)
     if value not in _BYTES:
@@ -80,18 +118,24 @@ def _dtype_bytes(cfg: DictConfig, key: str, default: str) -> int:
     return _BYTES[value]
 
 
-def load_config(config: str, overrides: List[str]) -> DictConfig:
+def load_config(config: str, overrides: List[str], key_files: Sequence[str] = ()) -> DictConfig:
     """Load a registered config (by name) or a YAML file, then apply ``key=value`` overrides.
+
+    The override keys are checked as ``tune run`` checks them (a misspelt key is refused, with the closest valid
+    one), against the training recipe's keys and those that ``key_files`` read.
 
     Args:
         config (str): config name from the plugin's manifest, or a path.
         overrides (List[str]): ``key=value`` strings.
+        key_files (Sequence[str]): further source files whose ``cfg`` reads are valid keys (the planner's own
+            ``plan.*``). Default is none.
 
     Returns:
         DictConfig: the merged config.
 
     Raises:
         FileNotFoundError: if ``config`` is neither a file nor a registered name.
+        ValueError: for an override key nothing reads.
     """
     from torchtune_mistral3._registry import CONFIGS_DIR, MANIFEST
 
@@ -101,8 +145,11 @@ def load_config(config: str, overrides: List[str]) -> DictConfig:
         if config not in names:
             raise FileNotFoundError(f"--config {config!r} is neither a file nor one of {sorted(names)}")
         path = CONFIGS_DIR / names[config]
-    cfg = OmegaConf.load(path)
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    yaml = OmegaConf.load(path)
+    cfg = OmegaConf.merge(yaml, OmegaConf.from_dotlist(overrides))
+    keys = [o.split("=", 1)[0] for o in overrides]
+    check_override_keys(yaml, cfg, keys, [*training_recipe_files(cfg), *key_files], where="in the overrides")
+    return cfg
 
 
 def layout_from_config(cfg: DictConfig) -> Tuple[Layout, dict]:
@@ -118,6 +165,8 @@ def layout_from_config(cfg: DictConfig) -> Tuple[Layout, dict]:
         ValueError: if ``plan.world_size`` is not a multiple of TP x PP, or the optimizer is not modelled.
     """
     plan = cfg.get("plan", {}) or {}
+    check_config_values(cfg, counts=_RECIPE_COUNTS)
+    check_plan_values(plan)
     tp = int(cfg.get("tensor_parallel_dim", 1))
     pp = int(cfg.get("pipeline_parallel_dim", 1))
     world = int(plan.get("world_size", tp * pp))
@@ -259,7 +308,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides (recipe keys and plan.*)")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, key_files=[__file__])
         plan, options = plan_config(cfg)
     except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")

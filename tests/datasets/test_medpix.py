@@ -379,3 +379,49 @@ def test_packed_sample_equals_unpacked_samples():
         expected = [d for d, n in enumerate(packed[i]["seq_lens"]) for _ in range(n)]
         assert batch["document_ids"][i].tolist() == expected
         assert batch["input_pos"][i].tolist() == packed[i]["input_pos"]
+
+
+def test_a_data_file_of_zero_rows_is_named(transform, tmp_path):
+    empty = _write(_sample_table().slice(0, 0), tmp_path / "empty.parquet")
+    with pytest.raises(ValueError, match=r"parquet data file\(s\) \[.*empty.parquet'\] hold 0 rows"):
+        medpix_dataset(transform, source="parquet", data_files=empty, split_by_case=False)
+    full = str(MEDPIX_SAMPLE_DIR / "train.parquet")
+    with pytest.raises(ValueError, match="empty.parquet"):  # named among others (a glob or a split dict)
+        medpix_dataset(transform, source="parquet", data_files={"train": [full, empty]}, split_by_case=False)
+
+
+def test_an_unreachable_hub_says_how_to_get_the_data(tmp_path):
+    code = (
+        "from torchtune_mistral3.datasets import medpix_dataset\n"
+        "from torchtune_mistral3.models.mistral3._transform import mistral3_transform\n"
+        f"medpix_dataset(mistral3_transform({str(TEKKEN)!r}, max_seq_len=512))\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ConnectionError: Couldn't reach 'mmoukouba/MedPix-VQA' on the Hub"), last
+    assert "datasets.load_dataset('mmoukouba/MedPix-VQA')" in last
+    assert "dataset.source=parquet dataset.data_files=<files>" in last
+
+
+def test_answers_cut_at_max_seq_len_are_counted_when_the_dataset_is_built(caplog):
+    # reference: the full pixel transform without a limit gives each row's whole length and answer start
+    whole = medpix_sample_dataset(mistral3_transform(str(TEKKEN), max_seq_len=None, max_image_size=224))
+    samples = [whole[i] for i in range(len(whole))]
+    lengths, starts = [len(s["tokens"]) for s in samples], [_answer_start(s) for s in samples]
+    limit = max(starts) + 2  # every answer starts inside the limit: no row is refused
+    cut = [r for r, n in enumerate(lengths) if n > limit]
+    assert 0 < len(cut) < len(samples)
+    with caplog.at_level(logging.WARNING):
+        ds = medpix_sample_dataset(mistral3_transform(str(TEKKEN), max_seq_len=limit, max_image_size=224))
+    assert len(ds) == len(samples)
+    first = cut[0]
+    assert (f"parquet: {len(cut)} of {len(samples)} rows are longer than max_seq_len={limit}: their answers are cut "
+            f"and lose </s> (first: split 'train' row {first}, {lengths[first]} tokens)") in caplog.text
+    # and what the message says: those samples end without </s>
+    assert all(ds[r]["tokens"][-1] != ds._model_transform.eos_id for r in cut)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a limit every row fits: no warning
+        medpix_sample_dataset(mistral3_transform(str(TEKKEN), max_seq_len=max(lengths), max_image_size=224))
+    assert "are cut" not in caplog.text

@@ -74,6 +74,35 @@ def test_rouge_l_equals_rouge_score(prediction, reference):
     assert rouge_l(prediction, reference) == pytest.approx(expected, abs=1e-12)
 
 
+# answers that repeat words: a shared word counts as often as both sides hold it (a multiset), not once (a set)
+REPEATS = [
+    ("left left lung", "left lung lung"),  # multiset 2 common of 3 and 3; as sets {left, lung} would be 2 of 2
+    ("no no no", "no"),
+    ("mass mass", "mass in the mass and mass"),
+    ("a b a c b a d", "b a c a b d a a"),
+]
+
+
+@pytest.mark.parametrize("prediction, reference", PAIRS + REPEATS)
+def test_token_f1_and_recall_equal_rouge1(prediction, reference):
+    # ROUGE-1 counts unigram overlap with clipping (min of the two counts): the multiset overlap of SQuAD's F1
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1"])
+    expected = scorer.score(normalize_answer(reference), normalize_answer(prediction))["rouge1"]
+    assert token_f1(prediction, reference) == pytest.approx(expected.fmeasure, abs=1e-12)
+    assert token_recall(prediction, reference) == pytest.approx(expected.recall, abs=1e-12)
+
+
+def test_repeated_words_by_hand():
+    # "left left lung" vs "left lung lung": left 1 (min 2, 1), lung 1 (min 1, 2) -> 2 common; P = R = 2/3
+    assert token_f1("left left lung", "left lung lung") == pytest.approx(2 / 3)
+    assert token_recall("left left lung", "left lung lung") == pytest.approx(2 / 3)
+    # "mass mass" vs "mass in mass and mass" (the dropped): 2 common; P = 2/2, R = 2/5 -> F1 = 4/7
+    assert token_f1("mass mass", "mass in the mass and mass") == pytest.approx(4 / 7)
+    assert token_recall("mass mass", "mass in the mass and mass") == pytest.approx(2 / 5)
+
+
 @pytest.mark.parametrize("prediction, reference", PAIRS)
 def test_bleu1_equals_nltk(prediction, reference):
     from nltk.translate.bleu_score import sentence_bleu

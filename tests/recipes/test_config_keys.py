@@ -1,9 +1,12 @@
 """Misspelt command-line keys of plugin configs stop the run at start, with the closest valid key."""
 
+import dataclasses
 import importlib.util
+import inspect
 import sys
 import time
 
+import datasets
 import pytest
 from omegaconf import OmegaConf
 from torchtune.config._parse import TuneRecipeArgumentParser
@@ -47,7 +50,9 @@ def test_misspelt_key_fails_at_start_through_tune_run(tune, tmp_path):
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["batch_size=2", "optimizer.lr=1e-3", "dataset.source=parquet", "dataset.split=train"],
+        ["batch_size=2", "optimizer.lr=1e-3", "dataset.split=train", "dataset.packed=True"],
+        ["dataset=torchtune_mistral3.datasets.medpix_dataset", "dataset.source=parquet", "dataset.data_files=x"],
+        ["model.vision_trainable=True", "model.max_seq_len=256", "dataset.columns=[a]", "dataset.name=x"],
         ["output_dir=/tmp/x", "checkpoint_dir=/tmp/y", "prepare_checkpoint=null", "checkpointer.save_dtype=fp32"],
         ["max_steps_per_epoch=2", "gradient_accumulation_steps=2", "clip_grad_norm=0.5", "shuffle=False", "dtype=fp32"],
         ["pipeline_parallel_dim=2", "pipeline_microbatches=2", "pipeline_schedule=GPipe", "tensor_parallel_dim=2"],
@@ -135,3 +140,122 @@ def test_stock_configs_keep_stock_behaviour(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         recipe.recipe_main()
     assert seen[0].batchsize == 2
+
+
+LORA_DEMO = _registry.CONFIGS_DIR / "mistral3p5_medpix_lora_demo.yaml"
+
+
+@pytest.mark.parametrize(
+    "config, override, message",
+    [
+        # medpix_dataset(**load_dataset_kwargs) hands the key to datasets.load_dataset, which fails after the model
+        (DEMO, "dataset.packd=True", "dataset.packd (did you mean dataset.packed?)"),
+        # mistral3_from_hf_config(**kwargs) -> mistral3(...), which has no such argument
+        (DEMO, "model.vision_trainabl=false", "model.vision_trainabl (did you mean model.vision_trainable?)"),
+        # mistral3_lora_from_hf_config -> _build_lora(mistral3, ...) -> builder(**model_kwargs)
+        (LORA_DEMO, "model.lora_rnk=4", "model.lora_rnk (did you mean model.lora_rank?)"),
+        # medpix_sample_dataset sets source itself: say which component takes it
+        (
+            DEMO,
+            "dataset.source=parquet",
+            "sets source itself; to choose it, use the component it calls: "
+            "dataset=torchtune_mistral3.datasets.medpix_dataset dataset.source=...",
+        ),
+    ],
+)
+def test_keys_passed_through_kwargs_are_checked_against_the_callee(config, override, message):
+    with pytest.raises(ValueError, match="Unknown config key") as info:
+        _check(override, config=config)
+    assert message in str(info.value)
+
+
+def test_keyword_arguments_follow_kwargs_to_the_callee():
+    from torchtune_mistral3.datasets import medpix_dataset, medpix_sample_dataset
+    from torchtune_mistral3.models.mistral3 import mistral3, mistral3_from_hf_config
+    from torchtune_mistral3.training._config_keys import _keywords
+
+    # the builder's own arguments, plus its callee's, less what it sets itself (reference: the signatures)
+    own = set(inspect.signature(mistral3_from_hf_config).parameters) - {"kwargs"}
+    assert _keywords(mistral3_from_hf_config) == own | set(inspect.signature(mistral3).parameters)
+    sample = _keywords(medpix_sample_dataset)
+    full = _keywords(medpix_dataset)
+    assert full - sample == {"source", "data_files"} and "load_dataset_kwargs" not in full
+    # load_dataset's own arguments and a parquet builder config's fields (datasets' dataclass)
+    from datasets.packaged_modules.parquet.parquet import ParquetConfig
+
+    # (path is the source, given positionally)
+    assert set(inspect.signature(datasets.load_dataset).parameters) - {"config_kwargs", "path"} <= full
+    assert {f.name for f in dataclasses.fields(ParquetConfig)} <= full
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"epochs": 0}, "epochs=0 (the passes over the training data) must be a positive integer."),
+        ({"max_steps_per_epoch": 0}, "max_steps_per_epoch=0 (optimizer steps per epoch (null: the whole epoch)) "
+                                     "must be a positive integer or null"),
+        ({"run_val_every_n_steps": -1}, "run_val_every_n_steps=-1"),
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps=0"),
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"batch_size": True}, "batch_size=True"),
+        ({"optimizer": {"lr": "fast"}}, "optimizer.lr='fast' (the learning rate) must be a positive number"),
+        ({"optimizer": {"lr": -1e-3}}, "optimizer.lr=-0.001"),
+        ({"tensor_parallel_dim": 0}, "tensor_parallel_dim=0"),
+    ],
+)
+def test_wrong_values_are_refused_naming_the_key(values, message):
+    from torchtune_mistral3.training import check_config_values
+
+    cfg = OmegaConf.merge(OmegaConf.load(DEMO), values)
+    with pytest.raises(ValueError, match="Invalid config value") as info:
+        check_config_values(cfg)
+    assert message in str(info.value)
+
+
+def test_shipped_configs_have_valid_values():
+    from torchtune_mistral3.eval._recipe import EVAL_COUNTS
+    from torchtune_mistral3.training import check_config_values
+
+    for path in sorted(_registry.CONFIGS_DIR.glob("*.yaml")):
+        cfg = OmegaConf.load(path)
+        check_config_values(cfg, counts=EVAL_COUNTS) if "eval" in path.name else check_config_values(cfg)
+    # null turns validation and step saves off, and lets an epoch run to its end
+    check_config_values(OmegaConf.create({"run_val_every_n_steps": None, "max_steps_per_epoch": None}))
+
+
+# refusals that must come at start, before a model is built (each as `tune run` prints it)
+@pytest.mark.parametrize(
+    "recipe, config, overrides, messages",
+    [
+        (
+            "full_finetune_distributed",
+            "mistral3p5_medpix_demo",
+            ["epochs=0", "max_steps_per_epoch=0", "run_val_every_n_steps=-1", "optimizer.lr=fast",
+             "gradient_accumulation_steps=0", "batch_size=0"],
+            ["epochs=0", "max_steps_per_epoch=0", "run_val_every_n_steps=-1", "optimizer.lr='fast'",
+             "gradient_accumulation_steps=0", "batch_size=0"],
+        ),
+        (
+            "full_finetune_distributed",
+            "mistral3p5_medpix_demo",
+            ["dataset.packd=True", "model.vision_trainabl=false", "dataset.source=parquet"],
+            ["dataset.packd (did you mean dataset.packed?)", "model.vision_trainabl (did you mean",
+             "dataset=torchtune_mistral3.datasets.medpix_dataset"],
+        ),
+        ("lora_finetune_distributed", "mistral3p5_medpix_lora_demo", ["gradient_accumulation_steps=0"],
+         ["gradient_accumulation_steps=0"]),
+        ("medpix_eval", "mistral3p5_medpix_demo_eval", ["max_row=3"], ["max_row (did you mean max_rows?)"]),
+        ("medpix_eval", "mistral3p5_medpix_demo_eval", ["max_new_tokens=0"], ["max_new_tokens=0"]),
+    ],
+)
+def test_refusals_come_at_start_through_tune_run(tune, tmp_path, recipe, config, overrides, messages):
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    proc = tune("run", recipe, "--config", config, f"output_dir={out}", *overrides, check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ValueError: "), proc.stderr[-2000:]
+    for message in messages:
+        assert message in last, last
+    assert not out.exists() and "Instantiating" not in proc.stderr and "Model is initialized" not in proc.stderr
+    assert time.perf_counter() - start < 120

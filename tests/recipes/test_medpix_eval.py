@@ -55,3 +55,24 @@ def test_eval_without_the_fine_tuned_checkpoint_says_what_to_run(tune, tmp_path)
     )
     assert proc.returncode != 0
     assert f"Checkpoint directory '{tmp_path / 'none'}' does not exist" in proc.stderr + proc.stdout
+
+
+def test_eval_over_zero_rows_is_an_error(trained, tune, tmp_path):
+    # validation[:0] leaves no rows (as when every row is skipped): no loss 0.0 and perplexity 1.0
+    proc = tune(
+        "run", "medpix_eval", "--config", "mistral3p5_medpix_demo_eval", f"checkpoint_dir={trained / 'epoch_0'}",
+        f"output_dir={tmp_path / 'eval'}", "dataset.split=validation[:0]", check=False,
+    )
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "split='validation[:0]') has 0 rows to evaluate" in last, last
+    assert not (tmp_path / "eval" / RESULTS_FILE).exists()
+
+
+def test_eval_pointed_at_a_run_directory_suggests_its_newest_epoch(trained, tune, tmp_path):
+    proc = tune(
+        "run", "medpix_eval", "--config", "mistral3p5_medpix_demo_eval", f"checkpoint_dir={trained}",
+        f"output_dir={tmp_path / 'eval'}", check=False,
+    )
+    assert proc.returncode != 0
+    assert f"whose newest checkpoint is {trained / 'epoch_0'}: set checkpoint_dir={trained / 'epoch_0'}" in proc.stderr

@@ -55,3 +55,15 @@ def test_missing_checkpoint_gives_the_download_command(tmp_path):
         check_checkpoint_dir(str(missing), None)
     (missing / "config.json").write_text("{}")
     check_checkpoint_dir(str(missing), None)
+
+
+def test_a_run_directory_given_as_checkpoint_suggests_its_newest_epoch(tmp_path):
+    run = tmp_path / "run"
+    for name in ("epoch_2", "epoch_10", "epoch_11", "epoch_x", "logs"):
+        (run / name).mkdir(parents=True)
+    for name in ("epoch_2", "epoch_10"):  # epoch_11 is incomplete (no config.json): not suggested
+        (run / name / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError) as e:
+        check_checkpoint_dir(str(run), None)
+    assert f"it is a run's output_dir, whose newest checkpoint is {run / 'epoch_10'}" in str(e.value)
+    assert f"set checkpoint_dir={run / 'epoch_10'}" in str(e.value)

@@ -205,3 +205,15 @@ def test_resume_check_runs_before_the_state_is_read(process_group, tmp_path):
     with pytest.raises(ValueError, match="batch_size: 2 -> 4"):
         load_training_state(tmp_path, layout=LAYOUT, model_parts=[model], optimizer=optimizer, check=refuse)
     assert torch.equal(model.weight, before)
+
+
+def test_load_restores_the_random_state_of_the_save(process_group, tmp_path):
+    import random
+
+    _save(tmp_path, 2, seed=0)  # the draws after the save are the ones the resumed run must repeat
+    expected = (torch.rand(3), random.random(), nn.Dropout(0.5)(torch.ones(8)))
+    torch.manual_seed(123)  # a resumed process starts elsewhere
+    random.seed(123)
+    _load(tmp_path)
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert torch.equal(nn.Dropout(0.5)(torch.ones(8)), expected[2])

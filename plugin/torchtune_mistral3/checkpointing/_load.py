@@ -110,7 +110,8 @@ def load_into_module(
 
     Raises:
         KeyError: if ``strict`` and the checkpoint lacks keys of the module (all of them are named).
-        ValueError: if a stored tensor's shape differs from the module's (file, key and both shapes named).
+        ValueError: if a stored tensor's shape differs from the module's (file, key and both shapes named), or
+            it holds NaN or inf values (file and key named).
     """
     state = module.state_dict()
     missing = [k for k in state if k not in reader]
@@ -140,6 +141,13 @@ def load_into_module(
             value = torch.empty(shape, dtype=want)
         else:
             value = reader.read(key, want, offset=offset, shape=shape)
+            bad = _non_finite(value)
+            if bad:  # else the first step reports a non-finite loss and blames the learning rate
+                raise ValueError(
+                    f"'{info.path}': '{info.hf_key}' holds {bad} non-finite values (NaN or inf) in the part this "
+                    f"rank reads: the input checkpoint '{reader.checkpoint_dir}' is damaged; re-download or re-export "
+                    "it"
+                )
         if not local.is_meta:
             with torch.no_grad():
                 local.copy_(value)
@@ -154,6 +162,14 @@ def load_into_module(
     if assigned:
         module.load_state_dict(assigned, strict=False, assign=True)
     return missing
+
+
+def _non_finite(value: torch.Tensor) -> int:
+    """How many NaN or inf elements ``value`` holds (raw FP8 bytes too, whose NaN torch's isfinite cannot see)."""
+    if not value.is_floating_point():
+        return 0
+    wide = value.float() if value.element_size() == 1 else value
+    return int((~torch.isfinite(wide)).sum())
 
 
 def _target_device(target: torch.Tensor, device: Optional[Union[str, torch.device]]) -> torch.device:

@@ -67,6 +67,27 @@ class TensorInfo:
         return self.scale_key is not None
 
 
+def read_json(path: Union[str, Path]) -> Any:
+    """A checkpoint's JSON file (``config.json``, the safetensors index), parsed.
+
+    Args:
+        path (Union[str, Path]): the file.
+
+    Returns:
+        Any: its content.
+
+    Raises:
+        ValueError: if it is not valid JSON, naming the file, the line and the column.
+    """
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"'{path}' is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): the file is damaged or "
+            "cut short; fix it or copy it again from the checkpoint's source"
+        ) from e
+
+
 def read_safetensors_header(path: Union[str, Path]) -> Dict[str, dict]:
     """Parse a safetensors header and check that the file holds every byte it declares.
 
@@ -128,7 +149,7 @@ def _checkpoint_files(checkpoint_dir: Path, checkpoint_files: Optional[Sequence[
     """Return ``hf_key -> file`` from an explicit file list, the sharded index, or every ``*.safetensors``."""
     index_path = checkpoint_dir / SAFETENSORS_INDEX
     if checkpoint_files is None and index_path.is_file():
-        weight_map = json.loads(index_path.read_text())["weight_map"]
+        weight_map = read_json(index_path)["weight_map"]
         key_to_file = {k: checkpoint_dir / f for k, f in weight_map.items()}
         for key, path in key_to_file.items():
             if not path.is_file():
@@ -184,7 +205,7 @@ class HFCheckpointReader:
         config_path = self.checkpoint_dir / CONFIG_FNAME
         if not config_path.is_file():
             raise FileNotFoundError(f"'{config_path}' does not exist; an HF checkpoint directory needs its config.json")
-        self.config: dict = json.loads(config_path.read_text())
+        self.config: dict = read_json(config_path)
         qcfg = self.config.get("quantization_config") or {}
         self.block_size: Optional[List[int]] = qcfg.get("weight_block_size")
 

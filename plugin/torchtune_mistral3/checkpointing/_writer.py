@@ -18,6 +18,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -182,13 +183,42 @@ class _ShardWriter:
             self.weight_map[hf_key] = self._names[i]
         self._remaining[i] -= 1
         if self._remaining[i] == 0:
-            save_file(self._pending[i], self.directory / self._names[i], metadata={"format": "pt"})
+            path = self.directory / self._names[i]
+            try:
+                save_file(self._pending[i], path, metadata={"format": "pt"})
+            except (OSError, SafetensorError) as e:  # a full disk: "No space left on device (os error 28)"
+                raise OSError(f"{path}: {type(e).__name__}: {e}") from e
+            os.chmod(path, _FILE_MODE)  # safetensors creates 0600: readable by colleagues as the other files
             self._pending[i] = {}
 
     def check_done(self) -> None:
         left = [n for n, r in zip(self._names, self._remaining) if r]
         if left:
             raise RuntimeError(f"internal error: shards {left} did not receive all their tensors")
+
+
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
+def _failed_save(checkpoint_dir: Path, tmp: Path, errors: Sequence[str]) -> OSError:
+    """Remove the partial copy and say which file failed and what is intact."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    kept = (
+        f"the previous checkpoint '{checkpoint_dir}' is intact" if checkpoint_dir.exists()
+        else f"'{checkpoint_dir}' was not created; every earlier checkpoint is intact"
+    )
+    return OSError(
+        f"Writing the checkpoint '{checkpoint_dir}' failed (is the disk full?): {'; '.join(errors)}. The partial "
+        f"directory {tmp} was removed and {kept}; free space under {checkpoint_dir.parent} and save again (the "
+        "training states under output_dir/training_state resume the run)."
+    )
 
 
 def _partial_dir(checkpoint_dir: Path) -> Path:
@@ -275,12 +305,15 @@ def write_hf_checkpoint(
     converter = _HFTensorConverter(dtype, fp8_keys, activation_scales)
     plan = ShardPlan([(k, converter.nbytes(k, v.shape, v.dtype)) for k, v in state_dict.items()], max_shard_bytes)
     tmp = _prepare_partial(checkpoint_dir)
-    writer = _ShardWriter(tmp, plan.files, 0, len(plan.files), converter)
-    for key, value in state_dict.items():
-        writer.add(key, value)
-    writer.check_done()
-    cfg = saved_config(config, fp8=bool(converter.fp8_keys), dtype=dtype)
-    _write_metadata(tmp, writer.weight_map, plan.nbytes, cfg, source_dir, max_image_size)
+    try:
+        writer = _ShardWriter(tmp, plan.files, 0, len(plan.files), converter)
+        for key, value in state_dict.items():
+            writer.add(key, value)
+        writer.check_done()
+        cfg = saved_config(config, fp8=bool(converter.fp8_keys), dtype=dtype)
+        _write_metadata(tmp, writer.weight_map, plan.nbytes, cfg, source_dir, max_image_size)
+    except OSError as e:
+        raise _failed_save(checkpoint_dir, tmp, [str(e)]) from e
     _publish(tmp, checkpoint_dir)
     return checkpoint_dir
 
@@ -356,15 +389,22 @@ def save_distributed(
     if distributed:
         dist.barrier()
     writer = _ShardWriter(tmp, plan.files, first, total, converter) if is_writer else None
+    error = None
     for key, value in state.items():
-        full = value.full_tensor() if isinstance(value, DTensor) else value
-        if writer is not None:
-            writer.add(key, full)
+        full = value.full_tensor() if isinstance(value, DTensor) else value  # a collective: every rank goes on
+        if writer is not None and error is None:
+            try:
+                writer.add(key, full)
+            except OSError as e:
+                error = str(e)
         del full
-    if writer is not None:
+    if writer is not None and error is None:
         writer.check_done()
+    errors = [error]
     if distributed:
-        dist.barrier()
+        dist.all_gather_object(errors := [None] * dist.get_world_size(), error)
+    if any(errors):
+        raise _failed_save(checkpoint_dir, tmp, [e for e in errors if e])
     if rank == 0:
         weight_map, offset = {}, 0
         for s in sorted(stages):
@@ -376,7 +416,10 @@ def save_distributed(
             offset += len(files)
         nbytes = sum(n for _, n in stages.values())
         cfg = saved_config(config, fp8=bool(converter.fp8_keys), dtype=dtype)
-        _write_metadata(tmp, weight_map, nbytes, cfg, source_dir, max_image_size)
+        try:
+            _write_metadata(tmp, weight_map, nbytes, cfg, source_dir, max_image_size)
+        except OSError as e:
+            raise _failed_save(checkpoint_dir, tmp, [str(e)]) from e
         _publish(tmp, checkpoint_dir)
     if distributed:
         dist.barrier()

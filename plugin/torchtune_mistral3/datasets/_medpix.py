@@ -8,8 +8,10 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, 
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import Dataset, DatasetDict, ReadInstruction, concatenate_datasets, load_dataset
+import pyarrow.parquet as pq
+from datasets import Dataset, DatasetDict, ReadInstruction, concatenate_datasets, config, load_dataset
 from datasets import Image as ImageFeature
+from datasets.exceptions import DatasetGenerationError
 from PIL import Image
 from torchtune.data import Message
 from torchtune.datasets import SFTDataset
@@ -235,6 +237,33 @@ def _measure_rows(
     return lengths, bad
 
 
+def _log_cut_rows(
+    data: Dataset, lengths: List[Optional[int]], message_transform: Transform, model_transform: Transform, source: str
+) -> None:
+    """Warn, with their count, about rows that ``max_seq_len`` cuts inside the answer (they lose ``</s>``).
+
+    A kept row fills ``max_seq_len`` exactly when it was cut (MedPix's image comes before the answer, so a cut
+    inside an image leaves no answer and the row is already refused); the untruncated count tells a cut row
+    from one that fits to the token.
+    """
+    limit, full = getattr(model_transform, "max_seq_len", None), getattr(model_transform, "untruncated_length", None)
+    if limit is None or full is None:
+        return
+    cut = {}
+    for i, n in enumerate(lengths):
+        if n == limit:
+            total = full(message_transform(data[i], load_image=False)["messages"])
+            if total > limit:
+                cut[i] = total
+    if cut:
+        i = min(cut)
+        log.warning(
+            "%s: %d of %d rows are longer than max_seq_len=%d: their answers are cut and lose </s> (first: split %r "
+            "row %d, %d tokens); raise tokenizer.max_seq_len to train them whole",
+            source, len(cut), len(lengths), limit, data[_SPLIT][i], data[_ROW][i], cut[i],
+        )
+
+
 def _drop_bad_rows(data: Dataset, bad: Dict[int, str], source: str, skip: bool, kind: str) -> Dataset:
     """Raise for the first bad row (naming its split and row), or drop them all and log how many."""
     if not bad:
@@ -290,11 +319,46 @@ class MedPixDataset(SFTDataset):
             raise
 
 
-def _load_splits(source: str, data_files: Any, load_dataset_kwargs: Dict[str, Any]) -> DatasetDict:
-    kwargs = dict(load_dataset_kwargs)
-    if data_files is not None:
-        kwargs["data_files"] = data_files
-    loaded = load_dataset(source, **kwargs)
+def _local_files(data_files: Any) -> List[Path]:
+    """The local files ``data_files`` names (a path, glob, list or split -> paths dict)."""
+    if isinstance(data_files, Mapping):
+        return [f for v in data_files.values() for f in _local_files(v)]
+    if isinstance(data_files, (list, tuple)):
+        return [f for v in data_files for f in _local_files(v)]
+    if not isinstance(data_files, (str, Path)):
+        return []
+    path = Path(data_files)
+    return sorted(path.parent.glob(path.name)) if any(c in path.name for c in "*?[") else [path]
+
+
+def _empty_files(data_files: Any) -> List[str]:
+    """Local data files that hold no rows (a parquet file of 0 rows, or a 0-byte file)."""
+    empty = []
+    for path in _local_files(data_files):
+        if not path.is_file():
+            continue
+        if path.stat().st_size == 0 or (path.suffix == ".parquet" and pq.read_metadata(path).num_rows == 0):
+            empty.append(str(path))
+    return empty
+
+
+def _load_splits(source: str, data_files: Any, **load_dataset_kwargs: Any) -> DatasetDict:
+    try:
+        loaded = load_dataset(source, data_files=data_files, **load_dataset_kwargs)
+    except DatasetGenerationError as e:
+        empty = _empty_files(data_files)
+        if empty:
+            raise ValueError(
+                f"{source} data file(s) {empty} hold 0 rows: fill them or leave them out of data_files"
+            ) from e
+        raise
+    except ConnectionError as e:  # no network and not in the local cache
+        raise ConnectionError(
+            f"{e}: {source!r} is not in the local Hugging Face cache ({config.HF_DATASETS_CACHE}) and the hub cannot "
+            f"be reached. Download it once where the hub is reachable, with the same HF_HOME "
+            f"(python -c \"import datasets; datasets.load_dataset('{source}')\"), or point the config at local "
+            "files: dataset.source=parquet dataset.data_files=<files> (dataset_val too)"
+        ) from e
     return DatasetDict({"train": loaded}) if isinstance(loaded, Dataset) else loaded
 
 
@@ -407,7 +471,7 @@ def medpix_dataset(
           split: train
     """
     columns = _resolve_columns(column_map)
-    splits = _load_splits(source, data_files, load_dataset_kwargs)
+    splits = _load_splits(source, data_files, **load_dataset_kwargs)
     base = split.split("[")[0].split("+")[0]
     if split_by_case is None:  # one split only (e.g. one local file), or not the one asked for: split by case
         pool = base not in splits or (len(splits) == 1 and base in ("train", "validation"))
@@ -457,6 +521,7 @@ def medpix_dataset(
         raise ValueError("packed=True packs to the tokenizer's max_seq_len: set tokenizer.max_seq_len")
     if measure:
         lengths, too_long = _measure_rows(data, message_transform, model_transform)
+        _log_cut_rows(data, lengths, message_transform, model_transform, source)
         data = _drop_bad_rows(data, too_long, source, skip_bad_rows, "too long")
         lengths = [n for n in lengths if n is not None]
     dataset = MedPixDataset(data, message_transform, model_transform, source)

@@ -12,12 +12,14 @@ from torchtune import config, utils
 
 from ..data import padded_collate_mistral3
 from ..generation import Mistral3GenerationRecipe
+from ..training._config_keys import check_config_values
 from ._evaluate import format_table, generate_answers, medpix_prompts, score_predictions, validation_loss
 
 log = utils.get_logger("INFO")
 
 RESULTS_FILE = "medpix_eval.json"
 PREDICTIONS_FILE = "medpix_eval_predictions.jsonl"
+EVAL_COUNTS = ("batch_size", "max_val_steps", "batch_size_generate", "max_rows", "max_new_tokens")
 
 
 class MedPixEvalRecipe(Mistral3GenerationRecipe):
@@ -43,6 +45,11 @@ class MedPixEvalRecipe(Mistral3GenerationRecipe):
             Dict[str, Any]: the results written to ``medpix_eval.json``.
         """
         dataset = config.instantiate(cfg.dataset, self.transform)
+        if len(dataset) == 0:  # else the loss over no tokens reads 0.0 and the perplexity 1.0
+            raise ValueError(
+                f"dataset ({cfg.dataset.get('_component_')}, split={cfg.dataset.get('split', None)!r}) has 0 rows "
+                "to evaluate (after skipped rows): point dataset at a split with rows"
+            )
         loader = DataLoader(
             dataset,
             batch_size=int(cfg.get("batch_size", 1)),
@@ -53,6 +60,11 @@ class MedPixEvalRecipe(Mistral3GenerationRecipe):
         batches = (b for i, b in enumerate(loader) if max_steps is None or i < int(max_steps))
         t0 = time.perf_counter()
         loss = validation_loss(self.model, batches, self._device)
+        if loss["label_tokens"] == 0:
+            raise ValueError(
+                f"The {len(dataset)} rows of dataset give no answer tokens to score (max_val_steps="
+                f"{max_steps}): the answers are empty or cut off by tokenizer.max_seq_len"
+            )
         utils.log_rank_zero(
             log,
             f"Validation loss {loss['val_loss']:.4f} (perplexity {loss['perplexity']:.2f}) over "
@@ -99,6 +111,7 @@ def run_medpix_eval(cfg: DictConfig) -> None:
     Args:
         cfg (DictConfig): the parsed config.
     """
+    check_config_values(cfg, counts=EVAL_COUNTS)
     config.log_config(recipe_name="MedPixEvalRecipe", cfg=cfg)
     recipe = MedPixEvalRecipe(cfg)
     recipe.setup(cfg)

@@ -17,6 +17,8 @@ import sys
 from importlib import resources
 from typing import Dict, List, Optional, Sequence
 
+from omegaconf import DictConfig
+
 TEMPLATE = "finetune.sbatch"
 _TOKEN = re.compile(r"@([A-Z_]+)@")
 DEFAULT_OUTPUT_DIR = "$SLURM_SUBMIT_DIR/output/$SLURM_JOB_NAME"  # the job name stays the same across requeues
@@ -100,11 +102,19 @@ def render_sbatch(
     return _TOKEN.sub(lambda m: values[m.group(1)], sbatch_template())
 
 
-def _check_layout(config: str, world_size: int, overrides: List[str]) -> None:
+def _load_checked(config: str, overrides: List[str]) -> DictConfig:
+    """The config with the overrides, whose keys are checked as ``tune run`` will check them on the nodes."""
     from torchtune_mistral3.plan import load_config
-    from torchtune_mistral3.training import check_world_size
+    from torchtune_mistral3.training import check_config_values
 
     cfg = load_config(config, overrides)
+    check_config_values(cfg)
+    return cfg
+
+
+def _check_layout(config: str, cfg: DictConfig, world_size: int) -> None:
+    from torchtune_mistral3.training import check_world_size
+
     check_world_size(
         config_name=config,
         tensor_parallel_dim=int(cfg.get("tensor_parallel_dim", 1)),
@@ -120,7 +130,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         argv (Optional[List[str]]): arguments; ``sys.argv[1:]`` if None.
 
     Returns:
-        int: the exit code (0, or 2 when the layout does not fit).
+        int: the exit code (0, or 2 for an unknown key, a wrong value or a layout that does not fit).
     """
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
@@ -147,7 +157,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, checked and written into the script")
     a = parser.parse_args(argv)
     try:
-        _check_layout(a.config, a.nodes * a.nproc_per_node, a.overrides)
+        cfg = _load_checked(a.config, a.overrides)
+    except (ValueError, FileNotFoundError) as e:  # before the job gets its nodes, not after
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        _check_layout(a.config, cfg, a.nodes * a.nproc_per_node)
         script = render_sbatch(
             config=a.config,
             nodes=a.nodes,

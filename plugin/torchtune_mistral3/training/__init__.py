@@ -1,6 +1,6 @@
 from ._cluster import check_shared_output_dir
 from ._compile import compile_blocks, compile_loss, needs_static_shapes
-from ._config_keys import check_cli_keys
+from ._config_keys import check_cli_keys, check_config_values
 from ._data_loading import compiled_graph_count, loader_worker_options
 from ._grad_norm import clip_grad_norm_
 from ._launch import (
@@ -85,6 +85,7 @@ __all__ = [
     "check_shared_output_dir",
     "check_finite_for_save",
     "check_cli_keys",
+    "check_config_values",
     "check_world_size",
     "clip_grad_norm_",
     "compile_blocks",

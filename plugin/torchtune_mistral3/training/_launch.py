@@ -116,6 +116,26 @@ def check_world_size(
     )
 
 
+def newest_epoch_dir(output_dir: str) -> Optional[str]:
+    """The ``epoch_<N>`` checkpoint with the highest N under a run's ``output_dir`` (holding a config.json), if any.
+
+    Args:
+        output_dir (str): a directory.
+
+    Returns:
+        Optional[str]: the path, or None.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    epochs = [
+        (int(name[len("epoch_"):]), os.path.join(output_dir, name))
+        for name in os.listdir(output_dir)
+        if name.startswith("epoch_") and name[len("epoch_"):].isdigit()
+        and os.path.isfile(os.path.join(output_dir, name, "config.json"))
+    ]
+    return max(epochs)[1] if epochs else None
+
+
 def check_checkpoint_dir(checkpoint_dir: Optional[str], hf_repo: Optional[str]) -> None:
     """Stop at once, with the download command, when the model's checkpoint directory is missing.
 
@@ -129,6 +149,12 @@ def check_checkpoint_dir(checkpoint_dir: Optional[str], hf_repo: Optional[str]) 
     """
     if checkpoint_dir is None or os.path.isfile(os.path.join(checkpoint_dir, "config.json")):
         return
+    saved = newest_epoch_dir(checkpoint_dir)
+    if saved is not None:  # a run's output_dir: its checkpoints are the epoch_<N> directories
+        raise FileNotFoundError(
+            f"Checkpoint directory '{checkpoint_dir}' holds no config.json; it is a run's output_dir, whose newest "
+            f"checkpoint is {saved}: set checkpoint_dir={saved}"
+        )
     what = "does not exist" if not os.path.isdir(checkpoint_dir) else "holds no config.json"
     fetch = (
         f"Download the model first:\n    tune download {hf_repo} --output-dir {checkpoint_dir}\n"

@@ -25,8 +25,9 @@ micro-batches + activations of the micro-batches in flight + the head and loss t
 stage); (b) late backward: all gradients but the embedding's + the first layer's full activations (recomputed
 under checkpointing) + hidden-state gradients; (c) end of backward: all gradients + the embedding backward
 workspace; (d) optimizer step: all gradients + the optimizer's temporaries (a foreach Adam allocates one
-state-sized list; a fused or compiled step none). On the H200 slice (bench/results/step_speed_h200*.json) the
-predicted peaks are within -0.3%..+2.7% of ``torch.cuda.max_memory_allocated``.
+state-sized list; a fused or compiled step none). On the H200 slice of the present model
+(``bench/results/step_speed_h200_final.json``, 4 layers, 2048 x 2) the predicted peaks are -0.1% (compiled, one
+loss chunk) and +2.8% (eager, 8 chunks) off ``torch.cuda.max_memory_allocated`` (``python scripts/doc_figures.py``).
 
 LoRA (a ``*_lora`` builder, ``lora=`` of :func:`build_meta_model`): the counts follow from the modules, as for a
 full fine-tune: gradients and optimizer state cover the trainable (adapter) parameters only, and a frozen FP8

@@ -1,5 +1,8 @@
 """Chat tokens of Mistral3Tokenizer / Mistral3Transform against mistral-common's own encoder (v3 and v15)."""
 
+import base64
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -256,12 +259,21 @@ def test_tekken_vocabulary_against_the_model_embedding(tmp_path, caplog, vocab_s
 
 @pytest.mark.parametrize(
     "damage, error",
-    [("truncated", "JSONDecodeError"), ("binary", "UnicodeDecodeError"), ("no_config", "KeyError")],
+    [
+        ("truncated", "JSONDecodeError"),
+        ("binary", "UnicodeDecodeError"),
+        ("no_config", "KeyError"),
+        ("wrong_rank", "AssertionError"),  # a token's bytes that do not match its rank: mistral-common asserts
+    ],
 )
 def test_unreadable_tekken_file_is_named(tmp_path, damage, error):
     path = write_tekken(tmp_path, "v3")
     raw = path.read_bytes()
-    path.write_bytes({"truncated": raw[: len(raw) // 2], "binary": bytes(range(256)) * 4, "no_config": b"{}"}[damage])
+    data = json.loads(raw)
+    data["vocab"][0]["token_bytes"] = base64.b64encode(b" har").decode()
+    damaged = {"truncated": raw[: len(raw) // 2], "binary": bytes(range(256)) * 4, "no_config": b"{}",
+               "wrong_rank": json.dumps(data).encode()}
+    path.write_bytes(damaged[damage])
     with pytest.raises(ValueError, match=f"Tokenizer file {path} is not a readable tekken tokenizer \\({error}"):
         Mistral3Tokenizer(str(path))
 

@@ -85,7 +85,8 @@ class Mistral3Tokenizer(ModelTokenizer, BaseTokenizer):
             raise FileNotFoundError(f"Tokenizer file {path} does not exist; point `path` at a tekken.json")
         try:
             reference = MistralTokenizer.from_file(str(path), mode=ValidationMode.finetuning)
-        except (ValueError, KeyError, TypeError, MistralCommonException) as e:  # JSONDecodeError, UnicodeDecodeError
+        # JSONDecodeError, UnicodeDecodeError; AssertionError: tiktoken's check of the merge ranks ((0, b' har'))
+        except (ValueError, KeyError, TypeError, AssertionError, MistralCommonException) as e:
             raise ValueError(
                 f"Tokenizer file {path} is not a readable tekken tokenizer ({type(e).__name__}: {e}); it may be "
                 "truncated or another file: copy tekken.json again from the checkpoint's repository"

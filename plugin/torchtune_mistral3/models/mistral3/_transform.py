@@ -298,6 +298,17 @@ class Mistral3Transform(ModelTokenizer, Transform):
         """The same tokenizer with images reduced to their token grid (no pixels are read or resized)."""
         return Mistral3Tokenizer(self.tokenizer.path, image_transform=_ImageGrid(self.image_transform))
 
+    def untruncated_length(self, messages: List[Message]) -> int:
+        """Token count of a training conversation before ``max_seq_len`` cuts it (image headers only, no pixels).
+
+        Args:
+            messages (List[Message]): the conversation; images may be opened lazily (not loaded).
+
+        Returns:
+            int: the token count, ``</s>`` included.
+        """
+        return len(self._length_tokenizer.tokenize_conversation(messages)[0])
+
     def check_length(self, messages: List[Message]) -> int:
         """Check, without processing pixels, that a training conversation keeps a trained token after truncation.
 
