@@ -676,7 +676,12 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         rows: List[int] = []
         wait = 0.0
         start = time.perf_counter()
-        for batch in self._dataloader:  # the first wait includes starting the workers
+        # the iterator draws its workers' base seed from torch's RNG: a resumed run creates one where the straight
+        # run did not, so the draw must not move the RNG that dropout and the rest of the step use
+        rng = torch.get_rng_state()
+        batches = iter(self._dataloader)
+        torch.set_rng_state(rng)
+        for batch in batches:  # the first wait includes starting the workers
             wait += time.perf_counter() - start
             rows += pop_sample_indices(batch)
             step.append(batch)

@@ -18,11 +18,9 @@ def _losses(output_dir):
     return {int(m[1]): float(m[2]) for m in re.finditer(r"Step (\d+) \| .*?loss:([-+0-9.eE]+)", log.read_text())}
 
 
-# Fails today: the recipe restores the RNG at the end of setup, then creating the epoch's data-loader iterator draws
-# its base seed from torch's RNG, so the resumed steps draw other dropout masks (step 3: 11.729860 against 11.719451).
-# Checked fix: in Mistral3FullFinetuneRecipe._batches, create the iterator between torch.get_rng_state() and
-# torch.set_rng_state(...) (with it this test passes). The restore itself: test_training_state.py.
-@pytest.mark.xfail(strict=True, reason="the data-loader iterator's seed draw shifts the restored RNG (see above)")
+# Without the recipe keeping the data-loader iterator's seed draw off torch's RNG (Mistral3FullFinetuneRecipe._batches)
+# the resumed steps draw other dropout masks (step 3: 11.729860 against 11.719451). The restore itself:
+# test_training_state.py.
 def test_resume_with_dropout_continues_bit_for_bit(tune, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     tune(*RUN, f"output_dir={straight}", *COMMON)
