@@ -16,6 +16,7 @@ One process plays one rank of a large job at a time:
 """
 
 import contextlib
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -58,6 +59,7 @@ class Phase:
     """Memory and collectives of one phase (setup, step, save)."""
 
     peak_bytes: int = 0
+    seconds: float = 0.0
     collectives: Dict[str, CollectiveCount] = field(default_factory=dict)
 
 
@@ -86,9 +88,11 @@ class RehearsalMode(TorchDispatchMode):
         phase = self.phases.setdefault(name, Phase())
         phase.peak_bytes = max(phase.peak_bytes, self.live_bytes)
         previous, self._phase = self._phase, phase
+        start = time.perf_counter()
         try:
             yield phase
         finally:
+            phase.seconds += time.perf_counter() - start
             self._phase = previous
 
     @contextlib.contextmanager

@@ -96,6 +96,9 @@ class PlannedReader:
         offset = tuple(offset) if offset is not None else (0,) * len(info.shape)
         shape = tuple(shape) if shape is not None else tuple(info.shape)
         _check_block(info, offset, shape, self.rank)
+        if dtype.is_floating_point and not info.dtype.is_floating_point:
+            raise ValueError(f"rank {self.rank}: '{info.path}': '{info.hf_key}' is stored as {info.dtype}, which "
+                             f"cannot become the {dtype} weight '{key}'")
         self.reads.append(PlannedRead(key, info.hf_key, info.path.name, offset, shape, info.dtype, dtype))
 
     def read(

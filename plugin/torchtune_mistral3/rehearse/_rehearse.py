@@ -80,7 +80,7 @@ def _recipe_name(cfg: DictConfig, recipe: Optional[str]) -> str:
                       else "full_finetune_distributed")
 
 
-def _play_in_child(text: str, name: str, rank: int, world_size: int, forward_meta: Any):
+def _play_in_child(text: str, name: str, rank: int, world_size: int, forward_meta: Any, setup_only: bool):
     """Play one rank in this (fresh) process; return its report, the pipeline metadata it sent, or the error."""
     logging.getLogger("torchtune").setLevel(logging.WARNING)
     cfg = OmegaConf.create(text)
@@ -88,7 +88,7 @@ def _play_in_child(text: str, name: str, rank: int, world_size: int, forward_met
     mailbox = StageMetaMailbox()
     mailbox.forward = forward_meta
     try:
-        report = play_rank(recipe_cls, stock, cfg, rank, world_size, mailbox)
+        report = play_rank(recipe_cls, stock, cfg, rank, world_size, mailbox, setup_only=setup_only)
     except Exception as e:  # the parent names the rank; the traceback goes to this process's stderr
         traceback.print_exc()
         return None, mailbox.forward, f"{type(e).__name__}: {e}"
@@ -150,6 +150,7 @@ def rehearse(
     ranks: Optional[Sequence[int]] = None,
     recipe: Optional[str] = None,
     workdir: Optional[str] = None,
+    setup_only: bool = False,
 ) -> Rehearsal:
     """Rehearse ``cfg``'s launch at ``world_size`` ranks (see the package docstring).
 
@@ -161,6 +162,8 @@ def rehearse(
         recipe (Optional[str]): ``full_finetune_distributed`` or ``lora_finetune_distributed``. Default is None:
             the LoRA recipe for a LoRA model builder.
         workdir (Optional[str]): where the synthetic rows and logs go. Default is None: a temporary directory.
+        setup_only (bool): play ``setup`` only: the pre-flight of a checkpoint (every rank's reads planned and
+            checked against the headers, no key left unread, tokenizer against config.json). Default is False.
 
     Returns:
         Rehearsal: the per-rank reports, the planner's figures and what was not rehearsed.
@@ -176,6 +179,8 @@ def rehearse(
                              f"pipeline_parallel_dim = {tp} x {pp}")
     dp = world_size // (tp * pp)
     result = Rehearsal(config_name, world_size, {"pp": pp, "dp": dp, "tp": tp})
+    if setup_only:
+        result.not_rehearsed.append("setup only (pre-flight): no step, no save plan")
     if cfg.get("compile", False):
         result.not_rehearsed.append("compile=True: blocks ran eagerly (see docs/cluster.md)")
     result.not_rehearsed += [f"{what}: {why}" for what, why in CHANGES]
@@ -190,13 +195,13 @@ def rehearse(
             # one fresh process per rank: torch's process-group and mesh registries start empty, as on a node
             with ProcessPoolExecutor(1, mp_context=context) as pool:
                 report, forward_meta, error = pool.submit(
-                    _play_in_child, text, recipe_name, rank, world_size, forward_meta
+                    _play_in_child, text, recipe_name, rank, world_size, forward_meta, setup_only
                 ).result()
             if error is not None:
                 coord = f"pp {rank // (dp * tp)}, dp {rank // tp % dp}, tp {rank % tp}"
                 raise RehearsalError(f"rank {rank} ({coord}) of {world_size} fails: {error}")
             result.reports.append(report)
-        if ranks is None:
+        if {r.coordinate.get("pp", 0) for r in result.reports} == set(range(pp)):  # every stage was played
             check_reads_cover_checkpoint(rcfg, result.reports)
         planner_cfg = rcfg.copy()
         result.planned_peak, options = planner_peaks(planner_cfg, world_size)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from torchtune_mistral3.rehearse._fake import Phase, RehearsalMode, StageMetaMailbox, fake_runtime, patched
+from torchtune_mistral3.rehearse._preflight import check_tokenizer_matches_config
 from torchtune_mistral3.rehearse._reads import PlannedRawFP8Source, PlannedRead, PlannedReader
 
 
@@ -103,6 +104,10 @@ def rehearsal_recipe_class(base: type) -> type:
                 checkpointing, "RawFP8Source", PlannedRawFP8Source
             ):
                 super()._load_weights(part)
+
+        def setup(self, cfg: DictConfig) -> None:
+            super().setup(cfg)
+            check_tokenizer_matches_config(self._tokenizer, cfg.checkpointer.checkpoint_dir)
 
         def _claim_output_dir(self, *args: Any, **kwargs: Any) -> None:  # a rehearsal writes nothing
             return None
@@ -205,6 +210,7 @@ def rank_environment(rank: int, world_size: int, local_world_size: int) -> Itera
 def play_rank(
     recipe_cls: type, stock_module: Any, cfg: DictConfig, rank: int, world_size: int, mailbox: StageMetaMailbox,
     local_world_size: int = 8,
+    setup_only: bool = False,
 ) -> RoleReport:
     """Play ``rank`` of ``world_size``: setup, one optimizer step, the save plan; on fake tensors and the fake backend.
 
@@ -216,6 +222,8 @@ def play_rank(
         world_size (int): the job's world size.
         mailbox (StageMetaMailbox): pipeline metadata shared by the ranks played in this process.
         local_world_size (int): processes per node. Default is 8.
+        setup_only (bool): stop after ``setup`` (a pre-flight of the checkpoint: reads planned and checked).
+            Default is False.
 
     Returns:
         RoleReport: what the rank did.
@@ -232,12 +240,13 @@ def play_rank(
                     recipe = recipe_cls(cfg=cfg)
                     recipe.setup(cfg=cfg)
                 report = _describe(recipe)
-                with mode.phase("step"):
-                    batches = next(iter(recipe._batches(0)))
-                    report.step_metrics = recipe._train_step(batches)
-                    del batches
-                with mode.phase("save"):
-                    report.save = plan_save(recipe)
+                if not setup_only:
+                    with mode.phase("step"):
+                        batches = next(iter(recipe._batches(0)))
+                        report.step_metrics = recipe._train_step(batches)
+                        del batches
+                    with mode.phase("save"):
+                        report.save = plan_save(recipe)
                 report.phases = dict(mode.phases)
                 report.values_read = mode.values_read
                 report.reads = list(recipe._planned.reads) if recipe._planned is not None else []
