@@ -11,7 +11,6 @@ import os
 
 import pytest
 import torch
-
 from torchtune_mistral3.checkpointing import HFCheckpointReader
 from torchtune_mistral3.plan import load_config
 from torchtune_mistral3.rehearse import (
@@ -116,8 +115,7 @@ def test_tp_degree_that_does_not_divide_the_kv_heads_fails(mm35):
 
 
 def test_stage_split_leaving_a_layer_out_fails(mm35):
-    split = [3] * 29 + [0, 0, 0]  # 87 layers, and empty stages
-    split = [2] + [3] * 28 + [2, 2, 2]  # 32 stages, 87 of the 88 layers
+    split = [3] * 23 + [2] * 9  # 32 stages, 87 of the 88 layers
     cfg = load_config("mistral3p5_medpix", [f"checkpoint_dir={mm35}", "optimizer.fused=False",
                                             f"pipeline_split={split}"])
     with pytest.raises(RehearsalError, match=r"rank 0 .*pipeline_split"):
@@ -132,3 +130,19 @@ def test_key_missing_from_the_checkpoint_fails_naming_key_and_rank(tmp_path):
     cfg = load_config("mistral3p5_medpix", [f"checkpoint_dir={ckpt}", "optimizer.fused=False"])
     with pytest.raises(RehearsalError, match=r"rank 0 .*decoder\.layers\.2\.mlp\.w2\.weight"):
         rehearse(cfg, "mistral3p5_medpix", world_size=64, ranks=[0], setup_only=True)
+
+
+def test_lora_128b_config_rehearses_on_8_ranks(mm35):
+    # the shipped LoRA config as it is: FSDP2 over 8 ranks, the frozen base kept in the checkpoint's FP8
+    cfg = load_config("mistral3p5_medpix_lora", [f"checkpoint_dir={mm35}"])
+    result = rehearse(cfg, "mistral3p5_medpix_lora", world_size=8)
+    (r,) = result.reports  # one pipeline rank: rank 0 stands for the 8 data-parallel ranks
+    assert r.stages == [0] and r.layers == [(0, 88)]
+    base = [x for x in r.reads if x.key.endswith("attn.q_proj.weight") and x.key.startswith("decoder.")]
+    # FSDP2 Shard(0) over 8 ranks: rank 0 reads the first 12288 / 8 rows of each q_proj, as FP8 bytes
+    assert len(base) == 88 and {(x.shape, x.offset, x.dtype) for x in base} == {
+        ((1536, 12288), (0, 0), torch.float8_e4m3fn)
+    }
+    plan = result.planned_peak[0]
+    assert abs(r.peak_bytes - plan) / plan < 0.10, (r.peak_bytes / GIB, plan / GIB)
+    assert r.save.writer and all(".lora_" in k for f in r.save.files for k in f)

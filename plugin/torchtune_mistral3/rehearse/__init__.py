@@ -14,7 +14,7 @@ memory against the memory planner.
 """
 
 from torchtune_mistral3.rehearse._fixture import MM35_HF_CONFIG, write_header_only_checkpoint
-from torchtune_mistral3.rehearse._rehearse import Rehearsal, RehearsalError, representative_ranks, rehearse
+from torchtune_mistral3.rehearse._rehearse import Rehearsal, RehearsalError, rehearse, representative_ranks
 from torchtune_mistral3.rehearse._report import format_rehearsal, rehearsal_to_json
 
 __all__ = [

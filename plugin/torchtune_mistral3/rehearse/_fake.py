@@ -79,7 +79,7 @@ class RehearsalMode(TorchDispatchMode):
         self.values_read = 0
         self.phases: Dict[str, Phase] = {}
         self._phase: Optional[Phase] = None
-        self._seen: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
+        self._seen: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self._paused = 0
 
     @contextlib.contextmanager

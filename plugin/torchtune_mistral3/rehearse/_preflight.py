@@ -33,8 +33,8 @@ def check_tokenizer_matches_config(tokenizer: Any, checkpoint_dir: str) -> None:
     ]
     for ours, value, theirs, expected in wanted:
         if value is not None and expected is not None and value != expected:
+            key = ours if ours.startswith("tokenizer.") else "tokenizer.path (a tekken.json of this model)"
             raise ValueError(
                 f"{ours} is {value} but '{path}' has {theirs}={expected}: the image tokens of a batch would not "
-                f"match the image features; set {ours.split()[0] if ours.startswith('tokenizer.') else 'tokenizer.path'}"
-                " to match the checkpoint"
+                f"match the image features; set {key} to match the checkpoint"
             )
