@@ -32,8 +32,10 @@ def save_file_names(reports: List[RoleReport]) -> Dict[int, List[str]]:
     from torchtune_mistral3.checkpointing._writer import shard_name
 
     writers = sorted((r for r in reports if r.save is not None and r.save.writer), key=lambda r: r.save.stage)
+    names = {r.rank: r.save.names for r in writers if r.save.names is not None}
+    writers = [r for r in writers if r.save.names is None]
     total = sum(len(r.save.files) for r in writers)
-    names, first = {}, 0
+    first = 0
     for r in writers:
         names[r.rank] = [shard_name(first + i, total) for i in range(len(r.save.files))]
         first += len(r.save.files)

@@ -30,12 +30,15 @@ class SavePlan:
         writer (bool): whether this rank writes them (coordinate 0 on every other mesh dimension).
         files (List[List[str]]): per file, the plugin keys it holds, in save order.
         nbytes (int): bytes of those files' tensors.
+        names (Optional[List[str]]): the files' names when fixed (a PEFT adapter); None for HF shards, numbered
+            over all stages.
     """
 
     stage: int
     writer: bool
     files: List[List[str]]
     nbytes: int
+    names: Optional[List[str]] = None
 
 
 @dataclass
@@ -173,11 +176,16 @@ def plan_save(recipe: Any) -> SavePlan:
     for part in recipe._model_parts:
         for key, value in part.state_dict().items():
             state.setdefault(key, value)
-    if checkpointer is not inner:  # LoRA: the PEFT adapter only
+    if checkpointer is not inner:  # LoRA (LoRAAdapterSaver): rank 0 writes the PEFT adapter, gathered per tensor
         from torchtune_mistral3.peft import adapter_keys
 
         keep = set(adapter_keys(recipe._model))
         state = {k: v for k, v in state.items() if k in keep}
+        for value in state.values():
+            full = value.full_tensor() if isinstance(value, DTensor) else value
+            del full
+        nbytes = sum(v.numel() * v.element_size() for v in state.values())
+        return SavePlan(0, recipe.rank == 0, [list(state)], nbytes, names=["adapter/adapter_model.safetensors"])
     plan = ShardPlan([(k, converter.nbytes(k, v.shape, v.dtype)) for k, v in state.items()],
                      getattr(inner, "_max_shard_bytes", 5 * 1024**3))
     stage, writer = _stage_role(recipe._mesh, "pp", recipe.rank)
