@@ -57,3 +57,18 @@ def test_collectives_counted_with_their_bytes(world8):
     assert isinstance(y, FakeTensor) and y.shape == (5, 32)
     # RowwiseParallel's output: one all-reduce of the [5, 32] fp32 partial sums over the 4 TP ranks
     assert {k: (c.calls, c.bytes) for k, c in phase.collectives.items()} == {"all_reduce": (1, 5 * 32 * 4)}
+
+
+def test_storage_resizes_are_counted():
+    # FSDP2 frees an unsharded parameter with storage.resize_(0) and re-allocates it with resize_(n)
+    n = 1 << 23
+    with fake_runtime() as mode:
+        with mode.phase("p") as phase:
+            a = torch.empty(n)
+            a.untyped_storage().resize_(0)
+            assert mode.live_bytes == 0
+            b = torch.empty(n)
+            a.untyped_storage().resize_(4 * n)
+            assert mode.live_bytes == 8 * n
+            del a, b
+        assert phase.peak_bytes == 8 * n and mode.live_bytes == 0

@@ -79,7 +79,8 @@ class RehearsalMode(TorchDispatchMode):
         self.values_read = 0
         self.phases: Dict[str, Phase] = {}
         self._phase: Optional[Phase] = None
-        self._seen: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._seen: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+        self._sizes: Dict[int, int] = {}  # id(storage) -> its bytes now
         self._paused = 0
 
     @contextlib.contextmanager
@@ -117,14 +118,27 @@ class RehearsalMode(TorchDispatchMode):
             if storage in self._seen:
                 continue
             n = storage.nbytes()
-            self._seen[storage] = n
+            self._seen[storage] = True
+            self._sizes[id(storage)] = n
             self.live_bytes += n
-            weakref.finalize(storage, self._free, n)
+            weakref.finalize(storage, self._free, id(storage))
+        self._update_peak()
+
+    def _update_peak(self) -> None:
         if self._phase is not None and self.live_bytes > self._phase.peak_bytes:
             self._phase.peak_bytes = self.live_bytes
 
-    def _free(self, n: int) -> None:
-        self.live_bytes -= n
+    def _free(self, key: int) -> None:
+        self.live_bytes -= self._sizes.pop(key, 0)
+
+    def resized(self, storage: Any) -> None:
+        """Account a storage's new size (FSDP2 frees and re-allocates unsharded parameters with ``resize_``)."""
+        if storage not in self._seen:
+            return
+        n = storage.nbytes()
+        self.live_bytes += n - self._sizes[id(storage)]
+        self._sizes[id(storage)] = n
+        self._update_peak()
 
     def track_existing(self, tensors: List[torch.Tensor]) -> None:
         """Count tensors made before the mode was entered (e.g. a batch built outside it)."""
@@ -177,7 +191,14 @@ def fake_runtime(device_type: str = "cpu") -> Iterator[RehearsalMode]:
     """
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     mode = RehearsalMode(device_type)
-    with fake, mode:
+    resize = torch.UntypedStorage.resize_
+
+    def resize_(storage, size):
+        out = resize(storage, size)
+        mode.resized(storage)
+        return out
+
+    with fake, mode, patched(torch.UntypedStorage, "resize_", resize_):
         yield mode
 
 
