@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from torchtune_mistral3.checkpointing import HFCheckpointReader, RawFP8Source
 from torchtune_mistral3.models.mistral3 import DEMO_HF_CONFIG, mistral3_transform
 from torchtune_mistral3.rehearse import write_header_only_checkpoint
