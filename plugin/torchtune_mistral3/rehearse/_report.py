@@ -61,7 +61,7 @@ def format_rehearsal(result: Any) -> str:
     for r in result.reports:
         pp = r.coordinate.get("pp", 0)
         planned = result.planned_peak.get(pp)
-        gap = f"{(r.peak_bytes - planned) / planned:+.1%}" if planned else "n/a"
+        gap = f"{(r.train_peak_bytes - planned) / planned:+.1%}" if planned else "n/a"
         lines += [
             "",
             f"rank {r.rank} (pp {pp}, dp {r.coordinate.get('dp', 0)}, tp {r.coordinate.get('tp', 0)}): stages "
@@ -75,11 +75,13 @@ def format_rehearsal(result: Any) -> str:
             if p is not None:
                 lines.append(f"  {phase}: peak {_gib(p.peak_bytes)}, {p.seconds:.0f} s; collectives:")
                 lines += _collectives(r, phase)
+        gpu = o.get("gpu_gib", 80.0)
+        verdict = "" if result.needed_gib(r) <= gpu else "  DOES NOT FIT"
         lines.append(
-            f"  peak memory {_gib(r.peak_bytes)} against the planner's {_gib(planned) if planned else 'n/a'} ({gap}); "
-            f"with the planner's margin {o.get('allocator_margin', 0.1):.0%} and reserve "
-            f"{o.get('reserve_gib', 2.0):g} GiB: {result.needed_gib(r):.1f} of {o.get('gpu_gib', 80.0):g} GiB"
-            f"{'' if result.needed_gib(r) <= o.get('gpu_gib', 80.0) else '  DOES NOT FIT'}"
+            f"  peak memory of setup and step {_gib(r.train_peak_bytes)} against the planner's "
+            f"{_gib(planned) if planned else 'n/a'} ({gap}); with the save {_gib(r.peak_bytes)}, and the planner's "
+            f"margin {o.get('allocator_margin', 0.1):.0%} and reserve {o.get('reserve_gib', 2.0):g} GiB: "
+            f"{result.needed_gib(r):.1f} of {gpu:g} GiB{verdict}"
         )
         read_bytes = sum(x.nbytes for x in r.reads)
         lines.append(f"  checkpoint: {len(r.reads)} blocks from {len({x.file for x in r.reads})} files, "
@@ -110,7 +112,7 @@ def rehearsal_to_json(result: Any) -> str:
         ranks.append({
             "rank": r.rank, "coordinate": r.coordinate, "stages": r.stages, "layers": r.layers,
             "param_count": r.param_count, "local_numel": r.local_numel, "local_bytes": r.local_bytes,
-            "placements": r.placements, "peak_bytes": r.peak_bytes,
+            "placements": r.placements, "peak_bytes": r.peak_bytes, "train_peak_bytes": r.train_peak_bytes,
             "planned_peak_bytes": result.planned_peak.get(r.coordinate.get("pp", 0)),
             "phases": {k: {"peak_bytes": p.peak_bytes, "seconds": p.seconds,
                            "collectives": {c: {"calls": v.calls, "bytes": v.bytes} for c, v in p.collectives.items()}}

@@ -79,8 +79,13 @@ class RoleReport:
 
     @property
     def peak_bytes(self) -> int:
-        """int: the largest live memory of any phase."""
+        """int: the largest live memory of any phase (the save's gathers included): what must fit the GPU."""
         return max((p.peak_bytes for p in self.phases.values()), default=0)
+
+    @property
+    def train_peak_bytes(self) -> int:
+        """int: the largest live memory of setup and the step: what the memory planner models."""
+        return max((p.peak_bytes for k, p in self.phases.items() if k != "save"), default=0)
 
 
 def rehearsal_recipe_class(base: type) -> type:
