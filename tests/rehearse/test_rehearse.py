@@ -123,12 +123,12 @@ def test_stage_split_leaving_a_layer_out_fails(mm35):
 
 
 def test_key_missing_from_the_checkpoint_fails_naming_key_and_rank(tmp_path):
-    stem = "model.language_model.layers.2.mlp.down_proj."
+    stem = "model.language_model.layers.0.mlp.down_proj."  # layer 0: stage 0, on pp rank 0
     ckpt = write_header_only_checkpoint(str(tmp_path / "mm35"),
                                         drop_keys=tuple(stem + s for s in ("weight", "weight_scale_inv",
                                                                             "activation_scale")))
     cfg = load_config("mistral3p5_medpix", [f"checkpoint_dir={ckpt}", "optimizer.fused=False"])
-    with pytest.raises(RehearsalError, match=r"rank 0 .*decoder\.layers\.2\.mlp\.w2\.weight"):
+    with pytest.raises(RehearsalError, match=r"rank 0 .*decoder\.layers\.0\.mlp\.w2\.weight"):
         rehearse(cfg, "mistral3p5_medpix", world_size=64, ranks=[0], setup_only=True)
 
 
