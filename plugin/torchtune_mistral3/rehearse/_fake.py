@@ -35,6 +35,9 @@ _NOT_COMMUNICATION = {torch.ops._c10d_functional.wait_tensor.default}
 # A factory result at most this large stays a real tensor (index vectors, counters, RoPE tables, masks built
 # from token ids); anything larger (activation buffers, weights) is fake.
 SMALL_NUMEL = 1 << 22
+# The live tensors near a phase's peak are summarised each time the live bytes grow by this much past the last
+# summary (so the summary lies within this many bytes below the peak).
+_SNAPSHOT_STEP = 256 * 1024**2
 
 
 def _plain(t: torch.Tensor) -> bool:
@@ -56,11 +59,12 @@ class CollectiveCount:
 
 @dataclass
 class Phase:
-    """Memory and collectives of one phase (setup, step, save)."""
+    """Memory and collectives of one phase (setup, step, save); ``at_peak``: live bytes by making op near the peak."""
 
     peak_bytes: int = 0
     seconds: float = 0.0
     collectives: Dict[str, CollectiveCount] = field(default_factory=dict)
+    at_peak: Dict[str, int] = field(default_factory=dict)
 
 
 class RehearsalMode(TorchDispatchMode):
@@ -81,6 +85,8 @@ class RehearsalMode(TorchDispatchMode):
         self._phase: Optional[Phase] = None
         self._seen: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
         self._sizes: Dict[int, int] = {}  # id(storage) -> its bytes now
+        self._labels: Dict[int, str] = {}  # id(storage) -> the op that made it, and its dtype
+        self._snapshot_at = 0
         self._paused = 0
 
     @contextlib.contextmanager
@@ -88,6 +94,7 @@ class RehearsalMode(TorchDispatchMode):
         """Account peak memory (starting from what is live now) and collectives to ``name``."""
         phase = self.phases.setdefault(name, Phase())
         phase.peak_bytes = max(phase.peak_bytes, self.live_bytes)
+        self._snapshot_at = 0
         previous, self._phase = self._phase, phase
         start = time.perf_counter()
         try:
@@ -105,7 +112,7 @@ class RehearsalMode(TorchDispatchMode):
         finally:
             self._paused -= 1
 
-    def _track(self, out: Any) -> None:
+    def _track(self, out: Any, label: str = "?") -> None:
         if self._paused:
             return
         for t in tree_leaves(out):
@@ -120,16 +127,25 @@ class RehearsalMode(TorchDispatchMode):
             n = storage.nbytes()
             self._seen[storage] = True
             self._sizes[id(storage)] = n
+            self._labels[id(storage)] = f"{label} {str(t.dtype).replace('torch.', '')}"
             self.live_bytes += n
             weakref.finalize(storage, self._free, id(storage))
         self._update_peak()
 
     def _update_peak(self) -> None:
-        if self._phase is not None and self.live_bytes > self._phase.peak_bytes:
-            self._phase.peak_bytes = self.live_bytes
+        phase = self._phase
+        if phase is not None and self.live_bytes > phase.peak_bytes:
+            phase.peak_bytes = self.live_bytes
+            if self.live_bytes >= self._snapshot_at:  # what is live near the peak, within _SNAPSHOT_STEP bytes
+                self._snapshot_at = self.live_bytes + _SNAPSHOT_STEP
+                live: Dict[str, int] = {}
+                for key, n in self._sizes.items():
+                    live[self._labels[key]] = live.get(self._labels[key], 0) + n
+                phase.at_peak = dict(sorted(live.items(), key=lambda kv: -kv[1])[:10])
 
     def _free(self, key: int) -> None:
         self.live_bytes -= self._sizes.pop(key, 0)
+        self._labels.pop(key, None)
 
     def resized(self, storage: Any) -> None:
         """Account a storage's new size (FSDP2 frees and re-allocates unsharded parameters with ``resize_``)."""
@@ -138,6 +154,8 @@ class RehearsalMode(TorchDispatchMode):
         n = storage.nbytes()
         self.live_bytes += n - self._sizes[id(storage)]
         self._sizes[id(storage)] = n
+        if n:
+            self._labels[id(storage)] = "resize_ (FSDP2 unsharded parameter)"
         self._update_peak()
 
     def track_existing(self, tensors: List[torch.Tensor]) -> None:
@@ -175,7 +193,7 @@ class RehearsalMode(TorchDispatchMode):
             out = func(*args, **kwargs)
         if func in collective_ops and func not in _NOT_COMMUNICATION:
             self._count_collective(func, args, kwargs, out)
-        self._track(out)
+        self._track(out, func.__name__)
         return out
 
 

@@ -73,7 +73,9 @@ def format_rehearsal(result: Any) -> str:
         for phase in ("setup", "step", "save"):
             p = r.phases.get(phase)
             if p is not None:
-                lines.append(f"  {phase}: peak {_gib(p.peak_bytes)}, {p.seconds:.0f} s; collectives:")
+                lines.append(f"  {phase}: peak {_gib(p.peak_bytes)}, {p.seconds:.0f} s; live near the peak, by the op "
+                             "that made it: " + ", ".join(f"{k} {_gib(v)}" for k, v in list(p.at_peak.items())[:6]))
+                lines.append("    collectives:")
                 lines += _collectives(r, phase)
         gpu = o.get("gpu_gib", 80.0)
         verdict = "" if result.needed_gib(r) <= gpu else "  DOES NOT FIT"
@@ -114,7 +116,7 @@ def rehearsal_to_json(result: Any) -> str:
             "param_count": r.param_count, "local_numel": r.local_numel, "local_bytes": r.local_bytes,
             "placements": r.placements, "peak_bytes": r.peak_bytes, "train_peak_bytes": r.train_peak_bytes,
             "planned_peak_bytes": result.planned_peak.get(r.coordinate.get("pp", 0)),
-            "phases": {k: {"peak_bytes": p.peak_bytes, "seconds": p.seconds,
+            "phases": {k: {"peak_bytes": p.peak_bytes, "seconds": p.seconds, "at_peak": p.at_peak,
                            "collectives": {c: {"calls": v.calls, "bytes": v.bytes} for c, v in p.collectives.items()}}
                        for k, p in r.phases.items()},
             "reads": len(r.reads), "read_bytes": sum(x.nbytes for x in r.reads),
