@@ -20,11 +20,13 @@ def _collectives(report: RoleReport, phase: str) -> List[str]:
     return [f"      {k:<28} {c.calls:>6} calls {_gib(c.bytes):>12}" for k, c in rows]
 
 
-def save_file_names(reports: List[RoleReport]) -> Dict[int, List[str]]:
+def save_file_names(reports: List[RoleReport], all_stages: bool = True) -> Dict[int, List[str]]:
     """Global shard names per writing rank, numbered as rank 0 numbers them (stage order).
 
     Args:
         reports (List[RoleReport]): ranks played, one writer per stage among them.
+        all_stages (bool): whether every pipeline rank was played; if not, the global numbering is unknown and
+            files are named ``stage <s> file <i> of <n>``. Default is True.
 
     Returns:
         Dict[int, List[str]]: rank -> the files it would write.
@@ -34,12 +36,21 @@ def save_file_names(reports: List[RoleReport]) -> Dict[int, List[str]]:
     writers = sorted((r for r in reports if r.save is not None and r.save.writer), key=lambda r: r.save.stage)
     names = {r.rank: r.save.names for r in writers if r.save.names is not None}
     writers = [r for r in writers if r.save.names is None]
+    if not all_stages:
+        for r in writers:
+            n = len(r.save.files)
+            names[r.rank] = [f"stage {r.save.stage} file {i + 1} of {n}" for i in range(n)]
+        return names
     total = sum(len(r.save.files) for r in writers)
     first = 0
     for r in writers:
         names[r.rank] = [shard_name(first + i, total) for i in range(len(r.save.files))]
         first += len(r.save.files)
     return names
+
+
+def _all_stages(result: Any) -> bool:
+    return {r.coordinate.get("pp", 0) for r in result.reports} == set(range(result.layout["pp"]))
 
 
 def format_rehearsal(result: Any) -> str:
@@ -57,7 +68,7 @@ def format_rehearsal(result: Any) -> str:
         f"Rehearsal of {result.config_name}: {result.world_size} ranks = pp {lay['pp']} x dp {lay['dp']} x tp "
         f"{lay['tp']}; {len(result.reports)} rank(s) played (fake tensors, fake process group)",
     ]
-    files = save_file_names(result.reports)
+    files = save_file_names(result.reports, _all_stages(result))
     for r in result.reports:
         pp = r.coordinate.get("pp", 0)
         planned = result.planned_peak.get(pp)
@@ -108,7 +119,7 @@ def rehearsal_to_json(result: Any) -> str:
     Returns:
         str: the JSON text.
     """
-    files = save_file_names(result.reports)
+    files = save_file_names(result.reports, _all_stages(result))
     ranks = []
     for r in result.reports:
         ranks.append({
