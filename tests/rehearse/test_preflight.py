@@ -54,3 +54,20 @@ def test_tokenizer_whose_image_geometry_differs_from_config_json_is_refused(tiny
         check_tokenizer_matches_config(mistral3_transform(tekken, max_seq_len=512, patch_size=16), str(tiny))
     config = json.loads((Path(tiny) / "config.json").read_text())
     assert config["spatial_merge_size"] == 2 and config["image_token_index"] == 10
+
+
+def test_a_weight_no_rank_reads_is_named_with_its_file(tiny):
+    from omegaconf import OmegaConf
+    from torchtune_mistral3.rehearse._rehearse import RehearsalError, check_reads_cover_checkpoint
+    from torchtune_mistral3.rehearse._role import RoleReport
+
+    reader = PlannedReader(HFCheckpointReader(tiny), rank=0)
+    for key in reader.keys():
+        if key != "decoder.norm.scale":
+            reader.read(key)
+    report = RoleReport(rank=0, coordinate={"pp": 0}, stages=[0], layers=[(0, 2)], reads=reader.reads)
+    cfg = OmegaConf.create({"checkpointer": {"checkpoint_dir": str(tiny)}})
+    with pytest.raises(RehearsalError, match=r"1 weights .*'model\.language_model\.norm\.weight' \(model-00001"):
+        check_reads_cover_checkpoint(cfg, [report])
+    reader.read("decoder.norm.scale")
+    check_reads_cover_checkpoint(cfg, [report])
