@@ -158,10 +158,6 @@ class RehearsalMode(TorchDispatchMode):
             self._labels[id(storage)] = "resize_ (FSDP2 unsharded parameter)"
         self._update_peak()
 
-    def track_existing(self, tensors: List[torch.Tensor]) -> None:
-        """Count tensors made before the mode was entered (e.g. a batch built outside it)."""
-        self._track(tensors)
-
     def _count_collective(self, func, args, kwargs, out) -> None:
         if self._phase is None:
             return

@@ -95,7 +95,7 @@ def rehearsal_recipe_class(base: type) -> type:
         base (type): ``Mistral3FullFinetuneRecipe`` or a subclass.
 
     Returns:
-        type: the rehearsal recipe; set ``_rehearsal_mode`` and ``_planned_reader`` on it before ``setup``.
+        type: the rehearsal recipe; :func:`play_rank` sets its ``_rehearsal_mode`` before building it.
     """
 
     class RehearsalRecipe(base):
@@ -129,7 +129,7 @@ def rehearsal_recipe_class(base: type) -> type:
     return RehearsalRecipe
 
 
-def _placement(p: torch.Tensor, mesh_names: Tuple[str, ...]) -> str:
+def _placement(p: torch.Tensor) -> str:
     if not isinstance(p, DTensor):
         return "replicated (plain tensor)"
     names = p.device_mesh.mesh_dim_names or tuple(str(i) for i in range(p.device_mesh.ndim))
@@ -152,7 +152,7 @@ def describe_parameters(report: RoleReport, parts: List[nn.Module]) -> None:
             report.local_bytes += local.numel() * local.element_size()
             if p.requires_grad:
                 report.trainable_local_numel += local.numel()
-            key = f"{_placement(p, ())} [{p.dtype}]".replace("torch.", "")
+            key = f"{_placement(p)} [{p.dtype}]".replace("torch.", "")
             placements[key] = placements.get(key, 0) + 1
     report.placements = dict(sorted(placements.items(), key=lambda kv: -kv[1]))
 
