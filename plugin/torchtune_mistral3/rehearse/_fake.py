@@ -35,9 +35,9 @@ _NOT_COMMUNICATION = {torch.ops._c10d_functional.wait_tensor.default}
 # A factory result at most this large stays a real tensor (index vectors, counters, RoPE tables, masks built
 # from token ids); anything larger (activation buffers, weights) is fake.
 SMALL_NUMEL = 1 << 22
-# The live tensors near a phase's peak are summarised each time the live bytes grow by this much past the last
-# summary (so the summary lies within this many bytes below the peak).
-_SNAPSHOT_STEP = 256 * 1024**2
+# The live tensors near a phase's peak are summarised each time the live bytes grow past the last summary by
+# 1/64 of them (at least 1 MiB): the summary lies within about 1.6% below the peak.
+_SNAPSHOT_MIN_STEP = 1024**2
 
 
 def _plain(t: torch.Tensor) -> bool:
@@ -136,8 +136,8 @@ class RehearsalMode(TorchDispatchMode):
         phase = self._phase
         if phase is not None and self.live_bytes > phase.peak_bytes:
             phase.peak_bytes = self.live_bytes
-            if self.live_bytes >= self._snapshot_at:  # what is live near the peak, within _SNAPSHOT_STEP bytes
-                self._snapshot_at = self.live_bytes + _SNAPSHOT_STEP
+            if self.live_bytes >= self._snapshot_at:  # what is live near the peak
+                self._snapshot_at = self.live_bytes + max(_SNAPSHOT_MIN_STEP, self.live_bytes // 64)
                 live: Dict[str, int] = {}
                 for key, n in self._sizes.items():
                     live[self._labels[key]] = live.get(self._labels[key], 0) + n

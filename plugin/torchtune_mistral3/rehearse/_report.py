@@ -81,6 +81,8 @@ def format_rehearsal(result: Any) -> str:
             f"({_gib(r.local_bytes)}), {r.trainable_local_numel:,} trainable",
         ]
         lines += [f"    {n:>4} x {k}" for k, n in r.placements.items()]
+        if r.schedule:
+            lines += ["  pipeline: " + r.schedule[0]] + [f"    {x}" for x in r.schedule[1:]]
         for phase in ("setup", "step", "save"):
             p = r.phases.get(phase)
             if p is not None:
@@ -131,7 +133,7 @@ def rehearsal_to_json(result: Any) -> str:
                            "collectives": {c: {"calls": v.calls, "bytes": v.bytes} for c, v in p.collectives.items()}}
                        for k, p in r.phases.items()},
             "reads": len(r.reads), "read_bytes": sum(x.nbytes for x in r.reads),
-            "save_files": files.get(r.rank, []), "values_read": r.values_read,
+            "save_files": files.get(r.rank, []), "values_read": r.values_read, "schedule": r.schedule,
         })
     return json.dumps({"config": result.config_name, "world_size": result.world_size, "layout": result.layout,
                        "fits": result.fits, "planner": result.planner_options, "ranks": ranks,

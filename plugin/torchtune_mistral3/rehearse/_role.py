@@ -60,6 +60,7 @@ class RoleReport:
         save (Optional[SavePlan]): its part of the save.
         values_read (int): values read back from fake tensors (they read as 1).
         step_metrics (Dict[str, Any]): what ``_train_step`` returned (no real values).
+        schedule (List[str]): the pipeline schedule and each stage's inferred input and output shapes.
     """
 
     rank: int
@@ -76,6 +77,7 @@ class RoleReport:
     save: Optional[SavePlan] = None
     values_read: int = 0
     step_metrics: Dict[str, Any] = field(default_factory=dict)
+    schedule: List[str] = field(default_factory=list)
 
     @property
     def peak_bytes(self) -> int:
@@ -258,6 +260,7 @@ def play_rank(
                         batches = next(iter(recipe._batches(0)))
                         report.step_metrics = recipe._train_step(batches)
                         del batches
+                    report.schedule = _schedule_shapes(recipe)
                     with mode.phase("save"):
                         report.save = plan_save(recipe)
                 report.phases = dict(mode.phases)
@@ -284,3 +287,22 @@ def _describe(recipe: Any) -> RoleReport:
     report = RoleReport(rank=recipe.rank, coordinate=coordinate, stages=stages, layers=layers)
     describe_parameters(report, recipe._model_parts)
     return report
+
+
+def _shapes(metas: Any) -> str:
+    return ", ".join(f"{list(m.shape)} {str(m.dtype).replace('torch.', '')}" for m in metas or () if m is not None)
+
+
+def _schedule_shapes(recipe: Any) -> List[str]:
+    """The schedule, its micro-batches and each stage's input/output shapes as torch inferred them at the step."""
+    pipeline = recipe._pipeline
+    if pipeline is None:
+        return []
+    schedule = pipeline.schedule
+    stages = getattr(schedule, "_stages", None) or [schedule._stage]
+    lines = [f"{type(schedule).__name__}, {pipeline.n_microbatches} micro-batches of the batch "
+             f"{list(getattr(pipeline, '_batch_shape', ()))}"]
+    for stage in stages:
+        meta = stage._stage_meta
+        lines.append(f"stage {stage.stage_index}: in {_shapes(meta.inputs) or '-'} -> out {_shapes(meta.outputs)}")
+    return lines
