@@ -18,6 +18,8 @@ CHANGES: List[Tuple[str, str]] = [
     ("metric_logger=DiskLogger", "nothing is logged outside the rehearsal's temporary directory"),
     ("output_dir=<temporary>", "the save is planned (files, keys, gathers), not written"),
     ("prepare_checkpoint=null", "the checkpoint must exist: only its headers, index, config and tokenizer are read"),
+    ("optimizer states allocated before the step", "the step rehearsed is a steady-state one: Adam's moments exist "
+                                                   "during its forward and backward, as in every step after the first"),
 ]
 
 

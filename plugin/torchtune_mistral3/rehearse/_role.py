@@ -254,6 +254,8 @@ def play_rank(
                 with mode.phase("setup"):
                     recipe = recipe_cls(cfg=cfg)
                     recipe.setup(cfg=cfg)
+                    if not setup_only:
+                        allocate_optimizer_state(recipe._optimizer)
                 report = _describe(recipe)
                 if not setup_only:
                     with mode.phase("step"):
@@ -272,6 +274,22 @@ def play_rank(
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
     return report
+
+
+def allocate_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give ``optimizer`` its states (Adam's moments) as every step after the first has them.
+
+    Adam allocates its states in the first ``step()``, after that step's forward and backward: a rehearsal of the
+    first step would miss them at the activation peak. One step over zero gradients (fake tensors) allocates them.
+
+    Args:
+        optimizer (torch.optim.Optimizer): the recipe's optimizer.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _describe(recipe: Any) -> RoleReport:
