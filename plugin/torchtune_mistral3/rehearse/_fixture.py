@@ -102,9 +102,7 @@ def mm35_tensor_specs(hf_config: Optional[Dict[str, Any]] = None) -> List[Tuple[
         List[Tuple[str, Tuple[int, ...], torch.dtype]]: the tensors.
     """
     from torchtune_mistral3.checkpointing import default_fp8_keys
-    from torchtune_mistral3.models.mistral3 import mistral3_arguments_from_hf_config
-    from torchtune_mistral3.models.mistral3._component_builders import mistral3
-    from torchtune_mistral3.models.mistral3._convert_weights import tune_key_to_hf
+    from torchtune_mistral3.models.mistral3 import mistral3, mistral3_arguments_from_hf_config, tune_key_to_hf
 
     config = hf_config or MM35_HF_CONFIG
     with torch.device("meta"):
