@@ -23,6 +23,7 @@ import sys
 
 from omegaconf import DictConfig
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 from torchtune import config
 from torchtune_mistral3.checkpointing._peft import LoRAAdapterSaver
 from torchtune_mistral3.peft import adapter_keys, load_lora_checkpoint
@@ -64,7 +65,11 @@ class Mistral3LoRAFinetuneRecipe(full.Mistral3FullFinetuneRecipe):
         """
         super().setup(cfg)
         adapters = set(adapter_keys(self._model))
-        full_parts = [n for n, p in self._model.named_parameters() if p.requires_grad and n not in adapters]
+        # parameter names carry activation checkpointing's wrapper prefix, state-dict keys (the adapters') do not
+        full_parts = [
+            n for n, p in self._model.named_parameters()
+            if p.requires_grad and n.replace(_CHECKPOINT_PREFIX, "") not in adapters
+        ]
         if full_parts or not adapters:
             raise ValueError(
                 f"the LoRA recipe trains adapters only, but the model trains {full_parts[:4] or 'no adapter'}: use "
