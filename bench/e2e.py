@@ -361,12 +361,13 @@ def flops_per_sample(ckpt: Path, lengths: List[int], image_tokens: List[int]) ->
 
 def plan_prediction(mode: str, ckpt: Path, lengths_file: Path, gpu: str, smoke: bool) -> Dict[str, Any]:
     """The planner's step time for the run's config, overrides and sample lengths."""
+    from torchtune_mistral3 import plan as planner
     from torchtune_mistral3.plan import load_config, plan_config
 
     overrides = [f"checkpoint_dir={ckpt}", f"plan.sample_lengths={lengths_file}", f"plan.gpu={gpu}", *MODES[mode]]
     if smoke:
         overrides += ["compile=False", "tokenizer.max_seq_len=512", "tokenizer.max_image_size=112"]
-    plan, options = plan_config(load_config(CONFIG, overrides))
+    plan, options = plan_config(load_config(CONFIG, overrides, key_files=[planner.__file__]))  # plan.* keys
     step = options["step"]
     return {"step_s": step.step_s, "real_tokens_per_s_per_gpu": step.real_tokens_per_s_per_gpu,
             "padded_seq_len": step.padded_seq_len, "padding": step.padding,

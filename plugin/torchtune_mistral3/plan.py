@@ -242,7 +242,8 @@ def layout_from_config(cfg: DictConfig) -> Tuple[Layout, dict]:
 
 def _sample_lengths(cfg: DictConfig) -> Optional[List[int]]:
     """The lengths in the ``plan.sample_lengths`` JSON file, or None (the planner's MedPix model)."""
-    path = (cfg.get("plan", {}) or {}).get("sample_lengths", None)
+    plan = cfg.get("plan", {}) or {}  # named ``plan`` so that the key check sees ``plan.sample_lengths`` read
+    path = plan.get("sample_lengths", None)
     if path is None:
         return None
     data = json.loads(Path(path).read_text())

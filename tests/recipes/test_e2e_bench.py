@@ -54,6 +54,7 @@ def test_smoke_run_reports_what_its_logs_say(tmp_path):
     for mode, entry in result["modes"].items():
         assert "error" not in entry, entry.get("error")
         s = entry["summary"]
+        assert entry["plan"]["step_s"] > 0  # the planner read the run's overrides and plan.* keys
         (run_dir,) = (tmp_path / "work").glob(f"run_{mode}_*")
         log = _log_steps(run_dir)
         # every step the command ran was logged and counted
