@@ -225,7 +225,8 @@ def test_a_killed_rank_ends_the_job_at_once_and_keeps_the_last_state(tmp_path):
     states = tmp_path / "run" / "training_state"
     # the state of step 2 is complete (written before the kill); no step after it was written
     assert sorted(p.name for p in states.iterdir() if not p.name.startswith(".")) == ["step_2"]
-    assert sorted(p.name for p in (states / "step_2").iterdir()) == ["layout.json", "rank_00000.pt", "rank_00001.pt"]
+    assert sorted(p.name for p in (states / "step_2").iterdir()) == [
+        "layout.json", "rank_00000.pt", "rank_00001.pt", "run.json"]
     print(f"killed rank: job ended {elapsed:.1f} s after SIGKILL")
 
 
@@ -302,4 +303,5 @@ def test_a_rank_killed_inside_a_training_state_save_leaves_the_previous_state(tm
     assert rc != 0
     assert not (states / "step_4").exists()
     assert latest_training_state(tmp_path / "run") == states / "step_2"
-    assert sorted(p.name for p in (states / "step_2").iterdir()) == ["layout.json", "rank_00000.pt", "rank_00001.pt"]
+    assert sorted(p.name for p in (states / "step_2").iterdir()) == [
+        "layout.json", "rank_00000.pt", "rank_00001.pt", "run.json"]

@@ -98,6 +98,8 @@ def test_a_second_run_at_once_is_refused_naming_the_first(tune, tmp_path):
         while not (out / "run.json").is_file():
             assert first.poll() is None and time.monotonic() < deadline, "the first run did not start"
             time.sleep(0.5)
+        # held still, lock and all: however slow this machine, the first run cannot finish before the second asks
+        os.killpg(first.pid, signal.SIGSTOP)
         proc = tune(*DEMO, f"output_dir={out}", *QUIET, "max_steps_per_epoch=1", check=False)
         err = proc.stdout + proc.stderr
         assert proc.returncode != 0

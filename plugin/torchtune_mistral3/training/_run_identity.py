@@ -20,6 +20,7 @@ and a client that dies holds its lock until the server's lease expires (about 90
 only when mounted with ``-o flock``. Where the file system refuses locks the run warns and goes on unlocked.
 """
 
+import builtins
 import errno
 import fcntl
 import getpass
@@ -38,6 +39,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from ._metric_logging import check_log_dir_writable
 from ._training_state import RUN_FILE, STATE_DIR
 
 log = logging.getLogger(__name__)
@@ -379,19 +381,22 @@ def claim_output_dir(cfg: DictConfig, layout: Dict[str, int]) -> RunClaim:
         try:
             lock, run_id, replacing = _claim(cfg, layout)
             outcome = [(run_id, replacing, None)]
-        except (OutputDirInUseError, OutputDirTakenError) as e:
+        except (OutputDirInUseError, OutputDirTakenError, OSError) as e:  # every rank raises it, not only rank 0
             outcome = [(None, False, (type(e).__name__, str(e)))]
     if distributed:
         dist.broadcast_object_list(outcome, src=0)
     run_id, replacing, error = outcome[0]
     if error is not None:
-        kind = OutputDirInUseError if error[0] == OutputDirInUseError.__name__ else OutputDirTakenError
+        kinds = {k.__name__: k for k in (OutputDirInUseError, OutputDirTakenError)}
+        kind = kinds.get(error[0]) or getattr(builtins, error[0], OSError)  # an OSError subclass keeps its name
         raise kind(error[1])
     return RunClaim(cfg.output_dir, run_id, lock, replacing)
 
 
 def _claim(cfg: DictConfig, layout: Dict[str, int]) -> Tuple[OutputDirLock, str, bool]:
     output_dir = Path(cfg.output_dir)
+    # an output_dir this user cannot create or write is named now, before the lock file is made in it
+    check_log_dir_writable(cfg.get("metric_logger", {}).get("log_dir", None) or str(output_dir))
     resume = bool(cfg.get("resume_from_checkpoint", False))
     overwrite = bool(cfg.get("overwrite_output_dir", False))
     previous = read_run_file(output_dir)
