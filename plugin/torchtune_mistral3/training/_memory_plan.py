@@ -74,6 +74,10 @@ _SCHEDULES = {
     "zbvzerobubble": "1f1b",
 }
 
+# Schedules whose backward is split in input and weight parts: torch's PipelineStage accumulates their gradients
+# unsharded over the micro-batches also where the recipe reduces every full backward (data parallel 1).
+_SPLIT_BACKWARD = {"interleavedzerobubble", "zbvzerobubble", "dualpipev"}
+
 
 @dataclass(frozen=True)
 class ModelDims:
@@ -253,6 +257,9 @@ class RankMemory:
             forward, FSDP all-gather, embedding backward or optimizer temporaries) at its own phase.
         peak (float): the peak over the step's phases.
         phases (Dict[str, float]): the candidates the peak is the largest of.
+        unsharded_accumulation (float): under PP with torch's no-sync accumulation (data parallel > 1 or a split
+            backward), the unsharded gradients (master dtype) and parameters (compute dtype) every stage keeps
+            between micro-batches; 0 where the recipe reduces every micro-batch (data parallel 1).
     """
 
     pp_rank: int
@@ -268,6 +275,7 @@ class RankMemory:
     transient: float
     peak: float
     phases: Dict[str, float] = field(default_factory=dict)
+    unsharded_accumulation: float = 0.0
 
 
 @dataclass
@@ -716,9 +724,20 @@ def plan_memory(
         # activation checkpointing) and the hidden-state gradients are still alive
         late = full_layer_act * tokens + 4 * dims.hidden * tokens if n_layers else 0.0
         opt_temp = 0.0 if lo.optimizer_fused or n_states == 0 else trainable * state_bytes
+        # FSDP2 under PP with torch's no-sync accumulation (data parallel > 1, or a split backward): every stage
+        # keeps its gradients unsharded in the reduce (master) dtype beside the sharded ones, and its parameters
+        # unsharded in the compute dtype between micro-batches. With data parallel 1 the recipe reduces and
+        # reshards after every full backward instead (ReducingPipelineStage) and keeps neither.
+        no_sync = (
+            lo.pp > 1 and lo.microbatches > 1 and (shard > 1 or casts)
+            and (lo.dp > 1 or lo.schedule.lower() in _SPLIT_BACKWARD)
+        )
+        unsynced = trainable * shard * master_bytes + sum(p.bytes_per_tp_rank(lo.dtype_bytes) for p in held)
+        unsynced = unsynced if no_sync else 0.0
         static = params + opt
         phases = {
-            "forward_backward": static + (grads if holds_grads_across else 0.0) + activations + head + fb_transient,
+            "forward_backward": static + (grads if holds_grads_across else 0.0) + unsynced + activations + head
+            + fb_transient,
             "late_backward": static + grads - embed_grad + late,
             "end_of_backward": static + grads + embed_bwd,
             "optimizer_step": static + grads + opt_temp,
@@ -728,6 +747,7 @@ def plan_memory(
             optimizer_state=opt, activations_per_microbatch=act_mb, microbatches_in_flight=in_flight,
             activations=activations, logits_and_loss=head,
             transient=max(fb_transient, late, embed_bwd, opt_temp), peak=max(phases.values()), phases=phases,
+            unsharded_accumulation=unsynced,
         ))
     return MemoryPlan(lo, dims, ranks, gpu_gib, allocator_margin, reserve_gib)
 
