@@ -484,6 +484,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 stages_per_rank=cfg.get("pipeline_stages_per_rank", None),
                 parallelize_fn=parallelize,
                 **cost_balanced_stage_extras(model, cfg),  # pipeline_split overrides it
+                # FSDP2 over one data-parallel rank: its reduce and reshard per micro-batch are local copies
+                reduce_every_microbatch=self._dims.dp == 1,
             )
             self._model_parts = self._pipeline.model_parts
             self.activations_handling_ctx = contextlib.nullcontext()

@@ -385,3 +385,19 @@ def test_pipeline_no_sync_accumulation_is_counted_where_the_recipe_uses_it(tiny_
     shrink = (r.parameters + r.optimizer_state + r.gradients) / 2
     assert r2.phases["forward_backward"] == pytest.approx(r.phases["forward_backward"] - shrink
                                                           + r2.unsharded_accumulation)
+
+
+def test_schedule_runtime_keeps_up_to_three_stages_gathered(tiny_model):
+    # Interleaved1F1B runs from torch's action list, whose UNSHARD / RESHARD actions keep the FSDP2 parameters of
+    # up to 3 active stages of a rank gathered in the compute dtype (here 1 stage per rank: that stage's)
+    base = dict(seq_len=64, image_px=56, pp=3, microbatches=3, batch_size=3, dtype_bytes=2, master_bytes=4,
+                stages_per_rank=1)
+    r = plan_memory(tiny_model, Layout(**base, schedule="Interleaved1F1B")).ranks[0]
+    one = plan_memory(tiny_model, Layout(**base, schedule="1F1B")).ranks[0]
+    assert one.unsharded_accumulation == 0
+    parts = count_parts(tiny_model, 1)
+    held = [parts[n] for n in ("embeddings", "vision", "projector", "layer.0") if n in parts]
+    assert r.stages == [0] and r.layers == 1
+    assert r.unsharded_accumulation == pytest.approx(sum(p.bytes_per_tp_rank(2) for p in held))
+    assert r.phases["forward_backward"] - one.phases["forward_backward"] == pytest.approx(
+        r.unsharded_accumulation + (r.activations - one.activations))

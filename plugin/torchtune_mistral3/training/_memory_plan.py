@@ -77,6 +77,10 @@ _SCHEDULES = {
 # Schedules whose backward is split in input and weight parts: torch's PipelineStage accumulates their gradients
 # unsharded over the micro-batches also where the recipe reduces every full backward (data parallel 1).
 _SPLIT_BACKWARD = {"interleavedzerobubble", "zbvzerobubble", "dualpipev"}
+# Schedules torch runs from an action list (_PipelineScheduleRuntime): it adds UNSHARD / RESHARD actions that keep
+# the FSDP2 parameters of up to 3 stages of a rank gathered (in the compute dtype) while they are active.
+_RUNTIME_SCHEDULES = {"interleaved1f1b", "interleavedzerobubble", "zbvzerobubble", "dualpipev", "loopedbfs"}
+_ACTIVE_STAGES = 3
 
 
 @dataclass(frozen=True)
@@ -601,6 +605,18 @@ def _stages(layout: Layout, num_layers: int) -> tuple:
     return v, split, [stage_ids_for_rank(cls, r, layout.pp, v) for r in range(layout.pp)]
 
 
+def _stage_parts(parts: Dict[str, PartParams], stages: Sequence[int], starts: Sequence[int],
+                 split: Sequence[int], last_stage: int) -> List[List[PartParams]]:
+    """The counted parts each of ``stages`` holds (its decoder layers, plus the ends' embeddings, tower and head)."""
+    out = []
+    for s in stages:
+        names = [f"layer.{i}" for i in range(starts[s], starts[s] + split[s])]
+        names += ["embeddings", "vision", "projector"] if s == 0 else []
+        names += ["norm", "output"] if s == last_stage else []
+        out.append([parts[n] for n in names if n in parts])
+    return out
+
+
 def plan_memory(
     model,
     layout: Layout,
@@ -734,6 +750,11 @@ def plan_memory(
         )
         unsynced = trainable * shard * master_bytes + sum(p.bytes_per_tp_rank(lo.dtype_bytes) for p in held)
         unsynced = unsynced if no_sync else 0.0
+        if not no_sync and lo.pp > 1 and (shard > 1 or casts) and lo.schedule.lower() in _RUNTIME_SCHEDULES:
+            per_stage = sorted((sum(p.bytes_per_tp_rank(lo.dtype_bytes) for p in stage_parts)
+                                for stage_parts in _stage_parts(parts, stages, starts, split, last_stage)),
+                               reverse=True)
+            unsynced = sum(per_stage[:_ACTIVE_STAGES])
         static = params + opt
         phases = {
             "forward_backward": static + (grads if holds_grads_across else 0.0) + unsynced + activations + head
