@@ -147,6 +147,52 @@ def _shard_condition(name: str, module: nn.Module, names_to_match: Optional[List
     return not is_stage_stand_in(module) and training.get_shard_conditions(name, module, names_to_match)
 
 
+@contextlib.contextmanager
+def _fused_hidden_from_stock_check(cfg: DictConfig) -> Iterator[None]:
+    """``optimizer.fused`` reads False inside the block and its own value again after it.
+
+    torchtune 0.6.1's recipe ``__init__`` refuses ``optimizer.fused=True`` with ``tensor_parallel_dim > 1``
+    ("Tensor parallelism is currently incompatible with fused optimizer"). That refusal is obsolete: torch's
+    fused AdamW steps DTensor parameters (TP and FSDP2 shards alike) with the same result as foreach (see
+    tests/recipes/test_tune_run_parallel_layouts.py, fused against foreach under TP 2). The stock constructor
+    reads the key only for that check; ``setup`` builds the optimizer from the restored value.
+
+    Args:
+        cfg (DictConfig): the parsed config.
+
+    Yields:
+        None
+    """
+    optimizer = cfg.get("optimizer", None)
+    fused = optimizer.get("fused", None) if optimizer is not None else None
+    if not fused:
+        yield
+        return
+    optimizer.fused = False
+    try:
+        yield
+    finally:
+        optimizer.fused = fused
+
+
+def _fused_param_groups(params: List[nn.Parameter]) -> List[Dict[str, Any]]:
+    """``params`` as one optimizer param group of DTensors and one of plain tensors (each only if not empty).
+
+    A fused optimizer steps a param group in one kernel per device and dtype, and DTensor refuses a call that
+    mixes DTensors with plain tensors; under TP the projector's (and tower's) parameters stay plain tensors beside
+    the sharded decoder. Both groups keep the optimizer's settings, so the update is the same.
+
+    Args:
+        params (List[nn.Parameter]): the trainable parameters.
+
+    Returns:
+        List[Dict[str, Any]]: the param groups.
+    """
+    dtensors = [p for p in params if isinstance(p, DTensor)]
+    plain = [p for p in params if not isinstance(p, DTensor)]
+    return [{"params": group} for group in (dtensors, plain) if group]
+
+
 def is_plugin_config(cfg: DictConfig) -> bool:
     """True when the config's model comes from this plugin (those configs run the extended recipe)."""
     component = str(cfg.get("model", {}).get("_component_", ""))
@@ -186,7 +232,7 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             overrides=command_line_overrides(sys.argv),
         )
         self._distributed_timeout = distributed_timeout(cfg.get("distributed_timeout_s", None))
-        with init_process_group_timeout(stock, self._distributed_timeout):
+        with init_process_group_timeout(stock, self._distributed_timeout), _fused_hidden_from_stock_check(cfg):
             super().__init__(cfg)
         self._precision = precision_policy(cfg, self._device)
         self._dims = ParallelDims(self.world_size, pp=self.pipeline_parallel_dim, tp=self.tensor_parallel_dim)
@@ -285,7 +331,9 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                     part.set_num_output_chunks(self._loss_fn.num_output_chunks)
 
         trainable = [p for part in self._model_parts for p in part.parameters() if p.requires_grad]
-        self._optimizer = config.instantiate(cfg.optimizer, trainable)
+        self._optimizer = config.instantiate(
+            cfg.optimizer, _fused_param_groups(trainable) if cfg.optimizer.get("fused", False) else trainable
+        )
         utils.log_rank_zero(
             log, f"Optimizer is initialized over {sum(p.numel() for p in trainable):,} trainable parameters on rank 0."
         )
@@ -436,6 +484,8 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 stages_per_rank=cfg.get("pipeline_stages_per_rank", None),
                 parallelize_fn=parallelize,
                 **cost_balanced_stage_extras(model, cfg),  # pipeline_split overrides it
+                # FSDP2 over one data-parallel rank: its reduce and reshard per micro-batch are local copies
+                reduce_every_microbatch=self._dims.dp == 1,
             )
             self._model_parts = self._pipeline.model_parts
             self.activations_handling_ctx = contextlib.nullcontext()

@@ -27,8 +27,10 @@ COMPILED = ["compile=True"]
 
 LAYOUTS = {
     "tp2": (2, ["tensor_parallel_dim=2", *COMPILED]),
-    # eager: batches padded to a multiple of 2 only, not to max_seq_len
-    "tp2_sequence_parallel": (2, ["tensor_parallel_dim=2", "tensor_parallel_plan.sequence_parallel=True"]),
+    # eager: batches padded to a multiple of 2 only, not to max_seq_len. Fused AdamW on the TP DTensor shards
+    # (torchtune's own recipe refuses fused under TP at start) against the one process's foreach AdamW.
+    "tp2_sequence_parallel": (
+        2, ["tensor_parallel_dim=2", "tensor_parallel_plan.sequence_parallel=True", "optimizer.fused=True"]),
     # no pipeline_microbatches: the documented default (the pipeline degree, 2) applies
     "pp2_1f1b": (2, ["pipeline_parallel_dim=2", "pipeline_schedule=1F1B"]),
     "pp2_interleaved_4_stages": (

@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from torchtune_mistral3 import plan
 from torchtune_mistral3.checkpointing import HFCheckpointReader
 from torchtune_mistral3.plan import load_config
 from torchtune_mistral3.rehearse import (
@@ -52,10 +53,8 @@ def test_representative_ranks_are_pp_coordinates_at_dp0_tp0():
 
 @pytest.fixture(scope="module")
 def rank0(mm35):
-    # optimizer.fused=False: the shipped config's fused Adam under TP 8 is refused by torchtune's own recipe
-    # ("Tensor parallelism is currently incompatible with fused optimizer"), which this rehearsal found
-    # (test_shipped_128b_config_fails_on_fused_adam_with_tp below).
-    cfg = load_config("mistral3p5_medpix", [f"checkpoint_dir={mm35}", "optimizer.fused=False", "plan.gpu_gib=40"])
+    # the shipped config as it is (fused AdamW under TP 8 included)
+    cfg = load_config("mistral3p5_medpix", [f"checkpoint_dir={mm35}", "plan.gpu_gib=40"], key_files=[plan.__file__])
     return rehearse(cfg, "mistral3p5_medpix", world_size=64, ranks=[0])
 
 
@@ -69,20 +68,21 @@ def test_128b_rank0_stages_parameters_and_memory(rank0):
     assert r.local_numel < r.param_count / 3
 
 
-def test_128b_rank0_peak_is_the_planner_plus_two_fsdp2_copies_it_does_not_model(rank0):
-    # Measured 71.7 GiB against the planner's 58.0 (+23.5%). Under pipeline parallelism torch's PipelineStage
-    # turns FSDP2's gradient sync and reshard-after-backward off for all but the last micro-batch, so each stage
-    # keeps (a) its gradients unsharded, accumulated in reduce_dtype fp32, beside the sharded fp32 gradients, and
-    # (b) its bf16 unsharded parameters between micro-batches. The planner (training/_memory_plan.py) counts
-    # neither; without them the measured peak is the planner's to within 10%.
+def test_128b_rank0_peak_agrees_with_the_planner(rank0):
+    # Before the recipe reduced every micro-batch (ReducingPipelineStage, data parallel 1): 71.7 GiB against the
+    # planner's 58.0 (+23.5%). torch's PipelineStage turned FSDP2's gradient sync off for all but the last
+    # micro-batch, so each stage kept its gradients unsharded in fp32 beside the sharded ones (7.9 GiB); now it
+    # does not. torch's schedule runtime (Interleaved1F1B) still keeps up to 3 of the rank's 4 stages gathered in
+    # bf16 (its UNSHARD / RESHARD actions), which the planner now counts.
     (r,) = rank0.reports
     at_peak = r.phases["step"].at_peak
     grads = r.trainable_local_numel * 4  # fp32, as master_dtype and reduce_dtype
-    assert at_peak["_to_copy.default float32"] >= 1.9 * grads  # two fp32 gradient copies
+    assert at_peak.get("_to_copy.default float32", 0) < 1.5 * grads  # one fp32 gradient copy, not two
     unsharded = at_peak["resize_ (FSDP2 unsharded parameter)"]
     assert 0 < unsharded < r.local_bytes / 2  # bf16 copies of (part of) the fp32 parameters
     plan = rank0.planned_peak[0]
-    assert abs(r.train_peak_bytes - grads - unsharded - plan) / plan < 0.10, (r.train_peak_bytes / GIB, plan / GIB)
+    print(f"rank 0 peak {r.train_peak_bytes / GIB:.2f} GiB, planner {plan / GIB:.2f} GiB, at peak {at_peak}")
+    assert abs(r.train_peak_bytes - plan) / plan < 0.10, (r.train_peak_bytes / GIB, plan / GIB)
 
 
 def test_128b_rank0_pipeline_sends_match_the_schedule(rank0):
@@ -113,10 +113,13 @@ def test_128b_rank0_does_not_fit_a_40gb_gpu(rank0):
     assert rank0.needed_gib(r) > 40
 
 
-def test_shipped_128b_config_fails_on_fused_adam_with_tp(mm35):
+def test_shipped_128b_config_sets_up_with_fused_adam_under_tp(mm35):
+    # torchtune's own recipe refuses optimizer.fused=True under TP at start; ours hides it from that obsolete
+    # check (fused AdamW steps DTensor shards) and builds the fused optimizer
     cfg = load_config("mistral3p5_medpix", [f"checkpoint_dir={mm35}"])
-    with pytest.raises(RehearsalError, match=r"rank 0 \(pp 0, dp 0, tp 0\) of 64 .*incompatible with fused"):
-        rehearse(cfg, "mistral3p5_medpix", world_size=64, ranks=[0], setup_only=True)
+    assert cfg.optimizer.fused is True and cfg.tensor_parallel_dim == 8
+    report = rehearse(cfg, "mistral3p5_medpix", world_size=64, ranks=[0], setup_only=True)
+    assert [r.coordinate for r in report.reports] == [{"pp": 0, "dp": 0, "tp": 0}]
 
 
 def test_tp_degree_that_does_not_divide_the_kv_heads_fails(mm35):

@@ -360,3 +360,44 @@ def test_tower_split_holds_the_busiest_rank_share_of_the_images(tiny_model):
     (whole,) = plan_memory(tiny_model, lo).ranks
     (split,) = plan_memory(tiny_model, Layout(**{**lo.__dict__, "tower_split": True})).ranks
     assert whole.activations_per_microbatch - split.activations_per_microbatch == projector * (3 - 2) * 4
+
+
+def test_pipeline_no_sync_accumulation_is_counted_where_the_recipe_uses_it(tiny_model):
+    # FSDP2 under PP: with data parallel 1 the recipe reduces and reshards every full backward (nothing extra);
+    # with data parallel 2 (or a split, zero-bubble backward) torch keeps every stage's gradients unsharded in the
+    # master dtype (fp32) and its parameters unsharded in the compute dtype (bf16) between micro-batches.
+    base = dict(seq_len=64, image_px=56, pp=2, microbatches=2, batch_size=2, dtype_bytes=2, master_bytes=4)
+
+    def rank0(**kw):
+        lo = Layout(**{**base, **kw})
+        return lo, plan_memory(tiny_model, lo).ranks[0]
+
+    def by_hand(lo, r):
+        # the sharded fp32 gradients and parameters the plan counts, unsharded; trained parameters in bf16: half
+        shard = lo.dp if lo.dp > 1 else 1
+        return shard * r.gradients + shard * (r.parameters - r.gradients / 2)
+
+    lo, r = rank0(schedule="1F1B")
+    assert r.unsharded_accumulation == 0
+    lo2, r2 = rank0(schedule="1F1B", dp=2)
+    assert r2.unsharded_accumulation == pytest.approx(by_hand(lo2, r2)) and r2.unsharded_accumulation > 0
+    # the same activations and head: the forward-backward phase grows by it (less the halved sharded state)
+    shrink = (r.parameters + r.optimizer_state + r.gradients) / 2
+    assert r2.phases["forward_backward"] == pytest.approx(r.phases["forward_backward"] - shrink
+                                                          + r2.unsharded_accumulation)
+
+
+def test_schedule_runtime_keeps_up_to_three_stages_gathered(tiny_model):
+    # Interleaved1F1B runs from torch's action list, whose UNSHARD / RESHARD actions keep the FSDP2 parameters of
+    # up to 3 active stages of a rank gathered in the compute dtype (here 1 stage per rank: that stage's)
+    base = dict(seq_len=64, image_px=56, pp=3, microbatches=3, batch_size=3, dtype_bytes=2, master_bytes=4,
+                stages_per_rank=1)
+    r = plan_memory(tiny_model, Layout(**base, schedule="Interleaved1F1B")).ranks[0]
+    one = plan_memory(tiny_model, Layout(**base, schedule="1F1B")).ranks[0]
+    assert one.unsharded_accumulation == 0
+    parts = count_parts(tiny_model, 1)
+    held = [parts[n] for n in ("embeddings", "vision", "projector", "layer.0") if n in parts]
+    assert r.stages == [0] and r.layers == 1
+    assert r.unsharded_accumulation == pytest.approx(sum(p.bytes_per_tp_rank(2) for p in held))
+    assert r.phases["forward_backward"] - one.phases["forward_backward"] == pytest.approx(
+        r.unsharded_accumulation + (r.activations - one.activations))

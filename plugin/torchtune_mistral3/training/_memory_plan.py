@@ -74,6 +74,14 @@ _SCHEDULES = {
     "zbvzerobubble": "1f1b",
 }
 
+# Schedules whose backward is split in input and weight parts: torch's PipelineStage accumulates their gradients
+# unsharded over the micro-batches also where the recipe reduces every full backward (data parallel 1).
+_SPLIT_BACKWARD = {"interleavedzerobubble", "zbvzerobubble", "dualpipev"}
+# Schedules torch runs from an action list (_PipelineScheduleRuntime): it adds UNSHARD / RESHARD actions that keep
+# the FSDP2 parameters of up to 3 stages of a rank gathered (in the compute dtype) while they are active.
+_RUNTIME_SCHEDULES = {"interleaved1f1b", "interleavedzerobubble", "zbvzerobubble", "dualpipev", "loopedbfs"}
+_ACTIVE_STAGES = 3
+
 
 @dataclass(frozen=True)
 class ModelDims:
@@ -253,6 +261,9 @@ class RankMemory:
             forward, FSDP all-gather, embedding backward or optimizer temporaries) at its own phase.
         peak (float): the peak over the step's phases.
         phases (Dict[str, float]): the candidates the peak is the largest of.
+        unsharded_accumulation (float): under PP with torch's no-sync accumulation (data parallel > 1 or a split
+            backward), the unsharded gradients (master dtype) and parameters (compute dtype) every stage keeps
+            between micro-batches; 0 where the recipe reduces every micro-batch (data parallel 1).
     """
 
     pp_rank: int
@@ -268,6 +279,7 @@ class RankMemory:
     transient: float
     peak: float
     phases: Dict[str, float] = field(default_factory=dict)
+    unsharded_accumulation: float = 0.0
 
 
 @dataclass
@@ -593,6 +605,18 @@ def _stages(layout: Layout, num_layers: int) -> tuple:
     return v, split, [stage_ids_for_rank(cls, r, layout.pp, v) for r in range(layout.pp)]
 
 
+def _stage_parts(parts: Dict[str, PartParams], stages: Sequence[int], starts: Sequence[int],
+                 split: Sequence[int], last_stage: int) -> List[List[PartParams]]:
+    """The counted parts each of ``stages`` holds (its decoder layers, plus the ends' embeddings, tower and head)."""
+    out = []
+    for s in stages:
+        names = [f"layer.{i}" for i in range(starts[s], starts[s] + split[s])]
+        names += ["embeddings", "vision", "projector"] if s == 0 else []
+        names += ["norm", "output"] if s == last_stage else []
+        out.append([parts[n] for n in names if n in parts])
+    return out
+
+
 def plan_memory(
     model,
     layout: Layout,
@@ -716,9 +740,25 @@ def plan_memory(
         # activation checkpointing) and the hidden-state gradients are still alive
         late = full_layer_act * tokens + 4 * dims.hidden * tokens if n_layers else 0.0
         opt_temp = 0.0 if lo.optimizer_fused or n_states == 0 else trainable * state_bytes
+        # FSDP2 under PP with torch's no-sync accumulation (data parallel > 1, or a split backward): every stage
+        # keeps its gradients unsharded in the reduce (master) dtype beside the sharded ones, and its parameters
+        # unsharded in the compute dtype between micro-batches. With data parallel 1 the recipe reduces and
+        # reshards after every full backward instead (ReducingPipelineStage) and keeps neither.
+        no_sync = (
+            lo.pp > 1 and lo.microbatches > 1 and (shard > 1 or casts)
+            and (lo.dp > 1 or lo.schedule.lower() in _SPLIT_BACKWARD)
+        )
+        unsynced = trainable * shard * master_bytes + sum(p.bytes_per_tp_rank(lo.dtype_bytes) for p in held)
+        unsynced = unsynced if no_sync else 0.0
+        if not no_sync and lo.pp > 1 and (shard > 1 or casts) and lo.schedule.lower() in _RUNTIME_SCHEDULES:
+            per_stage = sorted((sum(p.bytes_per_tp_rank(lo.dtype_bytes) for p in stage_parts)
+                                for stage_parts in _stage_parts(parts, stages, starts, split, last_stage)),
+                               reverse=True)
+            unsynced = sum(per_stage[:_ACTIVE_STAGES])
         static = params + opt
         phases = {
-            "forward_backward": static + (grads if holds_grads_across else 0.0) + activations + head + fb_transient,
+            "forward_backward": static + (grads if holds_grads_across else 0.0) + unsynced + activations + head
+            + fb_transient,
             "late_backward": static + grads - embed_grad + late,
             "end_of_backward": static + grads + embed_bwd,
             "optimizer_step": static + grads + opt_temp,
@@ -728,6 +768,7 @@ def plan_memory(
             optimizer_state=opt, activations_per_microbatch=act_mb, microbatches_in_flight=in_flight,
             activations=activations, logits_and_loss=head,
             transient=max(fb_transient, late, embed_bwd, opt_temp), peak=max(phases.values()), phases=phases,
+            unsharded_accumulation=unsynced,
         ))
     return MemoryPlan(lo, dims, ranks, gpu_gib, allocator_margin, reserve_gib)
 

@@ -31,6 +31,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining._backward import stage_backward
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, _PipelineSchedule
 from torch.distributed.tensor import DTensor
 from torchtune.modules import TiedLinear
@@ -406,6 +407,49 @@ def set_fsdp_gradient_sum(module: nn.Module) -> None:
             m.set_force_sum_reduction_for_comms(True)
 
 
+class ReducingPipelineStage(PipelineStage):
+    """A ``PipelineStage`` whose FSDP2 stage module reduces and reshards after every micro-batch's full backward.
+
+    torch's stage turns FSDP2's gradient sync and reshard-after-backward off for all but the last micro-batch
+    (``backward_maybe_with_nosync``), so each stage keeps its gradients unsharded (accumulated in the reduce
+    dtype) next to the sharded ones, and its unsharded parameters between micro-batches. Where FSDP2's mesh has
+    one rank (data parallel 1) the reduce-scatter and all-gather are local copies: reducing each micro-batch's
+    gradient into the sharded gradient and resharding costs no communication and frees both. The sum is the same
+    (each micro-batch's gradient added in the reduce dtype, in micro-batch order). A split backward (input and
+    weight, the zero-bubble schedules) keeps torch's path: its weight gradients do not exist yet after "input".
+
+    Args:
+        *args (Any): ``PipelineStage``'s arguments.
+        reduce_every_microbatch (bool): reduce and reshard after every full backward. Default is False.
+        **kwargs (Any): ``PipelineStage``'s keyword arguments.
+    """
+
+    def __init__(self, *args: Any, reduce_every_microbatch: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.reduce_every_microbatch = reduce_every_microbatch
+
+    def backward_maybe_with_nosync(self, backward_type: str, bwd_kwargs: dict, last_backward: bool = False):
+        """FSDP2's own per-backward reduce and reshard for a full backward, else torch's no-sync accumulation.
+
+        Args:
+            backward_type (str): "full", "input" or "weight" (see ``PipelineStage``).
+            bwd_kwargs (dict): the stage output, its gradients and the stage inputs.
+            last_backward (bool): whether this is the step's last backward of this stage. Default is False.
+
+        Returns:
+            tuple: the input gradients and (for "input") the parameter groups, as torch's method.
+        """
+        if not (self.reduce_every_microbatch and backward_type == "full" and isinstance(self.submod, FSDPModule)):
+            return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward=last_backward)
+        # FSDP2's defaults, as in a training step without pipelining: the post-backward hooks reduce-scatter into
+        # the sharded gradients (adding to them) and reshard; the final sync of torch's schedule then finds none.
+        self.submod.set_is_last_backward(True)
+        self.submod.set_reshard_after_backward(True)
+        self.submod.set_requires_gradient_sync(True)
+        grads = stage_backward(bwd_kwargs["stage_output"], bwd_kwargs["output_grads"], bwd_kwargs["input_values"])
+        return grads, None
+
+
 @dataclass
 class Pipeline:
     """The pipeline built for one rank.
@@ -451,6 +495,7 @@ def build_pipeline(
     parallelize_fn: Optional[Callable[[nn.Module], Optional[nn.Module]]] = None,
     first_stage_extra: float = 1.0,
     last_stage_extra: float = 1.0,
+    reduce_every_microbatch: bool = False,
 ) -> Pipeline:
     """Cut ``model`` into this rank's stages, parallelize them, and build the schedule.
 
@@ -470,6 +515,9 @@ def build_pipeline(
             weight loading; it may return a replacement module. Default is None.
         first_stage_extra (float): see :func:`balanced_layer_split`. Default is 1.0.
         last_stage_extra (float): see :func:`balanced_layer_split`. Default is 1.0.
+        reduce_every_microbatch (bool): FSDP2 reduces and reshards each stage after every micro-batch's
+            backward (:class:`ReducingPipelineStage`; for a data-parallel degree of 1, where that costs no
+            communication). Default is False (torch's accumulation over the micro-batches).
 
     Returns:
         Pipeline: schedule, stage modules and flags for this rank.
@@ -490,7 +538,10 @@ def build_pipeline(
         if parallelize_fn is not None:
             part = parallelize_fn(part) or part
         parts.append(part)
-        stages.append(PipelineStage(part, stage_id, num_stages, device, group=pp_mesh.get_group()))
+        stages.append(ReducingPipelineStage(
+            part, stage_id, num_stages, device, group=pp_mesh.get_group(),
+            reduce_every_microbatch=reduce_every_microbatch,
+        ))
 
     kwargs = dict(n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
     if issubclass(schedule_cls, PipelineScheduleSingle):
