@@ -1,7 +1,7 @@
 """End to end: the shipped ``tune run`` on a MedPix-like workload, beside transformers and the fixed-shape step.
 
-    # on one GPU (about 8 minutes at 3B; see docs/performance.md, "End to end", for the device call)
-    python bench/e2e.py --out $OUT/e2e.json --steps 220 --modes padded,packed --peer
+    # on one GPU (about 15 minutes at 3B; docs/performance.md, "End to end", says what to install)
+    python bench/e2e.py --workdir e2e_work --out e2e.json --steps 220 --modes padded,packed --peer --fixed-shape
     # here, on CPU (what tests/bench/test_e2e.py runs): the tiny demo model, a few steps
     PYTHONPATH=plugin python bench/e2e.py --smoke --steps 6 --rows 40 --modes padded,packed --peer
 
