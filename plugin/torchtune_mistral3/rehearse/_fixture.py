@@ -15,75 +15,32 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from omegaconf import OmegaConf
+
+from torchtune_mistral3.models.mistral3._demo_checkpoint import DEMO_HF_CONFIG
 
 _ST_NAMES = {torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16", torch.float32: "F32"}
 
 # transformers' Mistral3Config of MM3.5 as far as docs/reference confirm it (text 88 x 12288, 96/8 heads, vocab
 # 131072, YaRN factor 64 over 4096; Pixtral 48 x 1664; untied head; per-tensor static FP8); the RoPE values
 # not confirmed for MM3.5 follow Devstral-2-123B, as ``mistral3p5_128b`` does. Shapes are what matters here.
-MM35_HF_CONFIG: Dict[str, Any] = {
-    "architectures": ["Mistral3ForConditionalGeneration"],
-    "model_type": "mistral3",
-    "image_token_index": 10,
-    "spatial_merge_size": 2,
-    "projector_hidden_act": "gelu",
-    "multimodal_projector_bias": False,
-    "vision_feature_layer": -1,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
+_MM35_OVER_DEMO: Dict[str, Any] = {
     "text_config": {
-        "model_type": "ministral3",
-        "vocab_size": 131072,
-        "hidden_size": 12288,
-        "intermediate_size": 28672,
-        "num_hidden_layers": 88,
-        "num_attention_heads": 96,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "hidden_act": "silu",
-        "max_position_embeddings": 262144,
-        "rms_norm_eps": 1e-5,
-        "pad_token_id": 11,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "tie_word_embeddings": False,
-        "sliding_window": None,
-        "attention_dropout": 0.0,
-        "rope_parameters": {
-            "rope_type": "yarn",
-            "type": "yarn",
-            "rope_theta": 1000000.0,
-            "factor": 64.0,
-            "original_max_position_embeddings": 4096,
-            "beta_fast": 4.0,
-            "beta_slow": 1.0,
-            "mscale": 1.0,
-            "mscale_all_dim": 0.0,
-            "llama_4_scaling_beta": 0.0,
-        },
+        "hidden_size": 12288, "intermediate_size": 28672, "num_hidden_layers": 88, "num_attention_heads": 96,
+        "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 262144,
+        "rope_parameters": {"original_max_position_embeddings": 4096, "llama_4_scaling_beta": 0.0},
     },
     "vision_config": {
-        "model_type": "pixtral",
-        "hidden_size": 1664,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 48,
-        "num_attention_heads": 16,
+        "hidden_size": 1664, "intermediate_size": 8192, "num_hidden_layers": 48, "num_attention_heads": 16,
         "head_dim": 104,
-        "num_channels": 3,
-        "image_size": 1540,
-        "patch_size": 14,
-        "hidden_act": "silu",
-        "attention_dropout": 0.0,
-        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
     },
     "quantization_config": {
-        "quant_method": "fp8",
-        "activation_scheme": "static",
-        "weight_block_size": None,
-        "dequantize": False,
+        "quant_method": "fp8", "activation_scheme": "static", "weight_block_size": None, "dequantize": False,
         "modules_to_not_convert": ["model.vision_tower", "model.multi_modal_projector", "lm_head"],
     },
 }
+# the demo model's config.json (the same architecture and options) at MM3.5's widths, with its FP8 quantization
+MM35_HF_CONFIG: Dict[str, Any] = OmegaConf.to_container(OmegaConf.merge(DEMO_HF_CONFIG, _MM35_OVER_DEMO))
 
 _SHARD_BYTES = 5 * 1024**3
 
