@@ -9,10 +9,35 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+# What a launcher (torchrun, Slurm, or a recipe run in this process) sets for its ranks. A `tune` started from
+# a test is its own launch: inheriting them would give two concurrent runs the same MASTER_PORT.
+LAUNCH_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+               "TORCHELASTIC_RUN_ID")
+
+
+def tune_env(env=None):
+    """The environment of a `tune` started from a test: this one's, less any launcher's rank variables."""
+    full_env = {k: v for k, v in os.environ.items() if k not in LAUNCH_KEYS}
+    full_env.update(env or {})
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    return full_env
+
+
+@pytest.fixture(autouse=True)
+def _launch_env_is_restored():
+    """A test that runs a recipe in this process sets the launch variables; the next test starts without them."""
+    saved = {k: os.environ.get(k) for k in LAUNCH_KEYS}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def run_tune(*args, cwd=None, env=None, timeout=900, check=True):
     """Run the real `tune` CLI of this interpreter's environment; return the completed process."""
-    full_env = {**os.environ, **(env or {})}
-    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env = tune_env(env)
     proc = subprocess.run(
         [sys.executable, "-m", "torchtune._cli.tune", *map(str, args)],
         cwd=cwd,

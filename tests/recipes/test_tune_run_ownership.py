@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from tests.conftest import tune_env
+
 pytestmark = pytest.mark.integration
 
 DEMO = ["run", "full_finetune_distributed", "--config", "mistral3p5_medpix_demo"]
@@ -92,7 +94,8 @@ def test_demo_writer_refuses_a_trained_checkpoint_dir_and_keeps_it(tune, tmp_pat
 def test_a_second_run_at_once_is_refused_naming_the_first(tune, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torchtune._cli.tune", *DEMO, f"output_dir={out}", *QUIET, "max_steps_per_epoch=12"]
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    first = subprocess.Popen(cmd, env=tune_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while not (out / "run.json").is_file():
