@@ -214,6 +214,7 @@ def layout_from_config(cfg: DictConfig) -> Tuple[Layout, dict]:
         packed=bool((cfg.get("dataset", {}) or {}).get("packed", False)),
         images_per_pack=int(plan["images_per_pack"]) if plan.get("images_per_pack", None) is not None else None,
         sequence_parallel=bool((cfg.get("tensor_parallel_plan", {}) or {}).get("sequence_parallel", False)),
+        sharded_layers=list(cfg.get("custom_sharded_layers", None) or []),
     )
     layout.tower_split = tower_mode(cfg.get("tensor_parallel_tower", None), tp) == "split"
     options = {

@@ -159,12 +159,10 @@ def test_lora_128b_config_rehearses_on_8_ranks(mm35):
     assert len(base) == 88 and {(x.shape, x.offset, x.dtype) for x in base} == {
         ((1536, 12288), (0, 0), torch.float8_e4m3fn)
     }
-    # Measured 29.5 GiB against the planner's 25.1 (+17%): the planner counts one FSDP all-gather as a 3.2 GiB
-    # transient, but FSDP2's root unit (token embedding + lm_head, 2 x 131072 x 12288 bf16, + the projector)
-    # stays unsharded through the step, and its all-gather output is freed only at the next all-gather. The
-    # planner is the e2e engineer's; until it models this, the gap is bounded by that unit and named here.
+    # FSDP2's root unit (token embedding + lm_head, 2 x 131072 x 12288 bf16, + the projector) stays gathered
+    # through the step: the planner counts it, and agrees with the fake-tensor run within 10%
     plan = result.planned_peak[0]
     root = 2 * 131072 * 12288 * 2
     assert r.phases["step"].at_peak["resize_ (FSDP2 unsharded parameter)"] >= root
-    assert plan < r.train_peak_bytes < plan + root, (r.train_peak_bytes / GIB, plan / GIB)
+    assert abs(r.train_peak_bytes / plan - 1) < 0.10, (r.train_peak_bytes / GIB, plan / GIB)
     assert r.save.writer and all(".lora_" in k for f in r.save.files for k in f)

@@ -297,10 +297,18 @@ def test_lora_fp8_base_plan_hand_derived(tiny_lora_model):
     # FSDP over 4: a layer's and the next one's all-gathered weights (FP8 base as FP8 bytes), plus the dequantised one
     (r4,) = plan_memory(tiny_lora_model, Layout(**{**lo.__dict__, "dp": 4})).ranks
     layer_bytes = LAYER_MATMUL + (2 * H + LAYER_ADAPTERS) * 2
+    # the root unit (embedding, head, final norm, projector and its adapters) stays gathered through the step
+    root = (2 * V * H + H + PROJECTOR + PROJECTOR_ADAPTERS) * 2
+    assert r4.root_gathered == root and r.root_gathered == 0  # one GPU in bf16: FSDP2 is not applied
     assert r4.phases["forward_backward"] == (
-        r4.parameters + r4.optimizer_state + r4.activations + r4.logits_and_loss + 2 * layer_bytes + dequantized
+        r4.parameters + r4.optimizer_state + r4.activations + r4.logits_and_loss + root + 2 * layer_bytes
+        + dequantized
     )
     assert r4.parameters == r.parameters / 4
+    # custom_sharded_layers gives the embedding and the head units of their own: gathered only while they run
+    own = plan_memory(tiny_lora_model, Layout(**{**lo.__dict__, "dp": 4,
+                                                 "sharded_layers": ["decoder.tok_embeddings", "decoder.output"]}))
+    assert own.ranks[0].root_gathered == (H + PROJECTOR + PROJECTOR_ADAPTERS) * 2
 
 
 def test_cli_mistral3p5_medpix_lora_on_8_h100(capsys):

@@ -203,6 +203,10 @@ class Layout:
         tower_split (bool): ``tensor_parallel_tower: split``: each TP rank runs the tower and projector on about
             ``1 / tp`` of a micro-batch's patches, so stage 0 holds that share of their activations. Default is
             False (every TP rank encodes every image).
+        sharded_layers (Optional[Sequence[str]]): ``custom_sharded_layers``: modules (FQNs of the fused model, e.g.
+            ``decoder.output``) given their own FSDP2 unit besides the layers. The rest of the model outside the
+            layers is the root unit, which FSDP2 keeps gathered from the first forward to the end of backward.
+            Default is None.
     """
 
     tp: int = 1
@@ -230,6 +234,7 @@ class Layout:
     images_per_pack: Optional[int] = None
     sequence_parallel: bool = False
     tower_split: bool = False
+    sharded_layers: Optional[Sequence[str]] = None
 
     @property
     def images_per_sequence(self) -> int:
@@ -264,6 +269,9 @@ class RankMemory:
         unsharded_accumulation (float): under PP with torch's no-sync accumulation (data parallel > 1 or a split
             backward), the unsharded gradients (master dtype) and parameters (compute dtype) every stage keeps
             between micro-batches; 0 where the recipe reduces every micro-batch (data parallel 1).
+        root_gathered (float): without PP, the FSDP2 root unit's parameters (what is outside the layers and
+            ``sharded_layers``), which stay gathered in the compute dtype from the first forward to the end of
+            backward.
     """
 
     pp_rank: int
@@ -280,6 +288,7 @@ class RankMemory:
     peak: float
     phases: Dict[str, float] = field(default_factory=dict)
     unsharded_accumulation: float = 0.0
+    root_gathered: float = 0.0
 
 
 @dataclass
@@ -617,6 +626,10 @@ def _stage_parts(parts: Dict[str, PartParams], stages: Sequence[int], starts: Se
     return out
 
 
+# the parts outside the decoder and tower layers (each layer is its own FSDP2 unit), which make the root unit
+_ROOT_PARTS = ("embeddings", "projector", "norm", "output", "other")
+
+
 def plan_memory(
     model,
     layout: Layout,
@@ -755,11 +768,18 @@ def plan_memory(
                                 for stage_parts in _stage_parts(parts, stages, starts, split, last_stage)),
                                reverse=True)
             unsynced = sum(per_stage[:_ACTIVE_STAGES])
+        # FSDP2 leaves the root unit (not resharded after forward: backward needs it at once) gathered through
+        # forward and backward. Under PP the stages' unsharded parameters are counted above.
+        root = 0.0
+        if lo.pp == 1 and (shard > 1 or casts):
+            own_units = {part_of(f"{m}.") for m in (lo.sharded_layers or ())}
+            root = sum(parts[n].bytes_per_tp_rank(lo.dtype_bytes) for n in _ROOT_PARTS
+                       if n in parts and n not in own_units)
         static = params + opt
         phases = {
-            "forward_backward": static + (grads if holds_grads_across else 0.0) + unsynced + activations + head
-            + fb_transient,
-            "late_backward": static + grads - embed_grad + late,
+            "forward_backward": static + (grads if holds_grads_across else 0.0) + unsynced + root + activations
+            + head + fb_transient,
+            "late_backward": static + grads - embed_grad + root + late,
             "end_of_backward": static + grads + embed_bwd,
             "optimizer_step": static + grads + opt_temp,
         }
@@ -768,7 +788,7 @@ def plan_memory(
             optimizer_state=opt, activations_per_microbatch=act_mb, microbatches_in_flight=in_flight,
             activations=activations, logits_and_loss=head,
             transient=max(fb_transient, late, embed_bwd, opt_temp), peak=max(phases.values()), phases=phases,
-            unsharded_accumulation=unsynced,
+            unsharded_accumulation=unsynced, root_gathered=root,
         ))
     return MemoryPlan(lo, dims, ranks, gpu_gib, allocator_margin, reserve_gib)
 
