@@ -255,6 +255,13 @@ def tune_command(mode: str, args, ckpt: Path, data: Path, val: Path, output_dir:
                       "tokenizer.max_seq_len=512", "tokenizer.max_image_size=112",
                       "enable_activation_checkpointing=False"]
     overrides += MODES[mode]
+    if args.profile:  # torch profiler over --profile steps after warm-up (trace_summary.py reads its traces)
+        overrides += ["profiler.enabled=True", f"profiler.output_dir={output_dir.parent / f'{mode}_profile'}",
+                      f"profiler.wait_steps={args.warmup_steps}", "profiler.warmup_steps=2",
+                      f"profiler.active_steps={args.profile}", "profiler.num_cycles=1", "profiler.cpu=True",
+                      "profiler.cuda=True", "profiler.profile_memory=False", "profiler.with_stack=False",
+                      "profiler.record_shapes=False", "profiler.with_flops=False"]
+    overrides += args.override
     return [sys.executable, "-m", "torchtune._cli.tune", "run", "full_finetune_distributed", "--config", CONFIG,
             *overrides]
 
@@ -548,6 +555,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--with-result", action="append", default=[],
                     help="an earlier --out JSON of the same workload: its modes join the fixed-shape step and ratios")
     ap.add_argument("--workdir", default=None, help="checkpoint, data and runs (default: a new temporary folder)")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="profile this many steps after --warmup-steps (+2) with torch.profiler; the traces go to "
+                         "<workdir>/<mode>_profile and bench/trace_summary.py prints where their time went")
+    ap.add_argument("--override", action="append", default=[], help="an extra key=value for the runs (repeatable)")
     ap.add_argument("--smoke", action="store_true", help="CPU: the demo's tiny model, small images, eager")
     args = ap.parse_args(argv)
     if not args.smoke and args.rows < 500:
@@ -607,6 +618,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                      "steps": run["steps"]}
             entry["summary"] = summarize(run["steps"], run["launched"], args.warmup_steps, per_sample, peak)
             entry["plan"] = plan_prediction(mode, ckpt, lengths_file, gpu, args.smoke)
+            if args.profile:
+                import trace_summary
+
+                traces = sorted(str(p) for p in (work / f"{mode}_profile").rglob("*.pt.trace.json*"))
+                print(f"--- {mode}: where the profiled steps' time went")
+                trace_summary.main(traces)
         except Exception as e:  # noqa: BLE001 - a failing mode is reported, the others still run
             entry["error"] = f"{type(e).__name__}: {str(e)[-4000:]}"
             print(entry["error"], file=sys.stderr)
