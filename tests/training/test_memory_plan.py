@@ -311,6 +311,27 @@ def test_lora_fp8_base_plan_hand_derived(tiny_lora_model):
     assert own.ranks[0].root_gathered == (H + PROJECTOR + PROJECTOR_ADAPTERS) * 2
 
 
+def test_a_head_of_its_own_is_gathered_like_a_layer_while_it_runs(tmp_path):
+    # a vocabulary of 1024 makes the head (1024 x 64 bf16) the biggest FSDP2 unit: it and the unit prefetched
+    # beside it are the all-gather transient, as two layers are when a layer is the biggest
+    config = _tiny_config()
+    config["text_config"]["vocab_size"] = 1024
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = build_meta_model(str(tmp_path), lora=TINY_LORA, max_seq_len=256)
+    lo = Layout(seq_len=64, activation_checkpointing=True, optimizer="adam", optimizer_fused=True, image_px=56,
+                master_bytes=2, dp=4)
+    (root,) = plan_memory(model, lo).ranks
+    (own,) = plan_memory(model, Layout(**{**lo.__dict__, "sharded_layers": ["decoder.output"]})).ranks
+    head, layer_bytes, dequantized = 1024 * H * 2, LAYER_MATMUL + (2 * H + LAYER_ADAPTERS) * 2, H * F * 2
+    assert head > layer_bytes
+    assert root.root_gathered - own.root_gathered == head
+    # forward and backward: the head leaves the root (-head) and its gather with the next unit's replaces two layers'
+    assert own.phases["forward_backward"] - root.phases["forward_backward"] == -head + (2 * head + dequantized) - (
+        2 * layer_bytes + dequantized
+    )
+
+
 def test_cli_mistral3p5_medpix_lora_on_8_h100(capsys):
     from torchtune_mistral3.plan import main
 

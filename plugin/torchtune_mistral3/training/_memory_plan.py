@@ -742,9 +742,12 @@ def plan_memory(
         dequantized = max((p.fp8_largest_per_tp_rank for p in layer_parts), default=0.0) * lo.dtype_bytes
         if dequantized:
             forward_transients["fp8_dequantize"] = dequantized
+        # modules of custom_sharded_layers are FSDP2 units like the layers (the root unit is the rest)
+        own_units = {part_of(f"{m}.") for m in (lo.sharded_layers or ())} & set(names)
         if shard > 1 or casts:
-            # this layer's and the prefetched next layer's gathered weights, in the compute dtype (FP8 ones as FP8)
-            biggest = max((p.bytes_per_tp_rank(lo.dtype_bytes) for p in layer_parts), default=0.0)
+            # this unit's and the prefetched next one's gathered weights, in the compute dtype (FP8 ones as FP8)
+            units = layer_parts + [parts[n] for n in own_units if n in parts]
+            biggest = max((p.bytes_per_tp_rank(lo.dtype_bytes) for p in units), default=0.0)
             forward_transients["fsdp_all_gather"] = 2 * biggest + dequantized
         fb_transient = max(forward_transients.values())
         embed_grad = parts["embeddings"].trainable_per_tp_rank * master_bytes / shard if first else 0.0
@@ -772,7 +775,6 @@ def plan_memory(
         # forward and backward. Under PP the stages' unsharded parameters are counted above.
         root = 0.0
         if lo.pp == 1 and (shard > 1 or casts):
-            own_units = {part_of(f"{m}.") for m in (lo.sharded_layers or ())}
             root = sum(parts[n].bytes_per_tp_rank(lo.dtype_bytes) for n in _ROOT_PARTS
                        if n in parts and n not in own_units)
         static = params + opt
