@@ -2,7 +2,7 @@
 
 import pytest
 from omegaconf import OmegaConf
-from torchtune_mistral3.plan import check_plan_values, load_config, main
+from torchtune_mistral3.planning import PLAN_KEY_FILES, check_plan_values, load_config, main
 
 
 @pytest.mark.parametrize(
@@ -25,7 +25,7 @@ def test_misspelt_keys_are_refused_with_the_closest_key(override, message, capsy
 def test_the_planners_own_and_the_recipes_keys_pass():
     cfg = load_config("mistral3p5_medpix", ["plan.world_size=64", "plan.gpu_gib=79.6", "plan.images_per_pack=3",
                                            "plan.json=True", "tensor_parallel_dim=8", "batch_size=2"],
-                      key_files=[__import__("torchtune_mistral3.plan").plan.__file__])
+                      key_files=PLAN_KEY_FILES)
     assert cfg.plan.world_size == 64
     # a LoRA config's builder arguments are checked against its own builder
     load_config("mistral3p5_medpix_lora", ["model.lora_rank=16"])

@@ -19,7 +19,7 @@ r"""Print the per-GPU memory and the step time a config's layout needs, before b
   ``max_seq_len`` tokens; default: the samples a pack holds at MedPix's mean of 575 tokens, times
   ``images_per_sample``), ``plan.allocator_margin`` (default 0.10), ``plan.reserve_gib`` (default 2), ``plan.json``
   (print JSON instead of the tables).
-- Step time (``training/_step_plan.py``): ``plan.time`` (default True; False prints memory only), ``plan.gpu``
+- Step time (``planning/_step_plan.py``): ``plan.time`` (default True; False prints memory only), ``plan.gpu``
   (h100 or h200; default h100), ``plan.cost_table`` (a ``bench/step_costs.py`` JSON; default the shipped one),
   ``plan.nvlink_gbps`` (TP all-reduce bus bandwidth, default 360), ``plan.pp_link_gbps`` (pipeline link per GPU,
   default 45), ``plan.tp_overlap`` (share of the decoder layers' TP collectives assumed hidden, as sequence
@@ -28,7 +28,7 @@ r"""Print the per-GPU memory and the step time a config's layout needs, before b
   ``plan.real_tokens_per_sample`` (default: the image's layout positions + 150 text tokens, or the mean sample
   length where the padding model has lengths), ``plan.sample_lengths`` (a JSON file: a list of the data's sample
   lengths in tokens, or an object with a ``sample_lengths`` list, as ``bench/e2e.py`` writes; default: the MedPix
-  model of ``training/_padding_model.py`` at the config's ``tokenizer.max_image_size``). Where the recipe pads a
+  model of ``planning/_padding_model.py`` at the config's ``tokenizer.max_image_size``). Where the recipe pads a
   batch to its longest sample (no pipeline, no compiled TP, not packed), the plan computes the expected longest of
   ``batch_size`` (x data parallel) samples drawn from these lengths, not ``max_seq_len``.
 
@@ -36,42 +36,44 @@ Override keys are checked as ``tune run`` checks them (a misspelt key is refused
 counts and ``plan.*`` numbers must be positive (exit code 2 with the message).
 
 With ``pipeline_parallel_dim`` > 1 and no ``pipeline_split``, both plans use the recipe's cost-balanced split
-(:func:`~torchtune_mistral3.training.cost_balanced_stage_extras`).
+(:func:`~torchtune_mistral3.planning.cost_balanced_stage_extras`).
 """
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
+from torchtune_mistral3.models.mistral3 import HF_REPO_TO_SIZE, NAMED_SIZES
 from torchtune_mistral3.training._config_keys import check_config_values, check_override_keys, training_recipe_files
-from torchtune_mistral3.training._memory_plan import (
-    HF_REPO_TO_SIZE,
-    NAMED_SIZES,
+from torchtune_mistral3.training._tower_split import tower_mode
+
+from ._memory_plan import (
     Layout,
     MemoryPlan,
     build_meta_model,
     format_plan,
     lora_options,
+    model_dims,
     plan_memory,
     plan_to_json,
 )
-from torchtune_mistral3.training._step_plan import (
+from ._step_plan import (
     DEFAULT_MAX_IMAGE_SIZE,
     HBM_TBPS,
     NVLINK_ALLREDUCE_GBPS,
     PP_LINK_GBPS,
     CostTable,
     Hardware,
-    cost_balanced_stage_extras,
+    cost_balanced_extras,
     format_step_plan,
     plan_step,
 )
-from torchtune_mistral3.training._tower_split import tower_mode
 
+# the source files whose ``cfg`` reads are the planner's own ``plan.*`` keys: ``key_files`` of :func:`load_config`
+PLAN_KEY_FILES = (__file__,)
 _BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2}
 _TRAINABLE_FLAGS = ("vision_trainable", "projector_trainable", "embeddings_trainable", "output_trainable",
                     "decoder_trainable")
@@ -263,7 +265,7 @@ def plan_config(cfg: DictConfig) -> Tuple[MemoryPlan, dict]:
 
     Returns:
         Tuple[MemoryPlan, dict]: the memory plan and the planner options; ``options["step"]`` holds the
-        :class:`~torchtune_mistral3.training._step_plan.StepPlan` (None with ``plan.time=False``).
+        :class:`~torchtune_mistral3.planning._step_plan.StepPlan` (None with ``plan.time=False``).
     """
     layout, options = layout_from_config(cfg)
     model_cfg = cfg.get("model", {}) or {}
@@ -276,7 +278,7 @@ def plan_config(cfg: DictConfig) -> Tuple[MemoryPlan, dict]:
     model = build_meta_model(model_cfg.get("checkpoint_dir", cfg.get("checkpoint_dir")), size=size, lora=lora, **flags)
     table = CostTable.load(options["cost_table"])
     if layout.pp > 1 and layout.layer_split is None:  # the recipe's cost-balanced split
-        layout.stage_extras = cost_balanced_stage_extras(model, cfg)
+        layout.stage_extras = cost_balanced_extras(table, model_dims(model), layout, tower_split=options["tower_split"])
     options["step"] = None
     if options["time"]:
         hw = Hardware(gpu=options["gpu"], nvlink_gbps=options["nvlink_gbps"], pp_link_gbps=options["pp_link_gbps"],
@@ -310,7 +312,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides (recipe keys and plan.*)")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides, key_files=[__file__])
+        cfg = load_config(args.config, args.overrides, key_files=PLAN_KEY_FILES)
         plan, options = plan_config(cfg)
     except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
@@ -327,6 +329,3 @@ def main(argv: Optional[List[str]] = None) -> int:
                       "plan.tp_overlap=<share of the TP collectives hidden> gives a what-if")
     return 0 if plan.fits else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())
