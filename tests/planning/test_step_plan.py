@@ -136,8 +136,8 @@ def test_the_recipes_stage_split_is_the_planners(overrides):
         cost_balanced_stage_extras,
         layout_from_config,
         load_config,
-        model_dims,
     )
+    from torchtune_mistral3.planning._memory_plan import model_dims
     from torchtune_mistral3.planning._step_plan import cost_balanced_extras
 
     cfg = load_config("mistral3p5_medpix", overrides)

@@ -58,7 +58,6 @@ from ._memory_plan import (
     lora_options,
     model_dims,
     plan_memory,
-    plan_to_json,
 )
 from ._step_plan import (
     DEFAULT_MAX_IMAGE_SIZE,
@@ -318,8 +317,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.exit(2, f"error: {e}\n")
     step = options["step"]
     if options["json"]:
-        print(plan_to_json(plan) if step is None else
-              json.dumps({**json.loads(plan_to_json(plan)), "step": step.to_dict()}, indent=1))
+        print(json.dumps(plan.to_dict() if step is None else {**plan.to_dict(), "step": step.to_dict()}, indent=1))
     else:
         print(format_plan(plan))
         if step is not None:

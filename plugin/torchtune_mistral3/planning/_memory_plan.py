@@ -39,7 +39,6 @@ fine-tune's: the adapters' inputs are the tensors the frozen linears would save,
 """
 
 import fnmatch
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -823,14 +822,3 @@ def format_plan(plan: MemoryPlan) -> str:
     )
     return "\n".join(lines)
 
-
-def plan_to_json(plan: MemoryPlan) -> str:
-    """JSON text of :meth:`MemoryPlan.to_dict`.
-
-    Args:
-        plan (MemoryPlan): the plan.
-
-    Returns:
-        str: JSON.
-    """
-    return json.dumps(plan.to_dict(), indent=1)

@@ -1233,24 +1233,13 @@ def derive_packed_attention(results_dir: str) -> Dict[str, Any]:
 
 
 def cost_balanced_stage_extras(
-    model,
-    *,
-    tp: int,
-    batch_size: int,
-    microbatches: int,
-    seq_len: int,
-    activation_checkpointing: bool,
-    compile: bool,
-    tower_split: bool,
-    packed: bool = False,
+    model, *, tp: int, batch_size: int, microbatches: int, seq_len: int, activation_checkpointing: bool,
+    compile: bool, tower_split: bool, packed: bool = False,
 ) -> Dict[str, float]:
-    """The recipe's default pipeline split: ``first_stage_extra`` / ``last_stage_extra`` for ``build_pipeline``.
+    """The recipe's default pipeline split: :func:`cost_balanced_extras` from the shipped table on the H200.
 
-    Stage 0's embeddings, tower and projector and the last stage's head and loss, in decoder layers of the
-    micro-batch (``batch_size / microbatches`` sequences of ``seq_len`` tokens, one image of the planner's default
-    size per sample, a pack's share of images when packed), at this TP degree, activation checkpointing and
-    compile, from the shipped cost table on the H200. The planner CLI cuts the same stages for the same config
-    (:func:`cost_balanced_extras` of its layout); ``pipeline_split`` overrides both.
+    The micro-batch is ``batch_size / microbatches`` sequences of ``seq_len`` tokens with the planner's default
+    images; the planner CLI cuts the same stages for the same config, and ``pipeline_split`` overrides both.
 
     Args:
         model (Mistral3FusionModel): the model (meta device is fine).
@@ -1264,7 +1253,7 @@ def cost_balanced_stage_extras(
         packed (bool): ``dataset.packed`` (``batch_size`` counts packs). Default is False.
 
     Returns:
-        Dict[str, float]: keyword arguments for ``build_pipeline`` / ``balanced_layer_split``.
+        Dict[str, float]: ``first_stage_extra`` / ``last_stage_extra`` for ``build_pipeline``.
 
     Raises:
         ValueError: if ``batch_size`` does not split into ``microbatches``.
