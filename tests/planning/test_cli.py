@@ -1,5 +1,9 @@
 """The planner's command line refuses misspelt keys and wrong values, as ``tune run`` does, before planning."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 from omegaconf import OmegaConf
 from torchtune_mistral3.planning import PLAN_KEY_FILES, check_plan_values, load_config, main
@@ -55,3 +59,11 @@ def test_plan_values_in_range_pass():
     check_plan_values(OmegaConf.create({"world_size": 1, "gpu_gib": 0.5, "image_px": 28, "allocator_margin": 0}))
     with pytest.raises(ValueError, match="plan.world_size=1.5 must be an integer"):
         check_plan_values(OmegaConf.create({"world_size": 1.5}))
+
+
+def test_python_dash_m_plan_prints_what_main_prints(capsys):
+    args = ["--config", "mistral3p5_medpix", "plan.world_size=64", "plan.time=False", "plan.json=True"]
+    proc = subprocess.run([sys.executable, "-m", "torchtune_mistral3.plan", *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == main(args) == 0, proc.stderr
+    assert json.loads(proc.stdout) == json.loads(capsys.readouterr().out)
