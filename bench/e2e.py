@@ -13,7 +13,7 @@ What it does, in one process that launches the real command:
    decoder layers; ``--smoke``: the demo's tiny model;
 2. builds a MedPix-like workload: ``--rows`` rows (default 1000) in the MedPix-VQA schema (``image_id`` as an HF
    ``Image``, ``mode``, ``case_id``, ``question``, ``answer``) as a local parquet file. The lengths and image sizes
-   are drawn from the planner's MedPix model (``torchtune_mistral3/training/_padding_model.py``; one set of
+   are drawn from the planner's MedPix model (``torchtune_mistral3/planning/_padding_model.py``; one set of
    numbers for both): answers log-normal with a median of 75 tokens and sigma 0.75 (mean ~100 tokens, a long tail
    cut at 600), questions uniform in 10-30 tokens, images whose long side is log-uniform in 256-1200 px, aspect
    (short / long) uniform in 0.5-1, half portrait, half landscape. Why: NeMo AutoModel's Ministral-3 3B MedPix CI
@@ -97,7 +97,7 @@ def model_hf_config(size: str, layers: Optional[int] = None) -> Dict[str, Any]:
         Dict[str, Any]: the config (``Mistral3ForConditionalGeneration``, text ``ministral3``, vision ``pixtral``).
     """
     from torchtune_mistral3.models.mistral3 import DEMO_HF_CONFIG, _model_builders
-    from torchtune_mistral3.training._memory_plan import build_meta_model, model_dims
+    from torchtune_mistral3.planning._memory_plan import build_meta_model, model_dims
 
     if size == "128b":  # bench/step_speed.py's width-faithful Mistral Medium 3.5 slice
         from _slice import slice_hf_config
@@ -174,7 +174,7 @@ def build_workload(path: Path, rows: int, tokenizer, seed: int = 0) -> Dict[str,
     """
     import datasets
     from PIL import Image
-    from torchtune_mistral3.training._padding_model import medpix_sample_shapes
+    from torchtune_mistral3.planning._padding_model import medpix_sample_shapes
 
     shapes = medpix_sample_shapes(rows, seed)
     rng = np.random.default_rng(seed + 1)
@@ -353,8 +353,8 @@ def run_mode(mode: str, args, ckpt: Path, data: Path, val: Path, work: Path, per
 
 def flops_per_sample(ckpt: Path, lengths: List[int], image_tokens: List[int]) -> float:
     """Mean model FLOPs of one workload sample (the planner's ``model_flops_per_step`` on that sample alone)."""
-    from torchtune_mistral3.training._memory_plan import Layout, build_meta_model, model_dims
-    from torchtune_mistral3.training._step_plan import MicroBatch, model_flops_per_step
+    from torchtune_mistral3.planning._memory_plan import Layout, build_meta_model, model_dims
+    from torchtune_mistral3.planning._step_plan import MicroBatch, model_flops_per_step
 
     dims = model_dims(build_meta_model(str(ckpt)))
     total = 0.0
@@ -368,13 +368,12 @@ def flops_per_sample(ckpt: Path, lengths: List[int], image_tokens: List[int]) ->
 
 def plan_prediction(mode: str, ckpt: Path, lengths_file: Path, gpu: str, smoke: bool) -> Dict[str, Any]:
     """The planner's step time for the run's config, overrides and sample lengths."""
-    from torchtune_mistral3 import plan as planner
-    from torchtune_mistral3.plan import load_config, plan_config
+    from torchtune_mistral3.planning import PLAN_KEY_FILES, load_config, plan_config
 
     overrides = [f"checkpoint_dir={ckpt}", f"plan.sample_lengths={lengths_file}", f"plan.gpu={gpu}", *MODES[mode]]
     if smoke:
         overrides += ["compile=False", "tokenizer.max_seq_len=512", "tokenizer.max_image_size=112"]
-    plan, options = plan_config(load_config(CONFIG, overrides, key_files=[planner.__file__]))  # plan.* keys
+    plan, options = plan_config(load_config(CONFIG, overrides, key_files=PLAN_KEY_FILES))  # plan.* keys
     step = options["step"]
     return {"step_s": step.step_s, "real_tokens_per_s_per_gpu": step.real_tokens_per_s_per_gpu,
             "padded_seq_len": step.padded_seq_len, "padding": step.padding,
@@ -572,7 +571,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="e2e_"))
     work.mkdir(parents=True, exist_ok=True)
     gpu = "h200" if device == "cuda" and "H200" in torch.cuda.get_device_name() else "h100"
-    from torchtune_mistral3.training._step_plan import PEAK_TFLOPS
+    from torchtune_mistral3.planning._step_plan import PEAK_TFLOPS
 
     result: Dict[str, Any] = {
         "command": "python bench/e2e.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -1,6 +1,6 @@
 """One decoder layer at a TP rank's shard shape on packed micro-batches: FlexAttention, SDPA + dense mask, causal.
 
-What the step planner charges a packed micro-batch (``training/packed_attention_h200.json``, derived from the
+What the step planner charges a packed micro-batch (``planning/packed_attention_h200.json``, derived from the
 attention-only runs of ``bench/packing.py``) is checked here inside a whole layer, compiled as the recipe compiles
 it: the layer's forward + backward on each micro-batch of the MedPix-like mix packed ``P`` packs per micro-batch,
 with the block-causal mask as a FlexAttention ``BlockMask`` and as the dense boolean mask (the kernel the recipe
@@ -95,7 +95,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--fp8", default=None, help="also time the layer with FP8 linears (tensorwise or rowwise)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    from torchtune_mistral3.training._step_plan import CostTable
+    from torchtune_mistral3.planning._step_plan import CostTable
 
     t0 = time.perf_counter()
     device, compiled = args.device, not args.no_compile

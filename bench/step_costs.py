@@ -1,6 +1,6 @@
 """Measure the step-time planner's cost table on one GPU at full Mistral Medium 3.5 width, plus whole-stage slices.
 
-What the planner (``torchtune_mistral3.training._step_plan``) adds up, each part built as the recipe builds it
+What the planner (``torchtune_mistral3.planning._step_plan``) adds up, each part built as the recipe builds it
 (model on the meta device, pipeline stage cut by ``cut_pipeline_stage``, per-layer ``training.compile_model``,
 then activation checkpointing, ``to_empty`` on the GPU, ``rope_init``; bf16 weights, compiled chunked CE with one
 chunk), timed with CUDA events (median of ``--iters`` after ``--warmup``):
@@ -21,7 +21,7 @@ chunk), timed with CUDA events (median of ``--iters`` after ``--warmup``):
 - ``slice_middle``: a middle stage (``--middle-layers`` decoder layers), with and without checkpointing.
 
     # on one H200 (about 2-3 minutes; stops measuring at --budget-s and says what it skipped)
-    PYTHONPATH=plugin python bench/step_costs.py --out plugin/torchtune_mistral3/training/step_costs_h200.json
+    PYTHONPATH=plugin python bench/step_costs.py --out plugin/torchtune_mistral3/planning/step_costs_h200.json
     # here, to test the script
     PYTHONPATH=plugin python bench/step_costs.py --tiny --device cpu --iters 1 --warmup 1 --out /tmp/c.json
 
@@ -509,7 +509,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
 def print_checks(result: Dict) -> None:
     """Each slice against the sum of its measured parts (the planner's prediction from this table)."""
-    from torchtune_mistral3.training._step_plan import CostTable, predict_slice
+    from torchtune_mistral3.planning._step_plan import CostTable, predict_slice
 
     try:
         table = CostTable(result)

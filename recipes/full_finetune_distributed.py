@@ -60,6 +60,7 @@ from torchtune_mistral3.models.mistral3 import (
     check_tokenizer_fits_model,
     packed_attention_prefers_flex,
 )
+from torchtune_mistral3.planning import cost_balanced_stage_extras
 from torchtune_mistral3.training import (
     IndexedCollate,
     IndexedDataset,
@@ -85,7 +86,6 @@ from torchtune_mistral3.training import (
     compile_loss,
     compiled_graph_count,
     convert_to_fp8,
-    cost_balanced_stage_extras,
     count_step_data,
     distributed_timeout,
     enable_async_tensor_parallel,
@@ -483,7 +483,13 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
                 split=list(split) if split is not None else None,
                 stages_per_rank=cfg.get("pipeline_stages_per_rank", None),
                 parallelize_fn=parallelize,
-                **cost_balanced_stage_extras(model, cfg),  # pipeline_split overrides it
+                **cost_balanced_stage_extras(  # pipeline_split overrides it
+                    model, tp=self._dims.tp, batch_size=cfg.batch_size,
+                    microbatches=int(cfg.get("pipeline_microbatches", None) or self._dims.pp),
+                    seq_len=cfg.tokenizer.max_seq_len, activation_checkpointing=self._enable_activation_checkpointing,
+                    compile=cfg.get("compile", False), tower_split=self._tower_split,
+                    packed=config_is_packed(cfg.dataset),
+                ),
                 # FSDP2 over one data-parallel rank: its reduce and reshard per micro-batch are local copies
                 reduce_every_microbatch=self._dims.dp == 1,
             )

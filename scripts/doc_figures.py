@@ -26,7 +26,7 @@ def training_state_sizes() -> Dict[str, float]:
     A training state holds fp32 master weights and Adam's two fp32 moments, 12 bytes per parameter; the
     ``output_dir`` needs two states and the export.
     """
-    from torchtune_mistral3.training._memory_plan import build_meta_model
+    from torchtune_mistral3.planning._memory_plan import build_meta_model
 
     n = sum(p.numel() for p in build_meta_model(None, size="mistral3p5_128b").parameters())
     state = 12 * n / 1e12
@@ -37,12 +37,12 @@ def training_state_sizes() -> Dict[str, float]:
 def memory_check_rows() -> List[str]:
     """``docs/performance.md``: the planner's peak against the H200's, for every run of the present model.
 
-    These are the runs ``tests/training/test_memory_plan.py::test_prediction_within_10_percent_of_h200_peak``
+    These are the runs ``tests/planning/test_memory_plan.py::test_prediction_within_10_percent_of_h200_peak``
     asserts.
     """
     sys.path.insert(0, str(REPO / "bench"))
     from _slice import slice_hf_config
-    from torchtune_mistral3.training._memory_plan import Layout, build_meta_model, plan_memory
+    from torchtune_mistral3.planning._memory_plan import Layout, build_meta_model, plan_memory
 
     rows = []
     for path in sorted(RESULTS.glob("step_speed_h200*.json")):

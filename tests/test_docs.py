@@ -61,7 +61,7 @@ def test_performance_memory_table_is_what_the_planner_predicts():
     assert table.strip().splitlines()[2:] == rows
     assert f"{len(rows)} variants of 1 file" in re.sub(r"\s+", " ", text)
     errors = [row.split("|")[-2].strip() for row in rows]
-    docstring = _text("plugin/torchtune_mistral3/training/_memory_plan.py")
+    docstring = _text("plugin/torchtune_mistral3/planning/_memory_plan.py")
     assert f"peaks are {errors[0]} (compiled, one loss chunk) and {errors[1]} (eager, 8 chunks)" in docstring
 
 

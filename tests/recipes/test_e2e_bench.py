@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from torchtune_mistral3.training._padding_model import medpix_sample_lengths
+from torchtune_mistral3.planning._padding_model import medpix_sample_lengths
 
 from tests.conftest import load_bench
 

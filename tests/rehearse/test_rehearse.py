@@ -11,9 +11,8 @@ import os
 
 import pytest
 import torch
-from torchtune_mistral3 import plan
 from torchtune_mistral3.checkpointing import HFCheckpointReader
-from torchtune_mistral3.plan import load_config
+from torchtune_mistral3.planning import PLAN_KEY_FILES, load_config
 from torchtune_mistral3.rehearse import (
     RehearsalError,
     format_rehearsal,
@@ -54,7 +53,7 @@ def test_representative_ranks_are_pp_coordinates_at_dp0_tp0():
 @pytest.fixture(scope="module")
 def rank0(mm35):
     # the shipped config as it is (fused AdamW under TP 8 included)
-    cfg = load_config("mistral3p5_medpix", [f"checkpoint_dir={mm35}", "plan.gpu_gib=40"], key_files=[plan.__file__])
+    cfg = load_config("mistral3p5_medpix", [f"checkpoint_dir={mm35}", "plan.gpu_gib=40"], key_files=PLAN_KEY_FILES)
     return rehearse(cfg, "mistral3p5_medpix", world_size=64, ranks=[0])
 
 

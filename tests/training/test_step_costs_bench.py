@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from torchtune_mistral3.training._step_plan import CostTable, predict_slice
+from torchtune_mistral3.planning._step_plan import CostTable, predict_slice
 
 from tests.conftest import load_bench
 

@@ -21,8 +21,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     Returns:
         int: the exit status.
     """
-    from torchtune_mistral3 import plan
-    from torchtune_mistral3.plan import load_config
+    from torchtune_mistral3.planning import PLAN_KEY_FILES, load_config
 
     parser = argparse.ArgumentParser(prog="python -m torchtune_mistral3.rehearse",
                                      description="Rehearse a config's multi-GPU launch on one CPU machine.")
@@ -39,7 +38,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides (recipe keys, plan.*, rehearse.*)")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides, key_files=[plan.__file__])  # plan.* keys
+        cfg = load_config(args.config, args.overrides, key_files=PLAN_KEY_FILES)  # plan.* keys
     except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
     ranks = None

@@ -136,7 +136,7 @@ def planner_peaks(cfg: DictConfig, world_size: int) -> tuple:
     """The memory planner's peak per pipeline rank (bytes) for the rehearsed config, and its fit options."""
     from omegaconf import OmegaConf
 
-    from torchtune_mistral3.plan import plan_config
+    from torchtune_mistral3.planning import plan_config
 
     plan_cfg = OmegaConf.merge(cfg, OmegaConf.create({"plan": {"world_size": world_size, "time": False}}))
     plan, options = plan_config(plan_cfg)

@@ -104,7 +104,7 @@ def render_sbatch(
 
 def _load_checked(config: str, overrides: List[str]) -> DictConfig:
     """The config with the overrides, whose keys are checked as ``tune run`` will check them on the nodes."""
-    from torchtune_mistral3.plan import load_config
+    from torchtune_mistral3.planning import load_config
     from torchtune_mistral3.training import check_config_values
 
     cfg = load_config(config, overrides)

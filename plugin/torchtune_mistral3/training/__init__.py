@@ -52,7 +52,6 @@ from ._run_identity import (
     run_record,
 )
 from ._sample_index import IndexedCollate, IndexedDataset, count_step_data, pop_sample_indices
-from ._step_plan import cost_balanced_stage_extras
 from ._stock import load_plugin_recipe, load_stock_recipe, stock_recipe_path
 from ._tower_split import assign_images, split_image_encoders, sum_split_encoder_grads, tower_mode
 from ._tp import (
@@ -94,7 +93,6 @@ __all__ = [
     "enable_async_tensor_parallel",
     "command_line_overrides",
     "convert_to_fp8",
-    "cost_balanced_stage_extras",
     "count_step_data",
     "loader_worker_options",
     "cosine_with_warmup",

@@ -21,6 +21,7 @@ from ._model_builders import (
 )
 from ._parallelism import mistral3_pp_stage_extras, mistral3_tp_plan
 from ._position_embeddings import Llama4QueryScale, PixtralRotaryPositionalEmbeddings, YarnRotaryPositionalEmbeddings
+from ._sizes import HF_REPO_TO_SIZE, NAMED_SIZES
 from ._tokenizer import Mistral3Tokenizer, check_tokenizer_fits_model
 from ._transform import Mistral3Transform, PixtralImageTransform, medical_image_to_rgb, mistral3_transform
 
@@ -49,6 +50,8 @@ __all__ = [
     "PixtralRotaryPositionalEmbeddings",
     "YarnRotaryPositionalEmbeddings",
     "hf_key_to_tune",
+    "HF_REPO_TO_SIZE",
+    "NAMED_SIZES",
     "ministral3_14b",
     "ministral3_3b",
     "ministral3_8b",

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from torchtune_mistral3.training._step_plan import (
+from torchtune_mistral3.planning._step_plan import (
     PROVISIONAL_FILE,
     TABLE_FILE,
     CostTable,
@@ -106,7 +106,7 @@ def test_provisional_table_is_what_the_step_speed_runs_give():
 
 
 def test_cli_prints_the_step_plan_with_the_cost_balanced_split(capsys):
-    from torchtune_mistral3.plan import main
+    from torchtune_mistral3.planning import main
 
     assert main(["--config", "mistral3p5_medpix", "plan.world_size=64", "plan.json=True"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -120,6 +120,37 @@ def test_cli_prints_the_step_plan_with_the_cost_balanced_split(capsys):
     mean = sum(per_stage) / len(per_stage)
     assert max(per_stage) - mean <= layer and mean - min(per_stage) <= layer
     assert 0 < step["mfu"] < 1 and step["real_tokens_per_s_per_gpu"] > 0
+
+
+@pytest.mark.parametrize("overrides", [
+    [],  # packed, compiled, tower split over TP 8
+    ["dataset.packed=False"],
+    ["enable_activation_checkpointing=True", "compile=False"],
+    ["tensor_parallel_tower=replicate", "batch_size=36", "pipeline_microbatches=18"],
+    ["tensor_parallel_dim=4", "tokenizer.max_seq_len=4096"],
+])
+def test_the_recipes_stage_split_is_the_planners(overrides):
+    # the recipe passes its own values (no optimizer); the planner translates the whole config: the same stages
+    from torchtune_mistral3.planning import (
+        build_meta_model,
+        cost_balanced_stage_extras,
+        layout_from_config,
+        load_config,
+    )
+    from torchtune_mistral3.planning._memory_plan import model_dims
+    from torchtune_mistral3.planning._step_plan import cost_balanced_extras
+
+    cfg = load_config("mistral3p5_medpix", overrides)
+    model = build_meta_model(size="mistral3p5_128b")
+    layout, options = layout_from_config(cfg)
+    planner = cost_balanced_extras(CostTable.load(options["cost_table"]), model_dims(model), layout,
+                                   tower_split=options["tower_split"])
+    recipe = cost_balanced_stage_extras(
+        model, tp=cfg.tensor_parallel_dim, batch_size=cfg.batch_size, microbatches=cfg.pipeline_microbatches,
+        seq_len=cfg.tokenizer.max_seq_len, activation_checkpointing=cfg.enable_activation_checkpointing,
+        compile=cfg.compile, tower_split=cfg.tensor_parallel_tower == "split", packed=cfg.dataset.packed,
+    )
+    assert recipe == planner
 
 
 def _synthetic_table():
@@ -161,8 +192,8 @@ def test_table_fits_reproduce_their_formulas_off_the_measured_shapes():
 
 def test_tower_split_shares_tower_and_projector_and_follows_the_recipe_key():
     from omegaconf import OmegaConf
-    from torchtune_mistral3.plan import layout_from_config
-    from torchtune_mistral3.training._step_plan import H200, MicroBatch, stage_time
+    from torchtune_mistral3.planning import layout_from_config
+    from torchtune_mistral3.planning._step_plan import H200, MicroBatch, stage_time
 
     table = CostTable(_synthetic_table())
     mb = MicroBatch(batch=1, seq=2048, patches=(1444, 5476), image_tokens=(1444 + 5476) // 4)
@@ -184,7 +215,7 @@ def test_tower_split_shares_tower_and_projector_and_follows_the_recipe_key():
 
 
 def test_packed_attention_section_is_what_the_attention_runs_give():
-    from torchtune_mistral3.training._step_plan import PACKED_ATTENTION_FILE, derive_packed_attention
+    from torchtune_mistral3.planning._step_plan import PACKED_ATTENTION_FILE, derive_packed_attention
 
     shipped = json.loads(PACKED_ATTENTION_FILE.read_text())
     assert _same(shipped, json.loads(json.dumps(derive_packed_attention(str(REPO / "bench" / "results")))))
@@ -230,7 +261,7 @@ def test_planner_predicts_the_measured_packed_layers_within_10_percent(tp):
 
 
 def test_tp_overlap_what_if_hides_that_share_of_the_layer_collectives(capsys):
-    from torchtune_mistral3.plan import main
+    from torchtune_mistral3.planning import main
 
     args = ["--config", "mistral3p5_medpix", "plan.world_size=64", "plan.gpu_gib=79.6", "plan.json=True"]
     steps = {}

@@ -20,8 +20,7 @@ from typing import Dict, Sequence
 import numpy as np
 
 from torchtune_mistral3.models.mistral3._transform import pixtral_image_size
-
-from ._compile import needs_static_shapes
+from torchtune_mistral3.training._compile import needs_static_shapes
 
 # What is known of MedPix-VQA's samples (/work/shared/reference: NeMo AutoModel's Ministral-3 3B MedPix golden
 # values, ~830 label tokens per 8 samples, ~4,600 tokens per step of 8; questions run 10-40 tokens; MedPix images

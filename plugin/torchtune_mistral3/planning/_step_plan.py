@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._memory_plan import Layout, ModelDims, _stages, count_parts, model_dims
+from ._memory_plan import Layout, ModelDims, _stages, count_parts, model_dims, stage_part_names
 from ._padding_model import expected_longest, medpix_sample_lengths, padding_mode
 
 TABLE_FILE = Path(__file__).with_name("step_costs_h200.json")
@@ -563,7 +563,7 @@ def schedule_order(schedule: str, pp: int, microbatches: int, stages_per_rank: O
     from torch import nn
     from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
-    from ._parallel_dims import (
+    from torchtune_mistral3.training._parallel_dims import (
         default_stages_per_rank,
         get_pipeline_schedule_class,
         stage_ids_for_rank,
@@ -703,7 +703,7 @@ TEXT_TOKENS_PER_SAMPLE = 150
 EAGER_TIME_FACTOR = 1.143
 GPUS_PER_NODE = 8
 # Without a measured length distribution, the padded (longest-in-batch) layouts are planned over this many samples
-# of the MedPix model (training/_padding_model.py) at the configs' tokenizer.max_image_size.
+# of the MedPix model (planning/_padding_model.py) at the configs' tokenizer.max_image_size.
 MODEL_SAMPLES = 4096
 DEFAULT_MAX_IMAGE_SIZE = 1024
 
@@ -833,7 +833,7 @@ class StepPlan:
         tower_split (bool): whether the tower's images are shared over the TP group.
         stage_s (List[float]): forward + backward seconds of one micro-batch through each stage. Default is [].
         padding (str): how the recipe pads this layout's batches: ``longest``, ``max_seq_len`` or ``packs``
-            (:func:`~torchtune_mistral3.training._padding_model.padding_mode`). Default is "max_seq_len".
+            (:func:`~torchtune_mistral3.planning._padding_model.padding_mode`). Default is "max_seq_len".
         padded_seq_len (float): the expected computed length of a sequence (``longest``: the expected longest of
             the batch's samples; else ``seq_len``). Default is 0 (``seq_len``).
     """
@@ -935,7 +935,7 @@ def plan_step(
 ) -> StepPlan:
     """Predict the step time of ``model`` trained with ``layout``.
 
-    Sequences are as long as the recipe makes them (:func:`~torchtune_mistral3.training._padding_model.padding_mode`):
+    Sequences are as long as the recipe makes them (:func:`~torchtune_mistral3.planning._padding_model.padding_mode`):
     ``tokenizer.max_seq_len`` (``layout.seq_len``) under pipeline parallelism, compiled TP and packing; elsewhere the
     expected longest of the ``batch_size`` samples of a batch (``batch_size x dp`` under data parallelism, where
     every layer waits for the slowest replica), drawn from ``sample_lengths``.
@@ -1003,13 +1003,7 @@ def plan_step(
     shard = max(lo.dp, 1)
     opt = []
     for stages in rank_stages:
-        names = []
-        for s in stages:
-            start = sum(split[:s])
-            names += [f"layer.{i}" for i in range(start, start + split[s])]
-            names += ["embeddings", "vision", "projector"] if s == 0 else []
-            names += ["norm", "output"] if s == len(split) - 1 else []
-        trained = sum(parts[n].trainable_per_tp_rank for n in names if n in parts) / shard
+        trained = sum(parts[n].trainable_per_tp_rank for n in stage_part_names(stages, split) if n in parts) / shard
         sec = table.optimizer(trained, master, lo.optimizer_fused) * hw.memory_scale()
         if lo.dp > 1:  # reduce-scatter of the gradients over data parallel, not overlapped with the backward
             # the DP group (ranks tp apart) stays inside one node while tp x dp fits one, else it crosses nodes
@@ -1083,7 +1077,7 @@ def format_step_plan(plan: StepPlan) -> str:
     )
     if plan.padding == "longest":
         lines.append(f"padding: to the longest sample of each batch, expected {plan.padded_seq_len:.0f} tokens "
-                     "(training/_padding_model.py; plan.sample_lengths gives the data's own lengths)")
+                     "(planning/_padding_model.py; plan.sample_lengths gives the data's own lengths)")
     return "\n".join(lines)
 
 
@@ -1174,7 +1168,7 @@ def derive_provisional_table(results_dir: str) -> Dict[str, Any]:
                * _PROVISIONAL_ASSUMPTIONS["foreach_over_fused_adamw"]} for n in (10**8, 10**9)]
     table = {
         "schema": 1, "provisional": True,
-        "command": "derive_provisional_table('bench/results') (torchtune_mistral3.training._step_plan)",
+        "command": "derive_provisional_table('bench/results') (torchtune_mistral3.planning._step_plan)",
         "sources": ["bench/results/step_speed_h200.json", "bench/results/step_speed_h200_8layers.json",
                     "bench/results/step_speed_h200_final.json", "issue #15 (tower)"],
         "device_name": four.get("device_name", "NVIDIA H200"), "torch": four.get("torch"), "compiled": True,
@@ -1238,27 +1232,32 @@ def derive_packed_attention(results_dir: str) -> Dict[str, Any]:
     return {"sources": sources, "packed_attention": section}
 
 
-def cost_balanced_stage_extras(model, cfg) -> Dict[str, float]:
-    """The default pipeline split's ``first_stage_extra`` / ``last_stage_extra`` for a recipe config.
+def cost_balanced_stage_extras(
+    model, *, tp: int, batch_size: int, microbatches: int, seq_len: int, activation_checkpointing: bool,
+    compile: bool, tower_split: bool, packed: bool = False,
+) -> Dict[str, float]:
+    """The recipe's default pipeline split: :func:`cost_balanced_extras` from the shipped table on the H200.
 
-    What the recipe passes to ``build_pipeline`` and the planner CLI uses, so both cut the same stages: stage 0's
-    embeddings, tower and projector and the last stage's head and loss, in decoder layers of the config's
-    micro-batch (``batch_size / pipeline_microbatches`` x ``tokenizer.max_seq_len``, ``plan.image_px`` images),
-    TP degree, activation checkpointing and compile, from the shipped cost table on the default
-    :class:`Hardware`. ``pipeline_split`` still overrides the split.
+    The micro-batch is ``batch_size / microbatches`` sequences of ``seq_len`` tokens with the planner's default
+    images; the planner CLI cuts the same stages for the same config, and ``pipeline_split`` overrides both.
 
     Args:
         model (Mistral3FusionModel): the model (meta device is fine).
-        cfg (DictConfig): the recipe config (``plan.*`` keys optional).
+        tp (int): ``tensor_parallel_dim``.
+        batch_size (int): ``batch_size``.
+        microbatches (int): pipeline micro-batches per batch.
+        seq_len (int): ``tokenizer.max_seq_len`` (pipeline batches are padded to it).
+        activation_checkpointing (bool): ``enable_activation_checkpointing``.
+        compile (bool): ``compile``.
+        tower_split (bool): the tower's images shared over the TP group (``tensor_parallel_tower: split``).
+        packed (bool): ``dataset.packed`` (``batch_size`` counts packs). Default is False.
 
     Returns:
-        Dict[str, float]: keyword arguments for ``build_pipeline`` / ``balanced_layer_split``.
+        Dict[str, float]: ``first_stage_extra`` / ``last_stage_extra`` for ``build_pipeline``.
+
+    Raises:
+        ValueError: if ``batch_size`` does not split into ``microbatches``.
     """
-    from omegaconf import OmegaConf
-
-    from torchtune_mistral3.plan import layout_from_config
-
-    # the split does not depend on the optimizer: any the memory model lacks must not stop the recipe
-    layout, options = layout_from_config(OmegaConf.merge(cfg, {"optimizer": {"_component_": "torch.optim.AdamW"}}))
-    table = CostTable.load(options["cost_table"])
-    return cost_balanced_extras(table, model_dims(model), layout, tower_split=options["tower_split"])
+    layout = Layout(tp=tp, batch_size=batch_size, microbatches=microbatches, seq_len=seq_len,
+                    activation_checkpointing=activation_checkpointing, compile=compile, packed=packed)
+    return cost_balanced_extras(CostTable.load(None), model_dims(model), layout, tower_split=tower_split)

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from torchtune_mistral3.training._memory_plan import (
+from torchtune_mistral3.planning._memory_plan import (
     GIB,
     Layout,
     build_meta_model,
@@ -221,19 +221,19 @@ def test_prediction_within_10_percent_of_h200_peak(tmp_path):
 
 
 def rank_dims(model):
-    from torchtune_mistral3.training._memory_plan import model_dims
+    from torchtune_mistral3.planning._memory_plan import model_dims
 
     return model_dims(model)
 
 
 def test_cli_mistral3p5_medpix_on_64_h100(capsys):
-    from torchtune_mistral3.plan import main
+    from torchtune_mistral3.planning import main
 
     assert main(["--config", "mistral3p5_medpix", "plan.world_size=64", "plan.gpu_gib=79.6"]) == 0
     out = capsys.readouterr().out
     assert "TP=8 PP=8 DP=1 (64 GPUs)" in out and "FITS" in out
     # the recipe's cost-balanced split of 88 layers over 8 stages: stage 0 (embeddings, tower, projector) holds
-    # fewer layers than the largest stage (tests/training/test_step_plan.py checks the balance itself)
+    # fewer layers than the largest stage (tests/planning/test_step_plan.py checks the balance itself)
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     layers = [int(row[1]) for row in rows]
     assert len(layers) == 8 and sum(layers) == 88 and layers[0] < max(layers)
@@ -241,7 +241,7 @@ def test_cli_mistral3p5_medpix_on_64_h100(capsys):
 
 
 def test_cli_unknown_config_exits_with_message(capsys):
-    from torchtune_mistral3.plan import main
+    from torchtune_mistral3.planning import main
 
     with pytest.raises(SystemExit) as e:
         main(["--config", "no_such_config"])
@@ -333,7 +333,7 @@ def test_a_head_of_its_own_is_gathered_like_a_layer_while_it_runs(tmp_path):
 
 
 def test_cli_mistral3p5_medpix_lora_on_8_h100(capsys):
-    from torchtune_mistral3.plan import main
+    from torchtune_mistral3.planning import main
 
     assert main(["--config", "mistral3p5_medpix_lora", "plan.world_size=8", "plan.gpu_gib=79.6",
                  "plan.image_px=1036"]) == 0
@@ -350,7 +350,7 @@ def test_cli_mistral3p5_medpix_lora_on_8_h100(capsys):
     expected = (fp8_base + 2 * (127.70e9 - fp8_base + adapters)) / 8 / GIB
     assert float(row[2]) == pytest.approx(expected, abs=0.01)
 def test_cli_reads_a_packed_dataset(capsys):
-    from torchtune_mistral3.plan import main
+    from torchtune_mistral3.planning import main
 
     args = ["--config", "mistral3p5_medpix", "plan.world_size=64", "plan.json=False"]
     assert main([*args, "dataset.packed=True", "plan.images_per_pack=4"]) == 0
@@ -368,7 +368,7 @@ def test_cli_reads_a_packed_dataset(capsys):
 def test_sequence_parallel_keeps_the_residual_stream_at_one_over_tp(tiny_model):
     # TP 2: of the layer's four whole hidden-size tensors the input and the residual become shards, and so does
     # the stage output a pipeline rank keeps; the norm outputs the matmuls saved stay whole
-    from torchtune_mistral3.training._memory_plan import layer_activation_bytes_per_token, model_dims
+    from torchtune_mistral3.planning._memory_plan import layer_activation_bytes_per_token, model_dims
 
     dims = model_dims(tiny_model)
     lo = Layout(tp=2, pp=2, microbatches=2, batch_size=2, seq_len=64, compile=True, image_px=56)

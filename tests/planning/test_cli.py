@@ -1,8 +1,12 @@
 """The planner's command line refuses misspelt keys and wrong values, as ``tune run`` does, before planning."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 from omegaconf import OmegaConf
-from torchtune_mistral3.plan import check_plan_values, load_config, main
+from torchtune_mistral3.planning import PLAN_KEY_FILES, check_plan_values, load_config, main
 
 
 @pytest.mark.parametrize(
@@ -25,7 +29,7 @@ def test_misspelt_keys_are_refused_with_the_closest_key(override, message, capsy
 def test_the_planners_own_and_the_recipes_keys_pass():
     cfg = load_config("mistral3p5_medpix", ["plan.world_size=64", "plan.gpu_gib=79.6", "plan.images_per_pack=3",
                                            "plan.json=True", "tensor_parallel_dim=8", "batch_size=2"],
-                      key_files=[__import__("torchtune_mistral3.plan").plan.__file__])
+                      key_files=PLAN_KEY_FILES)
     assert cfg.plan.world_size == 64
     # a LoRA config's builder arguments are checked against its own builder
     load_config("mistral3p5_medpix_lora", ["model.lora_rank=16"])
@@ -55,3 +59,11 @@ def test_plan_values_in_range_pass():
     check_plan_values(OmegaConf.create({"world_size": 1, "gpu_gib": 0.5, "image_px": 28, "allocator_margin": 0}))
     with pytest.raises(ValueError, match="plan.world_size=1.5 must be an integer"):
         check_plan_values(OmegaConf.create({"world_size": 1.5}))
+
+
+def test_python_dash_m_plan_prints_what_main_prints(capsys):
+    args = ["--config", "mistral3p5_medpix", "plan.world_size=64", "plan.time=False", "plan.json=True"]
+    proc = subprocess.run([sys.executable, "-m", "torchtune_mistral3.plan", *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == main(args) == 0, proc.stderr
+    assert json.loads(proc.stdout) == json.loads(capsys.readouterr().out)

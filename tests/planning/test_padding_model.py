@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from torchtune_mistral3.training._padding_model import (
+from torchtune_mistral3.planning._padding_model import (
     expected_longest,
     image_tokens,
     medpix_sample_lengths,
@@ -63,7 +63,7 @@ def test_padding_mode_follows_the_recipe(layout, mode):
 
 
 def test_plan_computes_the_longest_of_the_batch_on_one_gpu_and_max_seq_len_under_pp(capsys, tmp_path):
-    from torchtune_mistral3.plan import main
+    from torchtune_mistral3.planning import main
 
     lengths = [300] * 3 + [1500]  # the longest of 4 draws: 1500 unless all four are 300 ((3/4)^4)
     path = tmp_path / "lengths.json"

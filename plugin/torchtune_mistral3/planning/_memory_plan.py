@@ -39,7 +39,6 @@ fine-tune's: the adapters' inputs are the tensors the frozen linears would save,
 """
 
 import fnmatch
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,15 +53,6 @@ _BYTES_NAME = {2: "bf16", 4: "fp32", 1: "8-bit"}
 # Eager / compiled bytes per token of one decoder layer, measured on the H200 slice (bench/step_speed.py:
 # plugin_eager vs plugin_compile_c1, 4 layers, 4096 tokens, head's share removed; step_speed_h200_final.json).
 EAGER_LAYER_FACTOR = 1.255
-
-# Named sizes for configs whose checkpoint is not on this machine, keyed by builder name and by HF repo id.
-NAMED_SIZES = ("mistral3p5_128b", "ministral3_3b", "ministral3_8b", "ministral3_14b")
-HF_REPO_TO_SIZE = {
-    "mistralai/Mistral-Medium-3.5-128B": "mistral3p5_128b",
-    "mistralai/Ministral-3-3B-Instruct-2512": "ministral3_3b",
-    "mistralai/Ministral-3-8B-Instruct-2512": "ministral3_8b",
-    "mistralai/Ministral-3-14B-Instruct-2512": "ministral3_14b",
-}
 
 # Pipeline schedules the activation count models, by ``pipeline_schedule`` name (lower case).
 _SCHEDULES = {
@@ -173,7 +163,7 @@ class Layout:
         stage_extras (Optional[Dict[str, float]]): ``first_stage_extra`` / ``last_stage_extra`` of the balanced
             split (what stage 0 and the last stage carry besides layers, in layers); None for the family's static
             ``mistral3_pp_stage_extras()``. The planner CLI and the recipe set the cost-balanced ones
-            (``training._step_plan.cost_balanced_extras``). Default is None.
+            (``planning._step_plan.cost_balanced_extras``). Default is None.
         seq_len (int): tokens per sample (the longest a batch pads to). Default is 2048.
         batch_size (int): ``batch_size`` (samples per data-parallel rank per forward). Default is 1.
         grad_accum (int): ``gradient_accumulation_steps``. Default is 1.
@@ -352,7 +342,7 @@ def build_meta_model(
 
     Args:
         checkpoint_dir (Optional[str]): HF checkpoint directory with config.json. Default is None.
-        size (Optional[str]): one of :data:`NAMED_SIZES`, used when ``checkpoint_dir`` has no config.json.
+        size (Optional[str]): one of the family's ``NAMED_SIZES``, used when ``checkpoint_dir`` has no config.json.
             Default is None.
         lora (Optional[Dict[str, Any]]): the LoRA builder's arguments (``lora_attn_modules``, ``lora_rank``,
             ``fp8_base``, ``decoder_trainable``, ...; :func:`~torchtune_mistral3.models.mistral3.mistral3_lora`);
@@ -374,11 +364,11 @@ def build_meta_model(
         if checkpoint_dir is not None and (Path(checkpoint_dir) / "config.json").is_file():
             builder = family.mistral3_from_hf_config if lora is None else family.mistral3_lora_from_hf_config
             return builder(checkpoint_dir, **kwargs)
-        if size in NAMED_SIZES:
+        if size in family.NAMED_SIZES:
             return getattr(family, size + suffix)(**kwargs)
     raise ValueError(
         f"no {Path(str(checkpoint_dir)) / 'config.json'} and no named size ({size!r}): give the checkpoint "
-        f"directory, or plan.size= one of {', '.join(NAMED_SIZES)}"
+        f"directory, or plan.size= one of {', '.join(family.NAMED_SIZES)}"
     )
 
 
@@ -614,16 +604,26 @@ def _stages(layout: Layout, num_layers: int) -> tuple:
     return v, split, [stage_ids_for_rank(cls, r, layout.pp, v) for r in range(layout.pp)]
 
 
-def _stage_parts(parts: Dict[str, PartParams], stages: Sequence[int], starts: Sequence[int],
-                 split: Sequence[int], last_stage: int) -> List[List[PartParams]]:
-    """The counted parts each of ``stages`` holds (its decoder layers, plus the ends' embeddings, tower and head)."""
-    out = []
+def stage_part_names(stages: Sequence[int], split: Sequence[int]) -> List[str]:
+    """The parts (as :func:`part_of` names them) that pipeline ``stages`` hold, e.g. those of one pipeline rank.
+
+    A stage holds its decoder layers; stage 0 also the embeddings, tower and projector, the last stage the norm
+    and the output head.
+
+    Args:
+        stages (Sequence[int]): global stage indices.
+        split (Sequence[int]): decoder layers of every stage.
+
+    Returns:
+        List[str]: the part names, stage by stage.
+    """
+    names = []
     for s in stages:
-        names = [f"layer.{i}" for i in range(starts[s], starts[s] + split[s])]
+        start = sum(split[:s])
+        names += [f"layer.{i}" for i in range(start, start + split[s])]
         names += ["embeddings", "vision", "projector"] if s == 0 else []
-        names += ["norm", "output"] if s == last_stage else []
-        out.append([parts[n] for n in names if n in parts])
-    return out
+        names += ["norm", "output"] if s == len(split) - 1 else []
+    return names
 
 
 # the parts outside the decoder and tower layers (each layer is its own FSDP2 unit), which make the root unit
@@ -674,7 +674,6 @@ def plan_memory(
 
     parts = count_parts(model, lo.tp, tp_plan)
     v, split, rank_stages = _stages(lo, dims.num_layers)
-    starts = [sum(split[:i]) for i in range(len(split))]
     last_stage = len(split) - 1
     shard = lo.dp if lo.dp > 1 else 1
     master_bytes = lo.master_bytes or lo.dtype_bytes
@@ -692,13 +691,7 @@ def plan_memory(
 
     ranks = []
     for r, stages in enumerate(rank_stages):
-        names = []
-        for s in stages:
-            names += [f"layer.{i}" for i in range(starts[s], starts[s] + split[s])]
-            if s == 0:
-                names += ["embeddings", "vision", "projector"]
-            if s == last_stage:
-                names += ["norm", "output"]
+        names = stage_part_names(stages, split)
         held = [parts[n] for n in names if n in parts]
         # frozen parameters have no master: the recipe holds them in the compute dtype
         params = sum(p.bytes_per_tp_rank(master_bytes, lo.dtype_bytes) for p in held) / shard
@@ -767,8 +760,8 @@ def plan_memory(
         unsynced = trainable * shard * master_bytes + sum(p.bytes_per_tp_rank(lo.dtype_bytes) for p in held)
         unsynced = unsynced if no_sync else 0.0
         if not no_sync and lo.pp > 1 and (shard > 1 or casts) and lo.schedule.lower() in _RUNTIME_SCHEDULES:
-            per_stage = sorted((sum(p.bytes_per_tp_rank(lo.dtype_bytes) for p in stage_parts)
-                                for stage_parts in _stage_parts(parts, stages, starts, split, last_stage)),
+            per_stage = sorted((sum(parts[n].bytes_per_tp_rank(lo.dtype_bytes)
+                                    for n in stage_part_names([s], split) if n in parts) for s in stages),
                                reverse=True)
             unsynced = sum(per_stage[:_ACTIVE_STAGES])
         # FSDP2 leaves the root unit (not resharded after forward: backward needs it at once) gathered through
@@ -831,14 +824,3 @@ def format_plan(plan: MemoryPlan) -> str:
     )
     return "\n".join(lines)
 
-
-def plan_to_json(plan: MemoryPlan) -> str:
-    """JSON text of :meth:`MemoryPlan.to_dict`.
-
-    Args:
-        plan (MemoryPlan): the plan.
-
-    Returns:
-        str: JSON.
-    """
-    return json.dumps(plan.to_dict(), indent=1)
