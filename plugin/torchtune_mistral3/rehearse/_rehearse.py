@@ -96,12 +96,11 @@ def _play_in_child(text: str, name: str, rank: int, world_size: int, forward_met
 
 
 def _recipe_classes(name: str):
-    from torchtune_mistral3.training import load_plugin_recipe
+    from torchtune_mistral3.finetune import Mistral3FullFinetuneRecipe, Mistral3LoRAFinetuneRecipe
+    from torchtune_mistral3.training import load_stock_recipe
 
-    module = load_plugin_recipe(name)
-    base = module.Mistral3LoRAFinetuneRecipe if name.startswith("lora") else module.Mistral3FullFinetuneRecipe
-    full = load_plugin_recipe("full_finetune_distributed")
-    return rehearsal_recipe_class(base), full.stock
+    base = Mistral3LoRAFinetuneRecipe if name.startswith("lora") else Mistral3FullFinetuneRecipe
+    return rehearsal_recipe_class(base), load_stock_recipe("full_finetune_distributed")
 
 
 def check_reads_cover_checkpoint(cfg: DictConfig, reports: Sequence[RoleReport]) -> None:

@@ -115,12 +115,7 @@ def _load_checked(config: str, overrides: List[str]) -> DictConfig:
 def _check_layout(config: str, cfg: DictConfig, world_size: int) -> None:
     from torchtune_mistral3.training import check_world_size
 
-    check_world_size(
-        config_name=config,
-        tensor_parallel_dim=int(cfg.get("tensor_parallel_dim", 1)),
-        pipeline_parallel_dim=int(cfg.get("pipeline_parallel_dim", 1)),
-        world_size=world_size,
-    )
+    check_world_size(cfg, config_name=config, world_size=world_size)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -32,20 +32,6 @@ def load_stock_recipe(name: str) -> ModuleType:
     return _load_recipe_module(f"torchtune_stock_recipes.{name}", stock_recipe_path(name))
 
 
-def load_plugin_recipe(name: str) -> ModuleType:
-    """Import one of this plugin's recipe scripts (``recipes/<name>.py``) as a module, once.
-
-    Args:
-        name (str): recipe file name without ``.py``, e.g. ``"full_finetune_distributed"``.
-
-    Returns:
-        ModuleType: the executed recipe module (cached under ``torchtune_mistral3_recipes.<name>``).
-    """
-    from torchtune_mistral3._registry import RECIPES_DIR
-
-    return _load_recipe_module(f"torchtune_mistral3_recipes.{name}", RECIPES_DIR / f"{name}.py")
-
-
 def _load_recipe_module(module_name: str, path: Path) -> ModuleType:
     if module_name in sys.modules:
         return sys.modules[module_name]
