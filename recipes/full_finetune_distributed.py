@@ -1,10 +1,6 @@
 """torchtune's ``full_finetune_distributed``, extended by torchtune-mistral3.
 
-The plugin routes the stock recipe name here. Configs whose model comes from ``torchtune_mistral3`` run
-:class:`~torchtune_mistral3.finetune.Mistral3FullFinetuneRecipe` (its module docstring lists what it adds to the
-stock recipe); every other config runs the stock recipe unchanged.
-
-    tune run full_finetune_distributed --config mistral3p5_medpix_demo
+Plugin configs run :class:`~torchtune_mistral3.finetune.Mistral3FullFinetuneRecipe`; others the stock recipe.
 """
 
 import sys

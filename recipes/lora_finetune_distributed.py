@@ -1,10 +1,6 @@
 """torchtune's ``lora_finetune_distributed``, extended by torchtune-mistral3.
 
-The plugin routes the stock recipe name here. Configs whose model comes from ``torchtune_mistral3`` run
-:class:`~torchtune_mistral3.finetune.Mistral3LoRAFinetuneRecipe` (the full recipe with a LoRA delta; see its
-module docstring); every other config runs the stock recipe unchanged.
-
-    tune run lora_finetune_distributed --config mistral3p5_medpix_lora_demo
+Plugin configs run :class:`~torchtune_mistral3.finetune.Mistral3LoRAFinetuneRecipe`; others the stock recipe.
 """
 
 import sys

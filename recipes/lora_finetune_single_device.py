@@ -1,8 +1,6 @@
 """torchtune's ``lora_finetune_single_device``, extended by torchtune-mistral3.
 
-Configs whose model comes from ``torchtune_mistral3`` run the plugin's LoRA recipe
-(:class:`~torchtune_mistral3.finetune.Mistral3LoRAFinetuneRecipe`) in this one process; every other config
-runs the stock single-device recipe unchanged.
+Plugin configs run :class:`~torchtune_mistral3.finetune.Mistral3LoRAFinetuneRecipe` in one process; others stock.
 """
 
 import os

@@ -1,22 +1,9 @@
-"""The parallel layout of one model part, applied in one fixed order; then its materialisation on the device.
+"""The parallel layout of one model part in one fixed order (:func:`parallelize_model`), then on the device.
 
-:func:`parallelize_model` is what the training recipe (and its pipeline builder, once per stage) calls on a
-meta-device model part; it reads no config, so any trainer or test can call it. The order matters, step by step:
-
-1. FP8: torchao swaps the decoder linears first, so that TP shards, compile traces and FSDP2 wraps the
-   ``Float8Linear`` modules and not the plain ones they replace.
-2. Tensor parallelism: the decoder's weights become DTensors on the TP mesh; everything after works on them.
-3. Tower split: each TP rank's encoders take only its share of the images. It patches the encoders' ``forward``
-   outside the blocks that step 5 compiles.
-4. Activation checkpointing wraps the transformer blocks (after TP, which must see the unwrapped names).
-5. Compile: each block inside its checkpoint wrapper, after TP and AC and before FSDP2 (torchtitan's order), so
-   that FSDP2's hooks stay out of the compiled graphs.
-6. FSDP2 last, around the TP DTensors (2-D: data x tensor), with the precision policy; then the gradient sum
-   (the loss is already divided by the global token count) and the reduce-scatter of unused parameters (a
-   replica whose micro-batch has no image still joins the encoders' collective).
-
-:func:`materialize` then allocates the part on the device and computes the RoPE buffers; loading the weights is
-the caller's (the recipes read them lazily from the checkpoint, each rank only what it holds).
+The training recipe calls it on the meta-device model, or through the pipeline builder on each stage; it reads
+no config, so any trainer or test can call it. The numbered comments in its body say why each step comes where
+it does (docs/parallelism.md, "The layout of a model part"). :func:`materialize` then allocates the part and
+computes its RoPE buffers; loading the weights is the caller's.
 """
 
 from functools import partial
@@ -89,7 +76,7 @@ def parallelize_model(
         nn.Module: ``part``, laid out (still on the meta device).
     """
     tp_mesh, dp_mesh = mesh["tp"], mesh["dp"]
-    # 1. FP8 (torchao) first: TP, compile and FSDP2 then see the Float8Linear modules
+    # 1. FP8 (torchao) first: TP shards, compile traces and FSDP2 wraps the Float8Linear modules
     if precision.fp8_recipe is not None:
         convert_to_fp8(part, precision.fp8_recipe)
     # 2. tensor parallel: the decoder's weights become DTensors on the TP mesh
@@ -98,12 +85,12 @@ def parallelize_model(
     # 3. tower split: patches the encoders' forward, outside the blocks compiled below
     if tower_split and split_image_encoders(part, tp_mesh) and verbose:
         log.info(f"The {tp_mesh.size()} TP ranks encode their share of a micro-batch's images")
-    # 4. activation checkpointing, on the TP blocks
+    # 4. activation checkpointing wraps the TP blocks (TP needed the unwrapped names)
     if activation_checkpointing and ac_mode is None:
         training.set_activation_checkpointing(part, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
     elif ac_mode is not None:
         apply_selective_activation_checkpointing(part, ac_mode, ac_option)
-    # 5. compile each block inside its checkpoint wrapper, before FSDP2 (torchtitan's order)
+    # 5. compile each block inside its checkpoint wrapper, before FSDP2, whose hooks stay out of the graphs
     if compile:
         compile_blocks(part, static_decoder_shapes=static_shapes, verbose=verbose)
     # 6. FSDP2 last; also on one data-parallel rank when it casts the master weights to the compute dtype
@@ -126,11 +113,9 @@ def parallelize_model(
 
 
 def image_free_batches_hang(part: nn.Module, data_parallel: bool) -> bool:
-    """Whether a data-parallel replica's micro-batch without images would hang ``part``'s gradient reduction.
+    """Whether a replica's micro-batch without images would hang the others (torch 2.11's FSDP2).
 
-    Where FSDP2 has no ``set_reduce_scatter_unused_params`` (torch 2.11; 2.13 has it), it reduce-scatters only
-    the parameters that received a gradient, so a trainable encoder left out by one replica's batch hangs the
-    others.
+    FSDP2 without the unused-parameter reduce-scatter leaves out a trainable encoder that got no gradient.
 
     Args:
         part (nn.Module): a part after :func:`parallelize_model`.
@@ -147,9 +132,7 @@ def image_free_batches_hang(part: nn.Module, data_parallel: bool) -> bool:
 
 
 def materialize(part: nn.Module, device: torch.device, rope_dtype: torch.dtype) -> nn.Module:
-    """Allocate ``part`` (laid out on the meta device) on ``device`` and compute its RoPE buffers.
-
-    The parameters are left uninitialised: load the weights next.
+    """Allocate ``part`` (laid out on the meta device) on ``device``, uninitialised, and compute its RoPE buffers.
 
     Args:
         part (nn.Module): a part after :func:`parallelize_model`.

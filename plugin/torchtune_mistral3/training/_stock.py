@@ -29,14 +29,9 @@ def load_stock_recipe(name: str) -> ModuleType:
     Returns:
         ModuleType: the executed recipe module (cached under ``torchtune_stock_recipes.<name>``).
     """
-    return _load_recipe_module(f"torchtune_stock_recipes.{name}", stock_recipe_path(name))
-
-
-def _load_recipe_module(module_name: str, path: Path) -> ModuleType:
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
+    module_name = f"torchtune_stock_recipes.{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, stock_recipe_path(name))
+        sys.modules[module_name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[module_name])
+    return sys.modules[module_name]
