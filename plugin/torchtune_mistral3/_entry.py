@@ -8,7 +8,7 @@ recipe, untouched.
 
 import inspect
 import sys
-from typing import Any, Callable, List, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from omegaconf import DictConfig
 from torchtune import config
@@ -28,18 +28,6 @@ def is_plugin_config(cfg: Mapping[str, Any]) -> bool:
         bool: whether ``model._component_`` is in ``torchtune_mistral3``.
     """
     return str(cfg.get("model", {}).get("_component_", "")).startswith(PLUGIN_PACKAGE + ".")
-
-
-def recipe_source_files(recipe_cls: type) -> List[str]:
-    """The source files of a recipe class and its bases: their ``cfg`` reads are the keys the recipe knows.
-
-    Args:
-        recipe_cls (type): a recipe class (e.g. a subclass of a stock torchtune recipe).
-
-    Returns:
-        List[str]: file paths, the class's own first (the standard library's bases left out).
-    """
-    return [inspect.getsourcefile(c) for c in recipe_cls.__mro__ if c.__module__ not in sys.stdlib_module_names]
 
 
 def run_recipe(
@@ -72,7 +60,9 @@ def run_recipe(
         ensure_single_process_env()  # `tune run <recipe>` without torchrun flags, as for the plugin's configs
         return stock_main.__wrapped__(cfg)
     if check_keys:
-        check_cli_keys(cfg, sys.argv[1:], recipe_files=recipe_source_files(recipe_cls))
+        # the keys the recipe knows: what its class and its bases (stock recipe included) read from cfg
+        files = [inspect.getsourcefile(c) for c in recipe_cls.__mro__ if c.__module__ not in sys.stdlib_module_names]
+        check_cli_keys(cfg, sys.argv[1:], recipe_files=files)
     config.log_config(recipe_name=recipe_cls.__name__, cfg=cfg)
     with explain_collective_timeouts(distributed_timeout(cfg.get("distributed_timeout_s", None))):
         recipe = recipe_cls(cfg)

@@ -19,7 +19,6 @@ from torchtune_mistral3.training import (
     PrecisionPolicy,
     apply_tensor_parallel,
     compile_blocks,
-    image_free_batches_hang,
     is_stage_stand_in,
     materialize,
     parallelize_model,
@@ -105,8 +104,6 @@ def test_layout_equals_the_recipe_order_and_nests_tp_in_ac_in_fsdp():
         # the tower split patched the encoder outside the compiled blocks
         encoder = model.encoders["image"]
         assert "forward" in vars(encoder) and encoder._tp_split_group is mesh["tp"].get_group()
-        # torch 2.13's FSDP2 reduces unused parameters: image-free batches are fine
-        assert not image_free_batches_hang(model, data_parallel=True)
     finally:
         dist.destroy_process_group()
 

@@ -87,7 +87,6 @@ from torchtune_mistral3.training import (
     distributed_timeout,
     enable_async_tensor_parallel,
     ensure_single_process_env,
-    image_free_batches_hang,
     init_process_group_timeout,
     load_stock_recipe,
     load_training_state,
@@ -414,7 +413,10 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
 
         def parallelize(part: nn.Module) -> nn.Module:  # one pipeline stage, or the whole model
             parallelize_model(part, self._mesh, **layout)
-            self._image_free_batches_hang |= image_free_batches_hang(part, self._dims.dp_enabled)
+            # torch 2.11's FSDP2 cannot reduce-scatter a trainable encoder's unused gradients: image-free batches hang
+            self._image_free_batches_hang |= self._dims.dp_enabled and not hasattr(
+                part, "set_reduce_scatter_unused_params"
+            ) and any(p.requires_grad for n, p in part.named_parameters() if n.startswith("encoders."))
             materialize(part, self._device, rope_dtype=self._dtype)
             self._load_weights(part)
             training.validate_no_params_on_meta_device(part)

@@ -19,7 +19,7 @@ from ._lr_schedulers import cosine_with_warmup
 from ._metric_logging import prepare_metric_logger_env
 from ._nonfinite import NonFiniteError, NonFiniteGuard, check_finite_for_save
 from ._parallel_dims import ParallelDims, WorldSizeError, validate_pipeline_stages, validate_tensor_parallel
-from ._parallelize import image_free_batches_hang, materialize, parallelize_model
+from ._parallelize import materialize, parallelize_model
 from ._pipeline import (
     Pipeline,
     PipelineLoss,
@@ -111,7 +111,6 @@ __all__ = [
     "IndexedCollate",
     "IndexedDataset",
     "init_process_group_timeout",
-    "image_free_batches_hang",
     "is_stage_stand_in",
     "load_stock_recipe",
     "needs_static_shapes",

@@ -105,30 +105,11 @@ def parallelize_model(
         )
         # the loss is divided by the global token count already: FSDP2 must sum, not average
         set_fsdp_gradient_sum(part)
-        # a replica whose micro-batch has no image still joins the encoders' reduce-scatter (torch >= 2.13; on
-        # older torch, see image_free_batches_hang)
+        # a replica whose micro-batch has no image still joins the encoders' reduce-scatter (torch >= 2.13; the
+        # recipe refuses image-free micro-batches on older torch)
         if hasattr(part, "set_reduce_scatter_unused_params"):
             part.set_reduce_scatter_unused_params(True)
     return part
-
-
-def image_free_batches_hang(part: nn.Module, data_parallel: bool) -> bool:
-    """Whether a replica's micro-batch without images would hang the others (torch 2.11's FSDP2).
-
-    FSDP2 without the unused-parameter reduce-scatter leaves out a trainable encoder that got no gradient.
-
-    Args:
-        part (nn.Module): a part after :func:`parallelize_model`.
-        data_parallel (bool): whether there is more than one data-parallel rank.
-
-    Returns:
-        bool: True if image-free micro-batches must be refused.
-    """
-    return (
-        data_parallel
-        and not hasattr(part, "set_reduce_scatter_unused_params")
-        and any(p.requires_grad for n, p in part.named_parameters() if n.startswith("encoders."))
-    )
 
 
 def materialize(part: nn.Module, device: torch.device, rope_dtype: torch.dtype) -> nn.Module:
