@@ -20,9 +20,7 @@ from torchtune.modules.model_fusion import DeepFusionModel, EarlyFusionModel
 
 
 class WorldSizeError(ValueError):
-    """The world size is not a multiple of ``pipeline_parallel_dim x tensor_parallel_dim``.
-
-    The fields let a caller say what to change in its own terms (the launch command, ``plan.world_size``).
+    """The world size is not a multiple of ``pipeline_parallel_dim x tensor_parallel_dim`` (callers word the fix).
 
     Args:
         world_size (int): number of processes.
