@@ -1,8 +1,7 @@
 """The one ``recipe_main`` of the plugin's recipe scripts: the plugin's recipe class, or torchtune's stock recipe.
 
 A config whose model comes from this plugin runs the plugin's recipe class; any other config runs torchtune's stock
-recipe, untouched.
-``_registry.py`` routes the stock recipe names to the scripts under ``recipes/``; each script calls
+recipe, untouched. ``_registry.py`` routes the stock recipe names to the scripts under ``recipes/``; each script calls
 :func:`run_recipe` with its recipe class, the step that runs it, and the stock entry point it stands in for.
 """
 
