@@ -85,12 +85,12 @@ def parallelize_model(
     # 3. tower split: patches the encoders' forward, outside the blocks compiled below
     if tower_split and split_image_encoders(part, tp_mesh) and verbose:
         log.info(f"The {tp_mesh.size()} TP ranks encode their share of a micro-batch's images")
-    # 4. activation checkpointing wraps the TP blocks (TP needed the unwrapped names)
+    # 4. activation checkpointing wraps the TP blocks (the TP plan's names are those of the unwrapped model)
     if activation_checkpointing and ac_mode is None:
         training.set_activation_checkpointing(part, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
     elif ac_mode is not None:
         apply_selective_activation_checkpointing(part, ac_mode, ac_option)
-    # 5. compile each block inside its checkpoint wrapper, before FSDP2, whose hooks stay out of the graphs
+    # 5. compile each block inside its checkpoint wrapper, after TP and AC, before FSDP2 (torchtitan's order)
     if compile:
         compile_blocks(part, static_decoder_shapes=static_shapes, verbose=verbose)
     # 6. FSDP2 last; also on one data-parallel rank when it casts the master weights to the compute dtype
