@@ -13,7 +13,8 @@ import sys
 
 from omegaconf import DictConfig
 from torchtune import config
-from torchtune_mistral3.generation import is_plugin_config, run_generation
+from torchtune_mistral3._entry import run_recipe
+from torchtune_mistral3.generation import Mistral3GenerationRecipe
 from torchtune_mistral3.training import load_stock_recipe
 
 stock = load_stock_recipe("dev/generate_v2_distributed")
@@ -26,9 +27,8 @@ def main(cfg: DictConfig) -> None:
     Args:
         cfg (DictConfig): the parsed config (YAML plus command-line overrides).
     """
-    if not is_plugin_config(cfg):
-        return stock.main.__wrapped__(cfg)
-    run_generation(cfg)
+    return run_recipe(cfg, Mistral3GenerationRecipe, lambda recipe: recipe.generate(cfg), stock_main=stock.main,
+                      check_keys=False)
 
 
 if __name__ == "__main__":

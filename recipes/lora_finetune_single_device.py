@@ -1,8 +1,6 @@
 """torchtune's ``lora_finetune_single_device``, extended by torchtune-mistral3.
 
-Configs whose model comes from ``torchtune_mistral3`` run the plugin's LoRA recipe
-(``lora_finetune_distributed.py``, :class:`Mistral3LoRAFinetuneRecipe`) in this one process; every other config
-runs the stock single-device recipe unchanged.
+Plugin configs run :class:`~torchtune_mistral3.finetune.Mistral3LoRAFinetuneRecipe` in one process; others stock.
 """
 
 import os
@@ -10,9 +8,10 @@ import sys
 
 from omegaconf import DictConfig
 from torchtune import config
-from torchtune_mistral3.training import load_plugin_recipe, load_stock_recipe
+from torchtune_mistral3._entry import is_plugin_config, run_recipe
+from torchtune_mistral3.finetune import Mistral3LoRAFinetuneRecipe
+from torchtune_mistral3.training import load_stock_recipe
 
-lora = load_plugin_recipe("lora_finetune_distributed")
 stock = load_stock_recipe("lora_finetune_single_device")
 
 
@@ -26,14 +25,12 @@ def recipe_main(cfg: DictConfig) -> None:
     Raises:
         ValueError: if a plugin config is launched on more than one process (use ``lora_finetune_distributed``).
     """
-    if not lora.full.is_plugin_config(cfg):
-        return stock.recipe_main.__wrapped__(cfg)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if is_plugin_config(cfg) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(
             "lora_finetune_single_device runs one process; launch several with "
             "`tune run --nproc_per_node N lora_finetune_distributed --config ...`"
         )
-    return lora.recipe_main.__wrapped__(cfg)
+    return run_recipe(cfg, Mistral3LoRAFinetuneRecipe, lambda recipe: recipe.train(), stock_main=stock.recipe_main)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,8 @@ import sys
 
 from omegaconf import DictConfig
 from torchtune import config
-from torchtune_mistral3.eval import _recipe as eval_recipe
-from torchtune_mistral3.eval import run_medpix_eval
-from torchtune_mistral3.generation import _recipe as generation_recipe
-from torchtune_mistral3.training import check_cli_keys
+from torchtune_mistral3._entry import run_recipe
+from torchtune_mistral3.eval import MedPixEvalRecipe
 
 
 @config.parse
@@ -27,8 +25,7 @@ def main(cfg: DictConfig) -> None:
     Args:
         cfg (DictConfig): the parsed config (YAML plus command-line overrides).
     """
-    check_cli_keys(cfg, sys.argv[1:], recipe_files=(__file__, eval_recipe.__file__, generation_recipe.__file__))
-    run_medpix_eval(cfg)
+    return run_recipe(cfg, MedPixEvalRecipe, lambda recipe: recipe.evaluate(cfg))
 
 
 if __name__ == "__main__":

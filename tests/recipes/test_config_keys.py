@@ -5,6 +5,7 @@ import importlib.util
 import inspect
 import sys
 import time
+from pathlib import Path
 
 import datasets
 import pytest
@@ -12,11 +13,13 @@ from omegaconf import OmegaConf
 from torchtune.config._parse import TuneRecipeArgumentParser
 from torchtune.config._utils import _merge_yaml_and_cli_args
 from torchtune_mistral3 import _registry
-from torchtune_mistral3.training import check_cli_keys, stock_recipe_path
+from torchtune_mistral3.finetune import _full as full_recipe
+from torchtune_mistral3.training import _parallel_dims, check_cli_keys, stock_recipe_path
 from torchtune_mistral3.training._config_keys import cli_overrides, recipe_keys
 
 DEMO = _registry.CONFIGS_DIR / "mistral3p5_medpix_demo.yaml"
-RECIPE = _registry.RECIPES_DIR / "full_finetune_distributed.py"
+RECIPE_SCRIPT = _registry.RECIPES_DIR / "full_finetune_distributed.py"
+RECIPE = Path(full_recipe.__file__)
 RECIPE_FILES = (str(RECIPE), str(stock_recipe_path("full_finetune_distributed")))
 
 
@@ -119,7 +122,7 @@ def test_recipe_keys_are_read_from_the_source(tmp_path):
         "profiler",
     }
     # a key added to the plugin recipe by another change is known without editing a list
-    keys = recipe_keys([RECIPE, stock_recipe_path("full_finetune_distributed")])
+    keys = recipe_keys([RECIPE, Path(_parallel_dims.__file__), stock_recipe_path("full_finetune_distributed")])
     assert {"pipeline_parallel_dim", "save_every_n_steps", "batch_size", "clip_grad_norm", "profiler"} <= keys
 
 
@@ -129,7 +132,7 @@ def test_cli_overrides_are_what_torchtune_merges():
 
 
 def test_stock_configs_keep_stock_behaviour(monkeypatch, tmp_path):
-    spec = importlib.util.spec_from_file_location("plugin_recipe", RECIPE)
+    spec = importlib.util.spec_from_file_location("plugin_recipe", RECIPE_SCRIPT)
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     seen = []

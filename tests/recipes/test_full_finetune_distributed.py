@@ -155,15 +155,11 @@ def test_image_free_micro_batch_is_refused_where_fsdp_cannot_reduce_unused_param
     # torch 2.11's FSDP2 has no set_reduce_scatter_unused_params: a replica whose micro-batch has no image would
     # skip the trainable projector's reduce-scatter that the others join (a hang). The recipe refuses that batch
     # by name instead; with the switch (or no such encoder) it lets every batch through.
-    import importlib.util
-    from pathlib import Path
     from types import SimpleNamespace
 
-    spec = importlib.util.spec_from_file_location(
-        "plugin_recipe_images", Path(__file__).resolve().parents[2] / "recipes" / "full_finetune_distributed.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    check = recipe.Mistral3FullFinetuneRecipe._check_images_on_old_fsdp
+    from torchtune_mistral3.finetune import Mistral3FullFinetuneRecipe
+
+    check = Mistral3FullFinetuneRecipe._check_images_on_old_fsdp
 
     def batch(images):
         return {"tokens": torch.zeros(2, 4), "encoder_input": {"image": {"images_per_sample": torch.tensor(images)}}}

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 from omegaconf import OmegaConf
-from torchtune_mistral3 import _registry
+from torchtune_mistral3 import _entry, _registry
 
 COMPONENTS = ("torchtune.models.llama3_2.lora_llama3_2_1b", "torchtune_mistral3.models.mistral3.mistral3_lora")
 
@@ -31,7 +31,6 @@ def test_stock_configs_go_to_the_stock_lora_recipe_and_plugin_configs_to_the_plu
     recipe = _recipe_module(name)
     calls = []
     monkeypatch.setattr(recipe.stock.recipe_main, "__wrapped__", lambda cfg: calls.append(("stock", cfg)))
-    lora = recipe if name == "lora_finetune_distributed" else recipe.lora
 
     class Fake:
         def __init__(self, cfg):
@@ -46,9 +45,9 @@ def test_stock_configs_go_to_the_stock_lora_recipe_and_plugin_configs_to_the_plu
         def cleanup(self):
             pass
 
-    monkeypatch.setattr(lora, "Mistral3LoRAFinetuneRecipe", Fake)
-    monkeypatch.setattr(lora.config, "log_config", lambda **kw: None)
-    monkeypatch.setattr(lora, "ensure_single_process_env", lambda: None)
+    monkeypatch.setattr(recipe, "Mistral3LoRAFinetuneRecipe", Fake)
+    monkeypatch.setattr(recipe.config, "log_config", lambda **kw: None)
+    monkeypatch.setattr(_entry, "ensure_single_process_env", lambda: None)
     _run_with(monkeypatch, tmp_path, recipe)
     assert [c[0] for c in calls] == ["stock", "plugin"]
     assert recipe.stock.__file__.endswith(f"recipes/{name}.py") and "-packages" in recipe.stock.__file__

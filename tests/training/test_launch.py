@@ -10,18 +10,20 @@ from torchtune_mistral3.training import (
 
 
 def test_world_size_that_holds_the_layout_gives_the_data_parallel_rest():
-    assert check_world_size(config_name="x", tensor_parallel_dim=2, pipeline_parallel_dim=2, world_size=8) == 2
-    assert check_world_size(config_name="x", world_size=1) == 1
+    layout = {"tensor_parallel_dim": 2, "pipeline_parallel_dim": 2}
+    assert check_world_size(layout, config_name="x", world_size=8).dp == 2
+    assert check_world_size({}, config_name="x", world_size=1).dp == 1
 
 
 def test_too_few_processes_names_the_tune_run_flags():
     with pytest.raises(ValueError) as e:
-        check_world_size(config_name="mistral3p5_medpix", tensor_parallel_dim=8, pipeline_parallel_dim=8, world_size=1)
+        check_world_size({"tensor_parallel_dim": 8, "pipeline_parallel_dim": 8}, config_name="mistral3p5_medpix",
+                         world_size=1)
     msg = str(e.value)
     assert "8 x 8 = 64 processes, but 1 was launched" in msg
     assert "tune run --nproc_per_node 8 --nnodes 8" in msg and "--config mistral3p5_medpix" in msg
     with pytest.raises(ValueError, match="--nproc_per_node 2 full_finetune_distributed"):
-        check_world_size(config_name="c", tensor_parallel_dim=2, world_size=3)
+        check_world_size({"tensor_parallel_dim": 2}, config_name="c", world_size=3)
 
 
 def test_suggested_command_keeps_the_overrides():
@@ -29,7 +31,7 @@ def test_suggested_command_keeps_the_overrides():
     overrides = command_line_overrides(argv)
     assert overrides == ["optimizer.lr=1e-4", "dataset.data_files=a b"]
     with pytest.raises(ValueError) as e:
-        check_world_size(config_name="demo", tensor_parallel_dim=2, world_size=1, overrides=overrides)
+        check_world_size({"tensor_parallel_dim": 2}, config_name="demo", world_size=1, overrides=overrides)
     assert "tune run --nproc_per_node 2 full_finetune_distributed --config demo optimizer.lr=1e-4 " in str(e.value)
     assert "'dataset.data_files=a b'\n" in str(e.value)
 

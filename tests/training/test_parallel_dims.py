@@ -36,3 +36,16 @@ def test_pp_fails_with_more_stages_than_layers():
     validate_pipeline_stages(4, 4)
     with pytest.raises(ValueError, match="8 pipeline stages for a decoder of 4 layers"):
         validate_pipeline_stages(4, 8)
+
+
+def test_from_config_reads_both_degrees_and_defaults_to_the_smallest_world():
+    from omegaconf import OmegaConf
+    from torchtune_mistral3.training import WorldSizeError
+
+    cfg = OmegaConf.create({"tensor_parallel_dim": 2, "pipeline_parallel_dim": 4})
+    assert ParallelDims.from_config(cfg, 16) == ParallelDims(16, pp=4, tp=2)
+    assert ParallelDims.from_config(cfg) == ParallelDims(8, pp=4, tp=2)  # data parallel 1
+    assert ParallelDims.from_config({}, 3) == ParallelDims(3)
+    with pytest.raises(WorldSizeError, match="World size 12 is not divisible") as e:
+        ParallelDims.from_config(cfg, 12)
+    assert (e.value.world_size, e.value.pp, e.value.tp) == (12, 4, 2)

@@ -14,7 +14,7 @@ from ._metrics import (
     token_recall,
     yes_no,
 )
-from ._recipe import PREDICTIONS_FILE, RESULTS_FILE, MedPixEvalRecipe, run_medpix_eval
+from ._recipe import PREDICTIONS_FILE, RESULTS_FILE, MedPixEvalRecipe
 
 __all__ = [
     "METRICS",
@@ -24,7 +24,6 @@ __all__ = [
     "format_table",
     "generate_answers",
     "medpix_prompts",
-    "run_medpix_eval",
     "score_predictions",
     "validation_loss",
     "aggregate",

@@ -35,6 +35,10 @@ class MedPixEvalRecipe(Mistral3GenerationRecipe):
         cfg (DictConfig): the parsed config.
     """
 
+    def __init__(self, cfg: DictConfig) -> None:
+        check_config_values(cfg, counts=EVAL_COUNTS)  # counts, before anything is built
+        super().__init__(cfg)
+
     def evaluate(self, cfg: DictConfig) -> Dict[str, Any]:
         """Run the evaluation, print the table, write the JSON and JSONL files (rank 0).
 
@@ -103,17 +107,3 @@ class MedPixEvalRecipe(Mistral3GenerationRecipe):
             print(format_table(scores), flush=True)
             log.info(f"{n} answers in {seconds:.1f} s; results in {out / RESULTS_FILE}, {out / PREDICTIONS_FILE}")
         return results
-
-
-def run_medpix_eval(cfg: DictConfig) -> None:
-    """Set up and run :class:`MedPixEvalRecipe` (the ``medpix_eval`` recipe's entry point).
-
-    Args:
-        cfg (DictConfig): the parsed config.
-    """
-    check_config_values(cfg, counts=EVAL_COUNTS)
-    config.log_config(recipe_name="MedPixEvalRecipe", cfg=cfg)
-    recipe = MedPixEvalRecipe(cfg)
-    recipe.setup(cfg)
-    recipe.evaluate(cfg)
-    recipe.cleanup()

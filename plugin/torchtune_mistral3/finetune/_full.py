@@ -1,7 +1,7 @@
-"""torchtune's ``full_finetune_distributed``, extended by torchtune-mistral3.
+"""The full fine-tuning recipe: torchtune's ``full_finetune_distributed``, extended for Mistral 3 VLMs.
 
-The plugin routes the stock recipe name here. Configs whose model comes from ``torchtune_mistral3`` run
-:class:`Mistral3FullFinetuneRecipe`; every other config runs the stock recipe unchanged.
+``tune run full_finetune_distributed`` (recipes/full_finetune_distributed.py) runs :class:`Mistral3FullFinetuneRecipe`
+for configs whose model comes from ``torchtune_mistral3``; every other config runs the stock recipe unchanged.
 
 What the subclass adds to the stock recipe:
 
@@ -53,6 +53,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
 from torchtune.config._utils import _get_component_from_path
+from tqdm import tqdm
+
 from torchtune_mistral3.checkpointing import load_into_module
 from torchtune_mistral3.data import collate_for_dataset, config_is_packed, padded_collate_packed_mistral3
 from torchtune_mistral3.models.mistral3 import (
@@ -65,14 +67,11 @@ from torchtune_mistral3.training import (
     IndexedCollate,
     IndexedDataset,
     NonFiniteGuard,
-    ParallelDims,
     PipelineLoss,
     RunClaim,
-    apply_tensor_parallel,
     build_pipeline,
     check_async_tensor_parallel,
     check_checkpoint_dir,
-    check_cli_keys,
     check_config_values,
     check_finite_for_save,
     check_resumable,
@@ -82,43 +81,35 @@ from torchtune_mistral3.training import (
     claim_output_dir,
     clip_grad_norm_,
     command_line_overrides,
-    compile_blocks,
     compile_loss,
     compiled_graph_count,
-    convert_to_fp8,
     count_step_data,
     distributed_timeout,
     enable_async_tensor_parallel,
     ensure_single_process_env,
-    explain_collective_timeouts,
     init_process_group_timeout,
-    is_stage_stand_in,
     load_stock_recipe,
     load_training_state,
     loader_worker_options,
+    materialize,
     needs_static_shapes,
+    parallelize_model,
     pipeline_step,
     pop_sample_indices,
     precision_policy,
     prepare_metric_logger_env,
     run_record,
     save_training_state,
-    set_fsdp_gradient_sum,
     set_mesh_timeout,
-    shard_model,
-    split_image_encoders,
     sum_split_encoder_grads,
     tower_mode,
     train_context,
     uses_loss_parallel,
     uses_sequence_parallel,
 )
-from tqdm import tqdm
 
 stock = load_stock_recipe("full_finetune_distributed")
 log = utils.get_logger("INFO")
-
-PLUGIN_PACKAGE = "torchtune_mistral3"
 
 
 def _config_name() -> str:
@@ -140,11 +131,6 @@ def _prepare_checkpoint(cfg: DictConfig) -> Optional[DictConfig]:
     """The ``prepare_checkpoint`` component, or None when absent or switched off (``prepare_checkpoint=null``)."""
     node = cfg.get("prepare_checkpoint", None)
     return node if node is not None and node.get("_component_", None) is not None else None
-
-
-def _shard_condition(name: str, module: nn.Module, names_to_match: Optional[List[str]] = None) -> bool:
-    """Torchtune's FSDP wrapping rule (``layers.N``), minus the parameter-free stand-ins of pipeline stages."""
-    return not is_stage_stand_in(module) and training.get_shard_conditions(name, module, names_to_match)
 
 
 @contextlib.contextmanager
@@ -193,12 +179,6 @@ def _fused_param_groups(params: List[nn.Parameter]) -> List[Dict[str, Any]]:
     return [{"params": group} for group in (dtensors, plain) if group]
 
 
-def is_plugin_config(cfg: DictConfig) -> bool:
-    """True when the config's model comes from this plugin (those configs run the extended recipe)."""
-    component = str(cfg.get("model", {}).get("_component_", ""))
-    return component.startswith(PLUGIN_PACKAGE + ".")
-
-
 class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
     """Full fine-tuning of Mistral 3 vision-language models with data, tensor and pipeline parallelism.
 
@@ -224,18 +204,12 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         if _prepare_checkpoint(cfg) is None:
             check_checkpoint_dir(cfg.checkpointer.get("checkpoint_dir", None), cfg.get("hf_repo", None))
         ensure_single_process_env()
-        self.pipeline_parallel_dim = int(cfg.get("pipeline_parallel_dim", 1))
-        check_world_size(
-            config_name=_config_name(),
-            tensor_parallel_dim=int(cfg.get("tensor_parallel_dim", 1)),
-            pipeline_parallel_dim=self.pipeline_parallel_dim,
-            overrides=command_line_overrides(sys.argv),
-        )
+        # the layout (pp x dp x tp) on the launched processes, checked before any process group exists
+        self._dims = check_world_size(cfg, config_name=_config_name(), overrides=command_line_overrides(sys.argv))
         self._distributed_timeout = distributed_timeout(cfg.get("distributed_timeout_s", None))
         with init_process_group_timeout(stock, self._distributed_timeout), _fused_hidden_from_stock_check(cfg):
             super().__init__(cfg)
         self._precision = precision_policy(cfg, self._device)
-        self._dims = ParallelDims(self.world_size, pp=self.pipeline_parallel_dim, tp=self.tensor_parallel_dim)
         self.data_parallel_dim = self._dims.dp
         self._loss_parallel = self._dims.tp_enabled and uses_loss_parallel(self.tensor_parallel_plan or {})
         self._static_shapes = needs_static_shapes(cfg.get("compile", False), self._dims.tp_enabled)
@@ -407,8 +381,10 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         ac_mode: Optional[str] = None,
         ac_option: Optional[int] = None,
     ) -> nn.Module:
-        """Meta-device model -> (pipeline stages) -> TP -> activation checkpointing -> FSDP2 -> lazy weight load.
+        """Build the model on the meta device, cut it into pipeline stages, then per part: layout, device, weights.
 
+        Each part (a stage, or the whole model) gets the parallel layout of :func:`parallelize_model`, is
+        materialised on the device (:func:`materialize`) and filled from the checkpoint (:meth:`_load_weights`).
         Sets ``self._model_parts`` (this rank's pipeline stages, or the whole model) and ``self._pipeline``.
 
         Returns:
@@ -427,44 +403,21 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
         self.dp_size = self._mesh["dp"].size()
         self.dp_rank = self._mesh["dp"].get_local_rank()
 
-        def parallelize(part: nn.Module) -> nn.Module:
-            if self._precision.fp8_recipe is not None:  # torchao: convert, then TP, compile and FSDP2
-                convert_to_fp8(part, self._precision.fp8_recipe)
-            if self._dims.tp_enabled:
-                apply_tensor_parallel(part, self._mesh["tp"], self.tensor_parallel_plan)
-            if self._tower_split and split_image_encoders(part, self._mesh["tp"]):  # outside compiled blocks
-                utils.log_rank_zero(log, f"The {self._dims.tp} TP ranks encode their share of a micro-batch's images")
-            if enable_activation_checkpointing and ac_mode is None:
-                training.set_activation_checkpointing(part, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
-            elif ac_mode is not None:
-                stock.apply_selective_activation_checkpointing(part, ac_mode, ac_option)
-            if self._compile:  # per block, after TP and AC (torchtitan's order); static shapes under TP
-                compile_blocks(part, static_decoder_shapes=self._static_shapes, verbose=self._is_rank_zero)
-            # FSDP2 also runs on a data-parallel mesh of 1 when it casts fp32 master weights to the compute dtype
-            if self._dims.dp_enabled or self._precision.casts_parameters:
-                shard_model(
-                    model=part,
-                    shard_conditions=[partial(_shard_condition, names_to_match=custom_sharded_layers)],
-                    cpu_offload=fsdp_cpu_offload,
-                    reshard_after_forward=reshard_after_forward,
-                    dp_mesh=self._mesh["dp"],
-                    mp_policy=self._precision.mp_policy(),
-                )
-                # The loss is divided by the global token count already: FSDP must sum, not average.
-                set_fsdp_gradient_sum(part)
-                # A replica whose batch has no image must still take part in the vision layers' reduce-scatter.
-                # torch 2.11 has no such switch: there image-free batches are refused (_check_images_on_old_fsdp).
-                if hasattr(part, "set_reduce_scatter_unused_params"):
-                    part.set_reduce_scatter_unused_params(True)
-                elif self._dims.dp_enabled and any(
-                    p.requires_grad for n, p in part.named_parameters() if n.startswith("encoders.")
-                ):
-                    self._image_free_batches_hang = True
-            part.to_empty(device=self._device)
-            with training.set_default_dtype(self._dtype), self._device:
-                for m in part.modules():
-                    if hasattr(m, "rope_init"):
-                        m.rope_init()
+        # the layout, in its fixed order (FP8 -> TP -> tower split -> AC -> compile -> FSDP2)
+        layout = dict(
+            precision=self._precision, tp_plan=self.tensor_parallel_plan, tower_split=self._tower_split,
+            activation_checkpointing=enable_activation_checkpointing, ac_mode=ac_mode, ac_option=ac_option,
+            compile=self._compile, static_shapes=self._static_shapes, custom_sharded_layers=custom_sharded_layers,
+            cpu_offload=fsdp_cpu_offload, reshard_after_forward=reshard_after_forward, verbose=self._is_rank_zero,
+        )
+
+        def parallelize(part: nn.Module) -> nn.Module:  # one pipeline stage, or the whole model
+            parallelize_model(part, self._mesh, **layout)
+            # torch 2.11's FSDP2 cannot reduce-scatter a trainable encoder's unused gradients: image-free batches hang
+            self._image_free_batches_hang |= self._dims.dp_enabled and not hasattr(
+                part, "set_reduce_scatter_unused_params"
+            ) and any(p.requires_grad for n, p in part.named_parameters() if n.startswith("encoders."))
+            materialize(part, self._device, rope_dtype=self._dtype)
             self._load_weights(part)
             training.validate_no_params_on_meta_device(part)
             return part
@@ -864,26 +817,3 @@ class Mistral3FullFinetuneRecipe(stock.FullFinetuneRecipeDistributed):
             if self._log_peak_memory_stats:
                 logged.update(training.get_memory_stats(device=self._device))
             self._metric_logger.log_dict(logged, step=self.global_step)
-
-
-@config.parse
-def recipe_main(cfg: DictConfig) -> None:
-    """Entry point: plugin configs run the extended recipe, every other config the stock one.
-
-    Args:
-        cfg (DictConfig): the parsed config (YAML plus command-line overrides).
-    """
-    if not is_plugin_config(cfg):
-        ensure_single_process_env()
-        return stock.recipe_main.__wrapped__(cfg)
-    check_cli_keys(cfg, sys.argv[1:], recipe_files=(__file__, stock.__file__))
-    config.log_config(recipe_name="Mistral3FullFinetuneRecipe", cfg=cfg)
-    with explain_collective_timeouts(distributed_timeout(cfg.get("distributed_timeout_s", None))):
-        recipe = Mistral3FullFinetuneRecipe(cfg=cfg)
-        recipe.setup(cfg=cfg)
-        recipe.train()
-    recipe.cleanup()
-
-
-if __name__ == "__main__":
-    sys.exit(recipe_main())

@@ -1,7 +1,8 @@
-"""torchtune's ``lora_finetune_distributed``, extended by torchtune-mistral3.
+"""The LoRA fine-tuning recipe: torchtune's ``lora_finetune_distributed``, extended for Mistral 3 VLMs.
 
-The plugin routes the stock recipe name here. Configs whose model comes from ``torchtune_mistral3`` run
-:class:`Mistral3LoRAFinetuneRecipe`; every other config runs the stock recipe unchanged.
+``tune run lora_finetune_distributed`` and ``lora_finetune_single_device`` (recipes/) run
+:class:`Mistral3LoRAFinetuneRecipe` for configs whose model comes from ``torchtune_mistral3``; every other config
+runs the stock recipe unchanged.
 
 :class:`Mistral3LoRAFinetuneRecipe` is the plugin's ``full_finetune_distributed`` recipe
 (:class:`Mistral3FullFinetuneRecipe`: one-process launch, CPU/gloo, lazy FP8-aware loading, VLM batches,
@@ -19,21 +20,18 @@ Extra keys beyond the full recipe's: ``save_merged_model`` (default False). ``ma
 Data parallel (FSDP2) only: ``tensor_parallel_dim`` and ``pipeline_parallel_dim`` must be 1.
 """
 
-import sys
-
 from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
-from torchtune import config
+
 from torchtune_mistral3.checkpointing._peft import LoRAAdapterSaver
 from torchtune_mistral3.peft import adapter_keys, load_lora_checkpoint
-from torchtune_mistral3.training import check_cli_keys, ensure_single_process_env, load_plugin_recipe, load_stock_recipe
+from torchtune_mistral3.training import ParallelDims
 
-full = load_plugin_recipe("full_finetune_distributed")
-stock = load_stock_recipe("lora_finetune_distributed")
+from ._full import Mistral3FullFinetuneRecipe
 
 
-class Mistral3LoRAFinetuneRecipe(full.Mistral3FullFinetuneRecipe):
+class Mistral3LoRAFinetuneRecipe(Mistral3FullFinetuneRecipe):
     """LoRA fine-tuning of Mistral 3 vision-language models (see the module docstring).
 
     Args:
@@ -45,9 +43,10 @@ class Mistral3LoRAFinetuneRecipe(full.Mistral3FullFinetuneRecipe):
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        for key in ("tensor_parallel_dim", "pipeline_parallel_dim"):
-            if int(cfg.get(key, 1)) != 1:
-                raise ValueError(f"{key}={cfg.get(key)}: the LoRA recipe runs data parallel (FSDP2) only; set {key}=1")
+        dims = ParallelDims.from_config(cfg)  # before the launch's check: this recipe has no TP or PP at all
+        for key, degree in (("tensor_parallel_dim", dims.tp), ("pipeline_parallel_dim", dims.pp)):
+            if degree != 1:
+                raise ValueError(f"{key}={degree}: the LoRA recipe runs data parallel (FSDP2) only; set {key}=1")
         super().__init__(cfg)
         if self._precision.casts_parameters:
             # FSDP2's mixed precision would cast the frozen FP8 base to the compute dtype before its all-gather
@@ -79,25 +78,3 @@ class Mistral3LoRAFinetuneRecipe(full.Mistral3FullFinetuneRecipe):
 
     def _load_weights(self, part: nn.Module) -> None:
         load_lora_checkpoint(part, self._checkpointer.reader, dtype=self._dtype, seed=self.seed)
-
-
-@config.parse
-def recipe_main(cfg: DictConfig) -> None:
-    """Entry point: plugin configs run the extended recipe, every other config the stock one.
-
-    Args:
-        cfg (DictConfig): the parsed config (YAML plus command-line overrides).
-    """
-    if not full.is_plugin_config(cfg):
-        ensure_single_process_env()
-        return stock.recipe_main.__wrapped__(cfg)
-    check_cli_keys(cfg, sys.argv[1:], recipe_files=(__file__, full.__file__, full.stock.__file__))
-    config.log_config(recipe_name="Mistral3LoRAFinetuneRecipe", cfg=cfg)
-    recipe = Mistral3LoRAFinetuneRecipe(cfg=cfg)
-    recipe.setup(cfg=cfg)
-    recipe.train()
-    recipe.cleanup()
-
-
-if __name__ == "__main__":
-    sys.exit(recipe_main())

@@ -2,19 +2,17 @@
 
 from ._generate import collate_prompts, decode_one_token, generate, kv_cache_length, last_position_logits
 from ._inference import load_inference_model, prompt_messages, resolve_image
-from ._recipe import Mistral3GenerationRecipe, is_plugin_config, run_generation, sampling_options
+from ._recipe import Mistral3GenerationRecipe, sampling_options
 
 __all__ = [
     "Mistral3GenerationRecipe",
     "collate_prompts",
     "decode_one_token",
     "generate",
-    "is_plugin_config",
     "kv_cache_length",
     "last_position_logits",
     "load_inference_model",
     "prompt_messages",
     "resolve_image",
-    "run_generation",
     "sampling_options",
 ]

@@ -12,7 +12,7 @@ from torchtune.data import Message
 
 from ..checkpointing import load_into_module
 from ..datasets import open_image
-from ..training import apply_tensor_parallel, uses_sequence_parallel
+from ..training import apply_tensor_parallel, materialize, uses_sequence_parallel
 
 _ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
@@ -56,11 +56,7 @@ def load_inference_model(
         model = config.instantiate(cfg_model)
     if tp_mesh is not None and tp_mesh.size() > 1:
         apply_tensor_parallel(model, tp_mesh, dict(tp_plan))
-    model.to_empty(device=device)
-    with training.set_default_dtype(dtype), device:
-        for m in model.modules():
-            if hasattr(m, "rope_init"):
-                m.rope_init()
+    materialize(model, device, rope_dtype=dtype)
     load_into_module(model, checkpointer.reader, dtype=dtype)
     training.validate_no_params_on_meta_device(model)
     return model.eval()

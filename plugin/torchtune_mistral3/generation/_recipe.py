@@ -14,21 +14,6 @@ from ._inference import load_inference_model, prompt_messages
 
 log = utils.get_logger("INFO")
 
-PLUGIN_PACKAGE = "torchtune_mistral3"
-
-
-def is_plugin_config(cfg: DictConfig) -> bool:
-    """True when the config's model comes from this plugin (those configs run the plugin's recipe).
-
-    Args:
-        cfg (DictConfig): the parsed config.
-
-    Returns:
-        bool: whether ``model._component_`` is in ``torchtune_mistral3``.
-    """
-    return str(cfg.get("model", {}).get("_component_", "")).startswith(PLUGIN_PACKAGE + ".")
-
-
 def sampling_options(cfg: DictConfig) -> Dict[str, Any]:
     """``temperature`` and ``top_k`` of the config; ``greedy: True`` (the default) overrides both.
 
@@ -145,16 +130,3 @@ class Mistral3GenerationRecipe:
     def cleanup(self) -> None:
         """Tear down the process group."""
         dist.destroy_process_group()
-
-
-def run_generation(cfg: DictConfig) -> None:
-    """Set up and run :class:`Mistral3GenerationRecipe` (the recipes' entry point for plugin configs).
-
-    Args:
-        cfg (DictConfig): the parsed config.
-    """
-    config.log_config(recipe_name="Mistral3GenerationRecipe", cfg=cfg)
-    recipe = Mistral3GenerationRecipe(cfg)
-    recipe.setup(cfg)
-    recipe.generate(cfg)
-    recipe.cleanup()

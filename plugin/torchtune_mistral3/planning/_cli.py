@@ -48,6 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from torchtune_mistral3.models.mistral3 import HF_REPO_TO_SIZE, NAMED_SIZES
 from torchtune_mistral3.training._config_keys import check_config_values, check_override_keys, training_recipe_files
+from torchtune_mistral3.training._parallel_dims import ParallelDims, WorldSizeError
 from torchtune_mistral3.training._tower_split import tower_mode
 
 from ._memory_plan import (
@@ -168,11 +169,11 @@ def layout_from_config(cfg: DictConfig) -> Tuple[Layout, dict]:
     plan = cfg.get("plan", {}) or {}
     check_config_values(cfg, counts=_RECIPE_COUNTS)
     check_plan_values(plan)
-    tp = int(cfg.get("tensor_parallel_dim", 1))
-    pp = int(cfg.get("pipeline_parallel_dim", 1))
-    world = int(plan.get("world_size", tp * pp))
-    if world % (tp * pp):
-        raise ValueError(f"plan.world_size={world} is not a multiple of TP x PP = {tp * pp}")
+    try:
+        dims = ParallelDims.from_config(cfg, plan.get("world_size", None))
+    except WorldSizeError as e:
+        raise ValueError(f"plan.world_size={e.world_size} is not a multiple of TP x PP = {e.tp * e.pp}") from None
+    tp, pp, world = dims.tp, dims.pp, dims.world_size
     opt = cfg.get("optimizer", {}) or {}
     component = str(opt.get("_component_", "torch.optim.AdamW")).rsplit(".", 1)[-1].lower()
     # bf16 stochastic rounding (torchao's AdamW math) steps one parameter at a time: no foreach temporaries

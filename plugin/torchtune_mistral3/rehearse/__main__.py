@@ -10,6 +10,7 @@ from typing import List, Optional
 
 from torchtune_mistral3.rehearse._rehearse import RehearsalError, rehearse
 from torchtune_mistral3.rehearse._report import format_rehearsal, rehearsal_to_json
+from torchtune_mistral3.training._parallel_dims import ParallelDims
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -43,8 +44,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.exit(2, f"error: {e}\n")
     ranks = None
     if args.ranks == "all":
-        tp, pp = int(cfg.get("tensor_parallel_dim", 1)), int(cfg.get("pipeline_parallel_dim", 1))
-        ranks = list(range(args.world_size or tp * pp))
+        ranks = list(range(args.world_size or ParallelDims.from_config(cfg).world_size))
     elif args.ranks:
         ranks = [int(r) for r in args.ranks.split(",")]
     try:

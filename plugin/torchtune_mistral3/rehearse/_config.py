@@ -6,6 +6,8 @@ from typing import List, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
+from torchtune_mistral3.training._parallel_dims import ParallelDims
+
 # What the rehearsal changes in every config, and why (printed with the report).
 CHANGES: List[Tuple[str, str]] = [
     ("device=cpu", "no GPU: tensors are fake CPU tensors of the real shapes; the fake backend stands in for NCCL"),
@@ -70,9 +72,7 @@ def rehearsal_config(cfg: DictConfig, workdir: Path, world_size: int) -> DictCon
     """
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     opts = cfg.pop("rehearse", None) or {}
-    tp = int(cfg.get("tensor_parallel_dim", 1))
-    pp = int(cfg.get("pipeline_parallel_dim", 1))
-    dp = max(world_size // (tp * pp), 1)
+    dp = ParallelDims.from_config(cfg, world_size).dp
     packed = bool((cfg.get("dataset", None) or {}).get("packed", False))
     samples = int(cfg.get("batch_size", 1)) * int(cfg.get("gradient_accumulation_steps", 1)) * dp
     rows = write_rows(workdir / "rows", samples * (6 if packed else 1) + 8, int(opts.get("image_px", 532)),

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune_mistral3.rehearse._config import CHANGES, rehearsal_config
 from torchtune_mistral3.rehearse._fake import StageMetaMailbox
 from torchtune_mistral3.rehearse._role import RoleReport, play_rank, rehearsal_recipe_class
+from torchtune_mistral3.training._parallel_dims import ParallelDims, WorldSizeError
 
 GIB = 1024**3
 
@@ -96,12 +97,11 @@ def _play_in_child(text: str, name: str, rank: int, world_size: int, forward_met
 
 
 def _recipe_classes(name: str):
-    from torchtune_mistral3.training import load_plugin_recipe
+    from torchtune_mistral3.finetune import Mistral3FullFinetuneRecipe, Mistral3LoRAFinetuneRecipe
+    from torchtune_mistral3.training import load_stock_recipe
 
-    module = load_plugin_recipe(name)
-    base = module.Mistral3LoRAFinetuneRecipe if name.startswith("lora") else module.Mistral3FullFinetuneRecipe
-    full = load_plugin_recipe("full_finetune_distributed")
-    return rehearsal_recipe_class(base), full.stock
+    base = Mistral3LoRAFinetuneRecipe if name.startswith("lora") else Mistral3FullFinetuneRecipe
+    return rehearsal_recipe_class(base), load_stock_recipe("full_finetune_distributed")
 
 
 def check_reads_cover_checkpoint(cfg: DictConfig, reports: Sequence[RoleReport]) -> None:
@@ -171,13 +171,12 @@ def rehearse(
     Raises:
         RehearsalError: where the launch would fail (the message names the rank).
     """
-    tp = int(cfg.get("tensor_parallel_dim", 1))
-    pp = int(cfg.get("pipeline_parallel_dim", 1))
-    world_size = world_size or tp * pp
-    if world_size % (tp * pp):
-        raise RehearsalError(f"world size {world_size} is not a multiple of tensor_parallel_dim x "
-                             f"pipeline_parallel_dim = {tp} x {pp}")
-    dp = world_size // (tp * pp)
+    try:
+        dims = ParallelDims.from_config(cfg, world_size or None)
+    except WorldSizeError as e:
+        raise RehearsalError(f"world size {e.world_size} is not a multiple of tensor_parallel_dim x "
+                             f"pipeline_parallel_dim = {e.tp} x {e.pp}") from None
+    world_size, pp, dp, tp = dims.world_size, dims.pp, dims.dp, dims.tp
     result = Rehearsal(config_name, world_size, {"pp": pp, "dp": dp, "tp": tp})
     if setup_only:
         result.not_rehearsed.append("setup only (pre-flight): no step, no save plan")

@@ -112,17 +112,6 @@ def _load_checked(config: str, overrides: List[str]) -> DictConfig:
     return cfg
 
 
-def _check_layout(config: str, cfg: DictConfig, world_size: int) -> None:
-    from torchtune_mistral3.training import check_world_size
-
-    check_world_size(
-        config_name=config,
-        tensor_parallel_dim=int(cfg.get("tensor_parallel_dim", 1)),
-        pipeline_parallel_dim=int(cfg.get("pipeline_parallel_dim", 1)),
-        world_size=world_size,
-    )
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """Command line: print the batch script for ``--config`` on ``--nodes`` nodes.
 
@@ -161,8 +150,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # before the job gets its nodes, not after
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from torchtune_mistral3.training import check_world_size
+
     try:
-        _check_layout(a.config, cfg, a.nodes * a.nproc_per_node)
+        check_world_size(cfg, config_name=a.config, world_size=a.nodes * a.nproc_per_node)
         script = render_sbatch(
             config=a.config,
             nodes=a.nodes,

@@ -18,7 +18,8 @@ from ._launch import (
 from ._lr_schedulers import cosine_with_warmup
 from ._metric_logging import prepare_metric_logger_env
 from ._nonfinite import NonFiniteError, NonFiniteGuard, check_finite_for_save
-from ._parallel_dims import ParallelDims, validate_pipeline_stages, validate_tensor_parallel
+from ._parallel_dims import ParallelDims, WorldSizeError, validate_pipeline_stages, validate_tensor_parallel
+from ._parallelize import materialize, parallelize_model
 from ._pipeline import (
     Pipeline,
     PipelineLoss,
@@ -52,7 +53,7 @@ from ._run_identity import (
     run_record,
 )
 from ._sample_index import IndexedCollate, IndexedDataset, count_step_data, pop_sample_indices
-from ._stock import load_plugin_recipe, load_stock_recipe, stock_recipe_path
+from ._stock import load_stock_recipe, stock_recipe_path
 from ._tower_split import assign_images, split_image_encoders, sum_split_encoder_grads, tower_mode
 from ._tp import (
     apply_tensor_parallel,
@@ -95,6 +96,7 @@ __all__ = [
     "convert_to_fp8",
     "count_step_data",
     "loader_worker_options",
+    "materialize",
     "cosine_with_warmup",
     "cut_pipeline_stage",
     "DEFAULT_DISTRIBUTED_TIMEOUT_S",
@@ -108,12 +110,12 @@ __all__ = [
     "IndexedDataset",
     "init_process_group_timeout",
     "is_stage_stand_in",
-    "load_plugin_recipe",
     "load_stock_recipe",
     "needs_static_shapes",
     "NonFiniteError",
     "NonFiniteGuard",
     "ParallelDims",
+    "parallelize_model",
     "Pipeline",
     "pipeline_step",
     "pop_sample_indices",
@@ -142,4 +144,5 @@ __all__ = [
     "validate_pipeline_schedule",
     "validate_pipeline_stages",
     "validate_tensor_parallel",
+    "WorldSizeError",
 ]

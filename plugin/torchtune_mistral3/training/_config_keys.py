@@ -374,7 +374,8 @@ def check_override_keys(
 def training_recipe_files(cfg: DictConfig) -> List[str]:
     """The recipe files a training config's keys are checked against, by the planner and the Slurm printer.
 
-    ``full_finetune_distributed``, and for a LoRA model builder ``lora_finetune_distributed`` too, plugin and stock.
+    ``full_finetune_distributed``, and for a LoRA model builder ``lora_finetune_distributed`` too: the plugin's
+    recipe classes (``finetune/``, read as files, not imported) and the stock recipes they extend.
 
     Args:
         cfg (DictConfig): the config.
@@ -382,13 +383,13 @@ def training_recipe_files(cfg: DictConfig) -> List[str]:
     Returns:
         List[str]: source file paths.
     """
-    from .._registry import RECIPES_DIR
     from ._stock import stock_recipe_path
 
-    names = ["full_finetune_distributed"]
+    finetune = Path(__file__).resolve().parent.parent / "finetune"
+    recipes = {"full_finetune_distributed": "_full.py"}
     if "_lora" in str((cfg.get("model", None) or {}).get("_component_", "")):
-        names.append("lora_finetune_distributed")
-    return [str(RECIPES_DIR / f"{n}.py") for n in names] + [str(stock_recipe_path(n)) for n in names]
+        recipes["lora_finetune_distributed"] = "_lora.py"
+    return [str(finetune / f) for f in recipes.values()] + [str(stock_recipe_path(n)) for n in recipes]
 
 
 def check_cli_keys(cfg: DictConfig, argv: Sequence[str], recipe_files: Iterable[str]) -> None:

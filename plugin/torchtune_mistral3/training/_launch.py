@@ -8,9 +8,11 @@ import socket
 import traceback
 from datetime import timedelta
 from types import ModuleType
-from typing import Iterator, List, Optional, Sequence
+from typing import Any, Iterator, List, Mapping, Optional, Sequence
 
 import torch.distributed as dist
+
+from ._parallel_dims import ParallelDims, WorldSizeError
 
 # Longest legitimate wait of one rank for the others, with margin: rank 0 writing a prepared checkpoint,
 # a 128B FP8 checkpoint read from shared storage unevenly across ranks, a checkpoint save, the first step's
@@ -69,25 +71,23 @@ def command_line_overrides(argv: Sequence[str]) -> List[str]:
 
 
 def check_world_size(
+    cfg: Mapping[str, Any],
     *,
     config_name: str,
-    tensor_parallel_dim: int = 1,
-    pipeline_parallel_dim: int = 1,
     world_size: Optional[int] = None,
     overrides: Sequence[str] = (),
-) -> int:
+) -> ParallelDims:
     """Stop at once, before any process group exists, when the launch cannot hold the config's layout.
 
     Args:
+        cfg (Mapping[str, Any]): the config (its ``tensor_parallel_dim`` and ``pipeline_parallel_dim``).
         config_name (str): the config as given to ``--config``, for the message.
-        tensor_parallel_dim (int): ``tensor_parallel_dim`` of the config. Default is 1.
-        pipeline_parallel_dim (int): ``pipeline_parallel_dim`` of the config. Default is 1.
         world_size (Optional[int]): number of processes; ``WORLD_SIZE`` from the environment if None.
         overrides (Sequence[str]): the user's command-line overrides, repeated in the suggested command.
             Default is none.
 
     Returns:
-        int: the data-parallel degree (what is left of the world size).
+        ParallelDims: the layout on this world size (data parallel takes the rest).
 
     Raises:
         ValueError: if the world size is not a multiple of ``tensor_parallel_dim * pipeline_parallel_dim``;
@@ -95,12 +95,10 @@ def check_world_size(
     """
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    for key, value in (("tensor_parallel_dim", tensor_parallel_dim), ("pipeline_parallel_dim", pipeline_parallel_dim)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key} must be a positive integer, got {value!r}")
-    model_parallel = tensor_parallel_dim * pipeline_parallel_dim
-    if world_size % model_parallel == 0:
-        return world_size // model_parallel
+    try:
+        return ParallelDims.from_config(cfg, world_size)
+    except WorldSizeError as e:
+        tp, pp, model_parallel = e.tp, e.pp, e.tp * e.pp
     tail = "".join(" " + shlex.quote(o) for o in overrides)
     per_node = min(model_parallel, 8)
     nodes = model_parallel // per_node
@@ -109,7 +107,7 @@ def check_world_size(
     )
     raise ValueError(
         f"Config '{config_name}' needs a multiple of tensor_parallel_dim x pipeline_parallel_dim = "
-        f"{tensor_parallel_dim} x {pipeline_parallel_dim} = {model_parallel} processes, but {world_size} "
+        f"{tp} x {pp} = {model_parallel} processes, but {world_size} "
         f"{'was' if world_size == 1 else 'were'} launched. Start it with\n"
         f"    tune run {launch} full_finetune_distributed --config {config_name}{tail}\n"
         f"or lower the layout on the command line, e.g. tensor_parallel_dim=1 pipeline_parallel_dim=1."

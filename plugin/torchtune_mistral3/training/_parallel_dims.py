@@ -1,7 +1,7 @@
 """Parallel degrees (pipeline x data x tensor), the 3-D device mesh, and the pipeline schedule, validated once."""
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, List, Mapping, Optional
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -19,9 +19,27 @@ from torchtune.modules import MultiHeadAttention
 from torchtune.modules.model_fusion import DeepFusionModel, EarlyFusionModel
 
 
+class WorldSizeError(ValueError):
+    """The world size is not a multiple of ``pipeline_parallel_dim x tensor_parallel_dim`` (callers word the fix).
+
+    Args:
+        world_size (int): number of processes.
+        pp (int): pipeline parallel degree.
+        tp (int): tensor parallel degree.
+    """
+
+    def __init__(self, world_size: int, pp: int, tp: int) -> None:
+        self.world_size, self.pp, self.tp = world_size, pp, tp
+        super().__init__(
+            f"World size {world_size} is not divisible by pipeline_parallel_dim ({pp}) x "
+            f"tensor_parallel_dim ({tp}) = {pp * tp}. Launch a multiple of "
+            f"{pp * tp} processes or change pipeline_parallel_dim / tensor_parallel_dim."
+        )
+
+
 @dataclass(frozen=True)
 class ParallelDims:
-    """Pipeline, data and tensor parallel degrees of one job.
+    """Pipeline, data and tensor parallel degrees of one job: the one check of the degrees and the world size.
 
     Data parallelism (FSDP2) takes what is left of the world size: ``dp = world_size // (pp * tp)``.
     The mesh dims are ordered ``("pp", "dp", "tp")`` so that the tensor parallel group (most
@@ -33,7 +51,8 @@ class ParallelDims:
         tp (int): tensor parallel degree, config key ``tensor_parallel_dim``. Default is 1.
 
     Raises:
-        ValueError: if a degree is below 1 or ``pp * tp`` does not divide ``world_size``.
+        ValueError: if a degree is below 1.
+        WorldSizeError: if ``pp * tp`` does not divide ``world_size``.
     """
 
     world_size: int
@@ -45,11 +64,27 @@ class ParallelDims:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}.")
         if self.world_size % (self.pp * self.tp) != 0:
-            raise ValueError(
-                f"World size {self.world_size} is not divisible by pipeline_parallel_dim ({self.pp}) x "
-                f"tensor_parallel_dim ({self.tp}) = {self.pp * self.tp}. Launch a multiple of "
-                f"{self.pp * self.tp} processes or change pipeline_parallel_dim / tensor_parallel_dim."
-            )
+            raise WorldSizeError(self.world_size, self.pp, self.tp)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], world_size: Optional[int] = None) -> "ParallelDims":
+        """The layout of a config: the one place ``pipeline_parallel_dim`` and ``tensor_parallel_dim`` are read.
+
+        Args:
+            cfg (Mapping[str, Any]): the config (a ``DictConfig`` or a dict); both keys default to 1.
+            world_size (Optional[int]): number of processes; None for the fewest that hold the layout
+                (``pp x tp``, data parallel 1). Default is None.
+
+        Returns:
+            ParallelDims: the checked layout.
+
+        Raises:
+            ValueError: if a degree is below 1.
+            WorldSizeError: if ``pp * tp`` does not divide ``world_size``.
+        """
+        pp = int(cfg.get("pipeline_parallel_dim", 1))
+        tp = int(cfg.get("tensor_parallel_dim", 1))
+        return cls(pp * tp if world_size is None else world_size, pp=pp, tp=tp)
 
     @property
     def dp(self) -> int:

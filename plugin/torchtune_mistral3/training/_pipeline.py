@@ -15,8 +15,8 @@ same keys as without pipelining.
   equals the unsplit loss.
 
 Order of construction (what the recipe does): model on meta -> :func:`build_pipeline` which cuts the
-stages and applies ``parallelize_fn`` to each (TP -> activation checkpointing -> FSDP2 -> rope_init
--> load weights) -> ``PipelineStage`` s -> schedule.
+stages and applies ``parallelize_fn`` to each (:func:`~torchtune_mistral3.training.parallelize_model`'s layout,
+then materialisation and the weight load) -> ``PipelineStage`` s -> schedule.
 """
 
 import copy
@@ -510,9 +510,9 @@ def build_pipeline(
             Default is None (balanced).
         stages_per_rank (Optional[int]): virtual stages per rank; None for the schedule's default
             (1, or 2 for interleaved / zero-bubble schedules). Default is None.
-        parallelize_fn (Optional[Callable[[nn.Module], Optional[nn.Module]]]): applied to each stage module in
-            order: TP, activation checkpointing, FSDP2 (+ :func:`set_fsdp_gradient_sum`), ``rope_init`` and
-            weight loading; it may return a replacement module. Default is None.
+        parallelize_fn (Optional[Callable[[nn.Module], Optional[nn.Module]]]): applied to each stage module:
+            the recipe's lays it out (:func:`~torchtune_mistral3.training.parallelize_model`), materialises it
+            and loads its weights; it may return a replacement module. Default is None.
         first_stage_extra (float): see :func:`balanced_layer_split`. Default is 1.0.
         last_stage_extra (float): see :func:`balanced_layer_split`. Default is 1.0.
         reduce_every_microbatch (bool): FSDP2 reduces and reshards each stage after every micro-batch's

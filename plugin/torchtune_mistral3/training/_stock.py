@@ -29,28 +29,9 @@ def load_stock_recipe(name: str) -> ModuleType:
     Returns:
         ModuleType: the executed recipe module (cached under ``torchtune_stock_recipes.<name>``).
     """
-    return _load_recipe_module(f"torchtune_stock_recipes.{name}", stock_recipe_path(name))
-
-
-def load_plugin_recipe(name: str) -> ModuleType:
-    """Import one of this plugin's recipe scripts (``recipes/<name>.py``) as a module, once.
-
-    Args:
-        name (str): recipe file name without ``.py``, e.g. ``"full_finetune_distributed"``.
-
-    Returns:
-        ModuleType: the executed recipe module (cached under ``torchtune_mistral3_recipes.<name>``).
-    """
-    from torchtune_mistral3._registry import RECIPES_DIR
-
-    return _load_recipe_module(f"torchtune_mistral3_recipes.{name}", RECIPES_DIR / f"{name}.py")
-
-
-def _load_recipe_module(module_name: str, path: Path) -> ModuleType:
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
+    module_name = f"torchtune_stock_recipes.{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, stock_recipe_path(name))
+        sys.modules[module_name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[module_name])
+    return sys.modules[module_name]
