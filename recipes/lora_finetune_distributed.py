@@ -25,8 +25,8 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 from torchtune import config
+from torchtune_mistral3.checkpointing import adapter_keys, load_lora_checkpoint
 from torchtune_mistral3.checkpointing._peft import LoRAAdapterSaver
-from torchtune_mistral3.peft import adapter_keys, load_lora_checkpoint
 from torchtune_mistral3.training import check_cli_keys, ensure_single_process_env, load_plugin_recipe, load_stock_recipe
 
 full = load_plugin_recipe("full_finetune_distributed")

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 from torchtune.data import Message
-from torchtune_mistral3.checkpointing import Mistral3HFCheckpointer
+from torchtune_mistral3.checkpointing import Mistral3HFCheckpointer, write_demo_checkpoint
 from torchtune_mistral3.datasets import MEDPIX_SAMPLE_DIR
 from torchtune_mistral3.generation import collate_prompts, generate, load_inference_model
-from torchtune_mistral3.models.mistral3 import medical_image_to_rgb, mistral3_transform, write_demo_checkpoint
+from torchtune_mistral3.models.mistral3 import medical_image_to_rgb, mistral3_transform
 
 MAX_IMAGE_SIZE = 112
 # CT_small 128x128, MR_small 64x64 (grows to 84), JPEG2000 1024x256 (wide), RG3_UNCI 512x512

@@ -23,7 +23,8 @@ def _log_steps(output_dir: Path):
 
 def test_workload_follows_the_medpix_model(tmp_path):
     bench = load_bench("e2e")
-    from torchtune_mistral3.models.mistral3 import mistral3_transform, write_demo_checkpoint
+    from torchtune_mistral3.checkpointing import write_demo_checkpoint
+    from torchtune_mistral3.models.mistral3 import mistral3_transform
 
     ckpt = write_demo_checkpoint(str(tmp_path / "ckpt"))
     transform = mistral3_transform(str(ckpt / "tekken.json"), max_seq_len=None, max_image_size=1024)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchtune_mistral3.checkpointing import HFCheckpointReader, RawFP8Source
-from torchtune_mistral3.models.mistral3 import DEMO_HF_CONFIG, mistral3_transform
+from torchtune_mistral3.checkpointing import DEMO_HF_CONFIG, HFCheckpointReader, RawFP8Source
+from torchtune_mistral3.models.mistral3 import mistral3_transform
 from torchtune_mistral3.rehearse import write_header_only_checkpoint
 from torchtune_mistral3.rehearse._preflight import check_tokenizer_matches_config
 from torchtune_mistral3.rehearse._reads import PlannedRawFP8Source, PlannedReader

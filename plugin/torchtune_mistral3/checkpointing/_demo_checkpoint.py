@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from ._component_builders import mistral3
-from ._model_builders import mistral3_arguments_from_hf_config
+from torchtune_mistral3.checkpointing._writer import default_fp8_keys, write_hf_checkpoint
+from torchtune_mistral3.models.mistral3 import mistral3, mistral3_arguments_from_hf_config
 
 # The HF config.json of the demo model: the 128B model's layout and options at toy widths (the FP8 save adds
 # Mistral's per-tensor ``quantization_config``).
@@ -201,8 +201,6 @@ def _replace(target: Path, written: Path) -> None:
 
 def _write(directory: Path, config: Dict[str, Any], seed: int, tokenizer_file: str) -> None:
     """Write the checkpoint of ``config`` with weights from ``seed`` into ``directory`` (replaced if it exists)."""
-    from torchtune_mistral3.checkpointing import default_fp8_keys, write_hf_checkpoint
-
     staging = directory.parent / f"{directory.name}.source"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

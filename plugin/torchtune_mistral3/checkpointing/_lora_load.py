@@ -8,15 +8,15 @@ adapters, so their losses agree from the first step.
 import math
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ._fp8_lora import SCALE_NAME, FrozenFP8Linear
-
-if TYPE_CHECKING:
-    from torchtune_mistral3.checkpointing import HFCheckpointReader
+from torchtune_mistral3.checkpointing._fp8_raw import RawFP8Source
+from torchtune_mistral3.checkpointing._load import load_into_module
+from torchtune_mistral3.checkpointing._reader import HFCheckpointReader
+from torchtune_mistral3.peft._fp8_lora import SCALE_NAME, FrozenFP8Linear
 
 _ADAPTER_SUFFIXES = ("lora_a.weight", "lora_b.weight")
 
@@ -102,7 +102,7 @@ def adapter_keys(module: nn.Module) -> List[str]:
     return [k for k in module.state_dict() if k.endswith(_ADAPTER_SUFFIXES)]
 
 
-def load_lora_checkpoint(module: nn.Module, reader: "HFCheckpointReader", *, dtype: torch.dtype, seed: int) -> None:
+def load_lora_checkpoint(module: nn.Module, reader: HFCheckpointReader, *, dtype: torch.dtype, seed: int) -> None:
     """Fill a (possibly FSDP-sharded) LoRA model: base weights from ``reader``, adapters initialised.
 
     Frozen FP8 base weights get the checkpoint's FP8 bytes and per-tensor scale (:class:`RawFP8Source`);
@@ -118,9 +118,6 @@ def load_lora_checkpoint(module: nn.Module, reader: "HFCheckpointReader", *, dty
     Raises:
         KeyError: if the checkpoint lacks a base weight of the model (all of them named).
     """
-    # imported here: the checkpointing package imports the model package, which imports this one
-    from torchtune_mistral3.checkpointing import RawFP8Source, load_into_module
-
     missing = load_into_module(module, RawFP8Source(reader), dtype=None, strict=False)
     lacking = [k for k in missing if not k.endswith(_ADAPTER_SUFFIXES)]
     if lacking:

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from omegaconf import OmegaConf
 
-from torchtune_mistral3.models.mistral3._demo_checkpoint import DEMO_HF_CONFIG
+from torchtune_mistral3.checkpointing import DEMO_HF_CONFIG
 
 _ST_NAMES = {torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16", torch.float32: "F32"}
 

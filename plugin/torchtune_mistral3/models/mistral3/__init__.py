@@ -1,7 +1,6 @@
 from ._attention import block_causal_mask, packed_attention_prefers_flex
 from ._component_builders import ministral3_decoder, mistral3, mistral3_projector, pixtral_vision_encoder
 from ._convert_weights import hf_key_to_tune, mistral3_hf_to_tune, mistral3_tune_to_hf, tune_key_to_hf
-from ._demo_checkpoint import DEMO_HF_CONFIG, write_demo_checkpoint
 from ._fusion import Mistral3FusionModel, Mistral3ImageEncoder
 from ._lora_builders import (
     ministral3_3b_lora,
@@ -41,8 +40,6 @@ __all__ = [
     "mistral3_transform",
     "mistral3_pp_stage_extras",
     "mistral3_tp_plan",
-    "DEMO_HF_CONFIG",
-    "write_demo_checkpoint",
     "Llama4QueryScale",
     "Mistral3FusionModel",
     "Mistral3ImageEncoder",
