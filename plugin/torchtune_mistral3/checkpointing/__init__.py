@@ -6,6 +6,7 @@ from ._load import check_all_weights_read, load_into_module, stores_real_lm_head
 from ._lora_load import AdapterInit, adapter_keys, load_lora_checkpoint
 from ._peft import merged_state_dict, save_merged_checkpoint, save_peft_adapter
 from ._reader import HFCheckpointReader, LazyStateDict, read_safetensors_header
+from ._source import TensorInfo, TensorSource
 from ._writer import default_fp8_keys, save_distributed, saved_config, write_hf_checkpoint
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "LazyStateDict",
     "Mistral3HFCheckpointer",
     "RawFP8Source",
+    "TensorInfo",
+    "TensorSource",
     "adapter_keys",
     "check_all_weights_read",
     "default_fp8_keys",
