@@ -103,7 +103,7 @@ def test_transformers_greedy_generate_from_the_export_equals_the_plugin(export, 
 
     ckpt = Mistral3HFCheckpointer(checkpoint_dir=str(export), output_dir=str(export.parent / "unused"))
     cfg_model = OmegaConf.create(
-        {"_component_": "torchtune_mistral3.models.mistral3.mistral3_from_hf_config", "checkpoint_dir": str(export)}
+        {"_component_": "torchtune_mistral3.checkpointing.mistral3_from_hf_config", "checkpoint_dir": str(export)}
     )
     model = load_inference_model(cfg_model, ckpt, device=torch.device("cpu"), dtype=torch.float32)
     batch = collate_prompts([sample], pad_id=transform.pad_id)

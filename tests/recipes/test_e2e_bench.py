@@ -88,11 +88,8 @@ def test_3b_checkpoint_config_is_the_3b_builder(tmp_path):
     import json
 
     import torch
-    from torchtune_mistral3.models.mistral3 import (
-        ministral3_3b,
-        mistral3_arguments_from_hf_config,
-        mistral3_from_hf_config,
-    )
+    from torchtune_mistral3.checkpointing import mistral3_from_hf_config
+    from torchtune_mistral3.models.mistral3 import ministral3_3b, mistral3_arguments_from_hf_config
 
     config = load_bench("e2e").model_hf_config("3b")
     (tmp_path / "config.json").write_text(json.dumps(config))

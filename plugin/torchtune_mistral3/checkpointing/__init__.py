@@ -2,6 +2,7 @@ from ._checkpointer import Mistral3HFCheckpointer
 from ._demo_checkpoint import DEMO_HF_CONFIG, write_demo_checkpoint
 from ._fp8 import dequantize, quantize_per_tensor
 from ._fp8_raw import RawFP8Source
+from ._from_hf_config import mistral3_from_hf_config, mistral3_lora_from_hf_config
 from ._load import check_all_weights_read, load_into_module, stores_real_lm_head
 from ._lora_load import AdapterInit, adapter_keys, load_lora_checkpoint
 from ._peft import merged_state_dict, save_merged_checkpoint, save_peft_adapter
@@ -25,6 +26,8 @@ __all__ = [
     "load_into_module",
     "load_lora_checkpoint",
     "merged_state_dict",
+    "mistral3_from_hf_config",
+    "mistral3_lora_from_hf_config",
     "quantize_per_tensor",
     "read_safetensors_header",
     "save_distributed",

@@ -7,7 +7,6 @@ from ._lora_builders import (
     ministral3_8b_lora,
     ministral3_14b_lora,
     mistral3_lora,
-    mistral3_lora_from_hf_config,
     mistral3p5_128b_lora,
 )
 from ._model_builders import (
@@ -15,7 +14,6 @@ from ._model_builders import (
     ministral3_8b,
     ministral3_14b,
     mistral3_arguments_from_hf_config,
-    mistral3_from_hf_config,
     mistral3p5_128b,
 )
 from ._parallelism import mistral3_pp_stage_extras, mistral3_tp_plan
@@ -30,7 +28,6 @@ __all__ = [
     "ministral3_8b_lora",
     "ministral3_14b_lora",
     "mistral3_lora",
-    "mistral3_lora_from_hf_config",
     "mistral3p5_128b_lora",
     "Mistral3Tokenizer",
     "check_tokenizer_fits_model",
@@ -52,7 +49,6 @@ __all__ = [
     "ministral3_decoder",
     "mistral3",
     "mistral3_arguments_from_hf_config",
-    "mistral3_from_hf_config",
     "mistral3_hf_to_tune",
     "mistral3_projector",
     "mistral3_tune_to_hf",
