@@ -4,20 +4,18 @@ from ._fp8 import dequantize, quantize_per_tensor
 from ._fp8_raw import RawFP8Source
 from ._from_hf_config import mistral3_from_hf_config, mistral3_lora_from_hf_config
 from ._load import check_all_weights_read, load_into_module, stores_real_lm_head
-from ._lora_load import AdapterInit, adapter_keys, load_lora_checkpoint
+from ._lora_load import adapter_keys, load_lora_checkpoint
 from ._peft import merged_state_dict, save_merged_checkpoint, save_peft_adapter
 from ._reader import HFCheckpointReader, LazyStateDict, read_safetensors_header
-from ._source import TensorInfo, TensorSource
+from ._source import TensorSource
 from ._writer import default_fp8_keys, save_distributed, saved_config, write_hf_checkpoint
 
 __all__ = [
-    "AdapterInit",
     "DEMO_HF_CONFIG",
     "HFCheckpointReader",
     "LazyStateDict",
     "Mistral3HFCheckpointer",
     "RawFP8Source",
-    "TensorInfo",
     "TensorSource",
     "adapter_keys",
     "check_all_weights_read",

@@ -1,8 +1,6 @@
 """The model an HF checkpoint directory describes: every dimension from its config.json, the head from its weights.
 
-The model package turns a parsed config into builder arguments
-(:func:`~torchtune_mistral3.models.mistral3.mistral3_arguments_from_hf_config`); reading the directory, and the
-stored tensors that decide whether the output head is tied, is checkpoint reading and happens here.
+The model package translates the parsed config (``mistral3_arguments_from_hf_config``); reading files is here.
 """
 
 import json
@@ -19,9 +17,7 @@ from torchtune_mistral3.models.mistral3 import (
 )
 
 # Every stored key but the output head and the token embedding (both HF layouts), for a reader of just those.
-_NOT_HEAD_OR_EMBEDDING = (
-    r"(?!(language_model\.)?lm_head\.|(model\.language_model|language_model\.model)\.embed_tokens\.)"
-)
+_OTHER_KEYS = r"(?!(language_model\.)?lm_head\.|(model\.language_model|language_model\.model)\.embed_tokens\.)"
 
 
 def _read_config(checkpoint_dir: str) -> Tuple[Dict[str, Any], Path]:
@@ -38,7 +34,7 @@ def _stores_real_lm_head(checkpoint_dir: str) -> bool:
     directory = Path(checkpoint_dir)
     if not any(directory.glob("*.safetensors")):  # a config.json alone (no weights yet): nothing to keep
         return False
-    return stores_real_lm_head(HFCheckpointReader(checkpoint_dir, ignore_unexpected_keys=[_NOT_HEAD_OR_EMBEDDING]))
+    return stores_real_lm_head(HFCheckpointReader(checkpoint_dir, ignore_unexpected_keys=[_OTHER_KEYS]))
 
 
 def mistral3_from_hf_config(checkpoint_dir: str, **kwargs: Any) -> Mistral3FusionModel:

@@ -42,14 +42,7 @@ class AdapterInit:
         return key in self.shapes
 
     def info(self, key: str) -> TensorInfo:
-        """Return the key's full shape (:meth:`TensorSource.info`).
-
-        Args:
-            key (str): adapter key.
-
-        Returns:
-            TensorInfo: the shape (fp32, "stored" in no file).
-        """
+        """:meth:`TensorSource.info`: the adapter's full shape (fp32, stored in no file)."""
         return TensorInfo(hf_key=key, path=Path(self.checkpoint_dir), dtype=torch.float32, shape=self.shapes[key])
 
     def read(

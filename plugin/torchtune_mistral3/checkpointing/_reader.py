@@ -336,15 +336,7 @@ class HFCheckpointReader:
         """
         info = self.info(key)
         offset, shape = checked_block(info, offset, shape)
-        whole = offset == (0,) * len(info.shape) and shape == info.shape
-        with _open(info.path) as (f, owned):
-            if whole:
-                value = f.get_tensor(info.hf_key)
-            else:
-                value = f.get_slice(info.hf_key)[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
-        if not owned:
-            # mmap results are (possibly strided) views of a private file mapping: copy into owned memory.
-            value = value.clone(memory_format=torch.contiguous_format)
+        value = self._read_stored(info, offset, shape)
         if info.is_fp8:
             with _open(info.scale_path) as (f, _):
                 scale = f.get_tensor(info.scale_key)
@@ -366,34 +358,35 @@ class HFCheckpointReader:
 
         Returns:
             torch.Tensor: a new ``float8_e4m3fn`` CPU tensor.
-
-        Raises:
-            ValueError: if ``key`` is stored unquantised or block-scaled (the message names the key and the switch
-                to use), or the block lies outside it.
         """
         info = self.info(key)
         check_fp8_base(info)
-        offset, shape = checked_block(info, offset, shape)
-        with _open(info.path) as (f, _):
-            value = f.get_slice(info.hf_key)[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
-        return value.clone(memory_format=torch.contiguous_format)
+        return self._read_stored(info, *checked_block(info, offset, shape))
 
     def read_fp8_scale(self, key: str) -> torch.Tensor:
-        """Read the per-tensor dequantisation scale (``weight_scale_inv``) of the FP8 weight ``key``, as stored.
+        """Read the per-tensor scale (``weight_scale_inv``) of the FP8 weight ``key``, as stored, 0-d.
 
         Args:
             key (str): plugin key of the weight.
 
         Returns:
-            torch.Tensor: a 0-d tensor.
-
-        Raises:
-            ValueError: if ``key`` is stored unquantised or block-scaled.
+            torch.Tensor: the scale.
         """
         info = self.info(key)
         check_fp8_base(info)
         with _open(info.scale_path) as (f, _):
             return f.get_tensor(info.scale_key).clone().reshape(())
+
+    @staticmethod
+    def _read_stored(info: TensorInfo, offset: Tuple[int, ...], shape: Tuple[int, ...]) -> torch.Tensor:
+        """The block as stored (FP8 bytes too), in memory of its own."""
+        with _open(info.path) as (f, owned):
+            if offset == (0,) * len(info.shape) and shape == info.shape:
+                value = f.get_tensor(info.hf_key)
+            else:
+                value = f.get_slice(info.hf_key)[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+        # mmap results are (possibly strided) views of a private file mapping: copy into owned memory.
+        return value if owned else value.clone(memory_format=torch.contiguous_format)
 
     def state_dict(self, dtype: Optional[torch.dtype] = None) -> "LazyStateDict":
         """Return a read-only mapping plugin key -> tensor that reads each tensor when it is looked up.

@@ -1,8 +1,6 @@
-"""What a loader reads tensors from: the ``TensorSource`` protocol, the stored tensor's description, block checks.
+"""What ``load_into_module`` reads from (``TensorSource``), the stored tensor's description, the checks of a read.
 
-:func:`~torchtune_mistral3.checkpointing.load_into_module` reads each state dict entry (or this rank's block of
-it) from a :class:`TensorSource`: the checkpoint reader, its FP8-keeping view (``RawFP8Source``), the LoRA
-adapters' initialisation (``AdapterInit``) and the rehearsal's planned reader all have this shape.
+Sources: the checkpoint reader, ``RawFP8Source``, ``AdapterInit``, the rehearsal's planned reader.
 """
 
 from dataclasses import dataclass
@@ -44,54 +42,35 @@ class TensorInfo:
 
 
 class TensorSource(Protocol):
-    """A source of named tensors that hands out any block of each: what ``load_into_module`` reads from.
+    """Named tensors, any block of each: ``info(key)`` describes one, ``read`` returns ``[offset, offset + shape)``.
 
-    Attributes:
-        checkpoint_dir (Union[str, Path]): what the source reads, named in error messages.
+    ``checkpoint_dir`` names the source in error messages.
     """
 
     checkpoint_dir: Union[str, Path]
 
     def __contains__(self, key: object) -> bool: ...
 
-    def info(self, key: str) -> TensorInfo:
-        """Return where and how ``key`` is stored (its full shape above all)."""
-        ...
+    def info(self, key: str) -> TensorInfo: ...
 
     def read(
-        self,
-        key: str,
-        dtype: Optional[torch.dtype] = None,
-        *,
-        offset: Optional[Sequence[int]] = None,
+        self, key: str, dtype: Optional[torch.dtype] = None, *, offset: Optional[Sequence[int]] = None,
         shape: Optional[Sequence[int]] = None,
-    ) -> torch.Tensor:
-        """Return ``key``, or its block ``[offset, offset + shape)``, as a new CPU tensor of ``dtype``."""
-        ...
+    ) -> torch.Tensor: ...
 
 
 def checked_block(
     info: TensorInfo, offset: Optional[Sequence[int]], shape: Optional[Sequence[int]]
 ) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    """The block ``[offset, offset + shape)`` of the stored tensor, defaults filled in, checked against its shape.
-
-    Args:
-        info (TensorInfo): the stored tensor.
-        offset (Optional[Sequence[int]]): block start; None for zeros.
-        shape (Optional[Sequence[int]]): block size; None for the whole tensor.
-
-    Returns:
-        Tuple[Tuple[int, ...], Tuple[int, ...]]: offset and shape.
+    """Offset and shape of the block ``[offset, offset + shape)`` (None: zeros, the whole tensor), checked.
 
     Raises:
-        ValueError: if the block has another rank than the tensor or lies outside it (file, key and shapes named).
+        ValueError: if the block lies outside the stored tensor (file, key and shapes named).
     """
     full = tuple(info.shape)
     offset = tuple(offset) if offset is not None else (0,) * len(full)
     shape = tuple(shape) if shape is not None else full
-    if len(offset) != len(full) or len(shape) != len(full) or any(
-        o < 0 or o + s > n for o, s, n in zip(offset, shape, full)
-    ):
+    if not (len(offset) == len(shape) == len(full) and all(0 <= o <= n - s for o, s, n in zip(offset, shape, full))):
         raise ValueError(
             f"'{info.path}': block offset {list(offset)} shape {list(shape)} lies outside '{info.hf_key}' "
             f"of shape {list(full)}"
@@ -102,12 +81,8 @@ def checked_block(
 def check_fp8_base(info: TensorInfo) -> None:
     """Check that a frozen FP8 base weight can hold the stored tensor as it is: FP8 with a per-tensor scale.
 
-    Args:
-        info (TensorInfo): the stored weight.
-
     Raises:
-        ValueError: if it is stored unquantised or with block scales; the message names file, key and the
-            switch to use (``model.fp8_base=False``).
+        ValueError: if it is stored unquantised or block-scaled (file, key and ``model.fp8_base=False`` named).
     """
     if not info.is_fp8:
         raise ValueError(

@@ -1,13 +1,14 @@
 """Checkpoint reads planned instead of made: the recipe's own loader runs, every read is checked and recorded."""
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from torchtune_mistral3.checkpointing import HFCheckpointReader, TensorInfo, _fp8
-from torchtune_mistral3.checkpointing._source import check_fp8_base, checked_block
+from torchtune_mistral3.checkpointing import HFCheckpointReader, _fp8
+from torchtune_mistral3.checkpointing._source import TensorInfo, check_fp8_base, checked_block
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,7 @@ class PlannedRead:
     @property
     def nbytes(self) -> int:
         """int: bytes read from the file (FP8 blocks at one byte per element)."""
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.stored_dtype.itemsize
+        return math.prod(self.shape) * self.stored_dtype.itemsize
 
 
 class PlannedReader:
@@ -59,26 +57,8 @@ class PlannedReader:
     def __len__(self) -> int:
         return len(self.reader)
 
-    def keys(self) -> List[str]:
-        """Return the checkpoint's plugin keys.
-
-        Returns:
-            List[str]: plugin keys.
-        """
-        return self.reader.keys()
-
     def info(self, key: str) -> TensorInfo:
-        """Return where ``key`` is stored (see :meth:`HFCheckpointReader.info`).
-
-        Args:
-            key (str): plugin key.
-
-        Returns:
-            TensorInfo: the stored tensor.
-
-        Raises:
-            KeyError: naming the key, the checkpoint and this rank.
-        """
+        """:meth:`HFCheckpointReader.info`, whose ``KeyError`` names this rank."""
         if key not in self.reader:
             raise KeyError(f"rank {self.rank}: checkpoint '{self.checkpoint_dir}' has no weight for '{key}'")
         return self.reader.info(key)
@@ -90,6 +70,13 @@ class PlannedReader:
             yield
         except ValueError as e:
             raise ValueError(f"rank {self.rank}: {e}") from None
+
+    def _fp8_info(self, key: str) -> TensorInfo:
+        """Where the frozen FP8 base weight ``key`` is stored, checked as the real read checks it."""
+        info = self.info(key)
+        with self._named():
+            check_fp8_base(info)
+        return info
 
     def _record(self, info: TensorInfo, key: str, offset, shape, dtype: torch.dtype) -> torch.Tensor:
         """Check and record one block read of ``key`` (stored as ``info``); an empty tensor of the block."""
@@ -109,50 +96,19 @@ class PlannedReader:
         offset: Optional[Sequence[int]] = None,
         shape: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
-        """Record the read of ``key`` (or a block of it) and return an empty tensor of its shape.
-
-        Args:
-            key (str): plugin key.
-            dtype (Optional[torch.dtype]): wanted dtype. Default is None: stored, fp32 for FP8.
-            offset (Optional[Sequence[int]]): start of the block. Default is None.
-            shape (Optional[Sequence[int]]): size of the block. Default is None.
-
-        Returns:
-            torch.Tensor: an empty tensor of the block's shape.
-        """
+        """:meth:`HFCheckpointReader.read`, recorded: an empty tensor of the block's shape and ``dtype``."""
         info = self.info(key)
         return self._record(info, key, offset, shape, dtype or (torch.float32 if info.is_fp8 else info.dtype))
 
     def read_fp8(
         self, key: str, *, offset: Optional[Sequence[int]] = None, shape: Optional[Sequence[int]] = None
     ) -> torch.Tensor:
-        """Record the read of an FP8 weight's stored bytes (see :meth:`HFCheckpointReader.read_fp8`).
-
-        Args:
-            key (str): plugin key.
-            offset (Optional[Sequence[int]]): start of the block. Default is None.
-            shape (Optional[Sequence[int]]): size of the block. Default is None.
-
-        Returns:
-            torch.Tensor: an empty ``float8_e4m3fn`` tensor of the block's shape.
-        """
-        info = self.info(key)
-        with self._named():
-            check_fp8_base(info)
-        return self._record(info, key, offset, shape, _fp8.FP8_DTYPE)
+        """:meth:`HFCheckpointReader.read_fp8`, recorded: an empty ``float8_e4m3fn`` tensor of the block's shape."""
+        return self._record(self._fp8_info(key), key, offset, shape, _fp8.FP8_DTYPE)
 
     def read_fp8_scale(self, key: str) -> torch.Tensor:
-        """Record the read of an FP8 weight's per-tensor scale (see :meth:`HFCheckpointReader.read_fp8_scale`).
-
-        Args:
-            key (str): plugin key of the weight.
-
-        Returns:
-            torch.Tensor: a 0-d fp32 tensor of ones.
-        """
-        info = self.info(key)
-        with self._named():
-            check_fp8_base(info)
+        """:meth:`HFCheckpointReader.read_fp8_scale`, recorded: a 0-d fp32 tensor of ones."""
+        info = self._fp8_info(key)
         scale = TensorInfo(info.scale_key, info.scale_path, torch.bfloat16, ())
         self._record(scale, key + _fp8.SCALE_SUFFIX, None, None, torch.float32)
         return torch.ones(())

@@ -1,8 +1,4 @@
-"""Tensor parallelism helpers: plans resolved against (possibly pipeline-cut) modules, and loss parallel.
-
-Also the sequence-parallel module-input styles that a model's plan names (:class:`GatherSequence`,
-:class:`ShardSequence`): generic, for any torchtune decoder layer.
-"""
+"""Tensor parallelism helpers: sequence-parallel styles, plans resolved against (possibly pipeline-cut) modules."""
 
 import contextlib
 import os
