@@ -50,7 +50,8 @@ VARIANTS = ("plugin_eager", "plugin_compile", "hf_eager", "hf_static")
 def build_models(cfg: Dict, device: str, dtype: torch.dtype, seed: int = 0):
     """transformers' model with random weights on ``device``, and the plugin's model sharing its tensors."""
     from torchtune import training
-    from torchtune_mistral3.models.mistral3 import mistral3_from_hf_config, mistral3_hf_to_tune
+    from torchtune_mistral3.checkpointing import mistral3_from_hf_config
+    from torchtune_mistral3.models.mistral3 import mistral3_hf_to_tune
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     config = Mistral3Config(**{k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype")})

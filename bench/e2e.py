@@ -96,7 +96,8 @@ def model_hf_config(size: str, layers: Optional[int] = None) -> Dict[str, Any]:
     Returns:
         Dict[str, Any]: the config (``Mistral3ForConditionalGeneration``, text ``ministral3``, vision ``pixtral``).
     """
-    from torchtune_mistral3.models.mistral3 import DEMO_HF_CONFIG, _model_builders
+    from torchtune_mistral3.checkpointing import DEMO_HF_CONFIG
+    from torchtune_mistral3.models.mistral3 import _model_builders
     from torchtune_mistral3.planning._memory_plan import build_meta_model, model_dims
 
     if size == "128b":  # bench/step_speed.py's width-faithful Mistral Medium 3.5 slice
@@ -125,7 +126,7 @@ def model_hf_config(size: str, layers: Optional[int] = None) -> Dict[str, Any]:
 
 def write_checkpoint(directory: Path, size: str, layers: Optional[int], smoke: bool) -> Path:
     """The random-weight FP8 checkpoint (written once per shape: ``write_demo_checkpoint`` keeps a matching one)."""
-    from torchtune_mistral3.models.mistral3 import write_demo_checkpoint
+    from torchtune_mistral3.checkpointing import write_demo_checkpoint
 
     return write_demo_checkpoint(str(directory), hf_config=None if smoke else model_hf_config(size, layers))
 

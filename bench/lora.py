@@ -6,7 +6,7 @@
     # of the compute-dtype base holding the same dequantised values)
     PYTHONPATH=plugin python bench/lora.py --tiny --device cpu   # scaled_mm runs on the CPU too
 
-The model is the plugin's :func:`~torchtune_mistral3.models.mistral3.mistral3_lora_from_hf_config` with the
+The model is the plugin's :func:`~torchtune_mistral3.checkpointing.mistral3_lora_from_hf_config` with the
 LoRA settings of ``configs/mistral3p5_medpix_lora.yaml`` (rank 8, alpha 32, adapters on q/k/v/output and the MLP
 of every decoder layer and on the projector; tower, embeddings and head frozen), built directly on the device
 from ``bench/_slice.py``'s HF config (every width of the 128B model, ``--layers`` decoder layers). Variants:
@@ -61,7 +61,7 @@ _BASE_LINEAR = re.compile(r"^decoder\.layers\.\d+\.(attn\.(q|k|v|output)_proj|ml
 def build(name: str, cfg: Dict, device: str, dtype: torch.dtype, ac: bool, seq_len: int):
     """The variant's LoRA model on ``device`` with the shared weights, and Adam over its trainable parameters."""
     from torchtune import modules, training
-    from torchtune_mistral3.models.mistral3 import mistral3_lora_from_hf_config
+    from torchtune_mistral3.checkpointing import mistral3_lora_from_hf_config
 
     fp8 = name.startswith("fp8_")
     model_cfg = dict(cfg, quantization_config=FP8_CONFIG) if fp8 else cfg

@@ -81,7 +81,7 @@ def build(
     """The variant's model (policy applied as the recipe applies it, built on ``device``) and optimizer."""
     from torch.distributed.device_mesh import init_device_mesh
     from torchtune import training
-    from torchtune_mistral3.models.mistral3 import mistral3_from_hf_config
+    from torchtune_mistral3.checkpointing import mistral3_from_hf_config
     from torchtune_mistral3.training import StochasticRoundingAdamW, convert_to_fp8, shard_model
 
     policy = _policy(name)

@@ -87,7 +87,7 @@ class Timer:
 
 def _meta_model(cfg: Dict, max_seq_len: int):
     from torchtune import training
-    from torchtune_mistral3.models.mistral3 import mistral3_from_hf_config
+    from torchtune_mistral3.checkpointing import mistral3_from_hf_config
 
     with training.set_default_dtype(torch.bfloat16), torch.device("meta"):
         return mistral3_from_hf_config(

@@ -82,7 +82,7 @@ def build_hf(cfg: Dict, attn: str, device: str):
 
 def build_plugin(cfg: Dict, device: str, compile_model: bool, ac: bool, max_seq_len: Optional[int]):
     from torchtune import modules, training
-    from torchtune_mistral3.models.mistral3 import mistral3_from_hf_config
+    from torchtune_mistral3.checkpointing import mistral3_from_hf_config
 
     ckpt_dir = write_config_dir(cfg)
     with training.set_default_dtype(torch.bfloat16), torch.device(device):

@@ -7,8 +7,7 @@ import torch
 from _tiny_checkpoints import LAYERS, tiny_hf_model, write_checkpoint
 from test_round_trip import _batch, _plugin_model
 from torchtune import training
-from torchtune_mistral3.checkpointing import HFCheckpointReader, Mistral3HFCheckpointer
-from torchtune_mistral3.models.mistral3 import mistral3_from_hf_config
+from torchtune_mistral3.checkpointing import HFCheckpointReader, Mistral3HFCheckpointer, mistral3_from_hf_config
 
 
 @pytest.fixture(scope="module")

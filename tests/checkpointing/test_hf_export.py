@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 from torchtune.data import Message
-from torchtune_mistral3.checkpointing import Mistral3HFCheckpointer
+from torchtune_mistral3.checkpointing import Mistral3HFCheckpointer, write_demo_checkpoint
 from torchtune_mistral3.datasets import MEDPIX_SAMPLE_DIR
 from torchtune_mistral3.generation import collate_prompts, generate, load_inference_model
-from torchtune_mistral3.models.mistral3 import medical_image_to_rgb, mistral3_transform, write_demo_checkpoint
+from torchtune_mistral3.models.mistral3 import medical_image_to_rgb, mistral3_transform
 
 MAX_IMAGE_SIZE = 112
 # CT_small 128x128, MR_small 64x64 (grows to 84), JPEG2000 1024x256 (wide), RG3_UNCI 512x512
@@ -103,7 +103,7 @@ def test_transformers_greedy_generate_from_the_export_equals_the_plugin(export, 
 
     ckpt = Mistral3HFCheckpointer(checkpoint_dir=str(export), output_dir=str(export.parent / "unused"))
     cfg_model = OmegaConf.create(
-        {"_component_": "torchtune_mistral3.models.mistral3.mistral3_from_hf_config", "checkpoint_dir": str(export)}
+        {"_component_": "torchtune_mistral3.checkpointing.mistral3_from_hf_config", "checkpoint_dir": str(export)}
     )
     model = load_inference_model(cfg_model, ckpt, device=torch.device("cpu"), dtype=torch.float32)
     batch = collate_prompts([sample], pad_id=transform.pad_id)

@@ -43,9 +43,12 @@ def _batch():
 
 
 def _plugin_logits(run):
-    from torchtune_mistral3.checkpointing import HFCheckpointReader
-    from torchtune_mistral3.models.mistral3 import mistral3_lora_from_hf_config
-    from torchtune_mistral3.peft import adapter_keys, load_lora_checkpoint
+    from torchtune_mistral3.checkpointing import (
+        HFCheckpointReader,
+        adapter_keys,
+        load_lora_checkpoint,
+        mistral3_lora_from_hf_config,
+    )
     from torchtune_mistral3.reference_check import load_run_config
 
     cfg = load_run_config(CONFIG, [f"output_dir={run}"])

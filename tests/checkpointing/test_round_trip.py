@@ -4,8 +4,12 @@ import pytest
 import torch
 from _tiny_checkpoints import tiny_hf_model, write_checkpoint
 from torchtune import training
-from torchtune_mistral3.checkpointing import HFCheckpointReader, Mistral3HFCheckpointer, load_into_module
-from torchtune_mistral3.models.mistral3 import mistral3_from_hf_config
+from torchtune_mistral3.checkpointing import (
+    HFCheckpointReader,
+    Mistral3HFCheckpointer,
+    load_into_module,
+    mistral3_from_hf_config,
+)
 
 IMG, IMG_BREAK, IMG_END = 10, 12, 13
 

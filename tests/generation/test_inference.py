@@ -8,7 +8,7 @@ from torchtune_mistral3.models.mistral3 import mistral3_tp_plan
 
 
 def test_load_inference_model_fails_with_sequence_parallel(fake_tp2_mesh):
-    cfg_model = OmegaConf.create({"_component_": "torchtune_mistral3.models.mistral3.mistral3_from_hf_config"})
+    cfg_model = OmegaConf.create({"_component_": "torchtune_mistral3.checkpointing.mistral3_from_hf_config"})
     with pytest.raises(ValueError, match=r"tensor_parallel_plan.sequence_parallel=False"):
         load_inference_model(
             cfg_model, None, device=torch.device("cpu"), dtype=torch.float32, tp_mesh=fake_tp2_mesh,

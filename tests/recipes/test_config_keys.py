@@ -173,8 +173,9 @@ def test_keys_passed_through_kwargs_are_checked_against_the_callee(config, overr
 
 
 def test_keyword_arguments_follow_kwargs_to_the_callee():
+    from torchtune_mistral3.checkpointing import mistral3_from_hf_config
     from torchtune_mistral3.datasets import medpix_dataset, medpix_sample_dataset
-    from torchtune_mistral3.models.mistral3 import mistral3, mistral3_from_hf_config
+    from torchtune_mistral3.models.mistral3 import mistral3
     from torchtune_mistral3.training._config_keys import _keywords
 
     # the builder's own arguments, plus its callee's, less what it sets itself (reference: the signatures)

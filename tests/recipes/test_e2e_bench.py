@@ -23,7 +23,8 @@ def _log_steps(output_dir: Path):
 
 def test_workload_follows_the_medpix_model(tmp_path):
     bench = load_bench("e2e")
-    from torchtune_mistral3.models.mistral3 import mistral3_transform, write_demo_checkpoint
+    from torchtune_mistral3.checkpointing import write_demo_checkpoint
+    from torchtune_mistral3.models.mistral3 import mistral3_transform
 
     ckpt = write_demo_checkpoint(str(tmp_path / "ckpt"))
     transform = mistral3_transform(str(ckpt / "tekken.json"), max_seq_len=None, max_image_size=1024)
@@ -87,11 +88,8 @@ def test_3b_checkpoint_config_is_the_3b_builder(tmp_path):
     import json
 
     import torch
-    from torchtune_mistral3.models.mistral3 import (
-        ministral3_3b,
-        mistral3_arguments_from_hf_config,
-        mistral3_from_hf_config,
-    )
+    from torchtune_mistral3.checkpointing import mistral3_from_hf_config
+    from torchtune_mistral3.models.mistral3 import ministral3_3b, mistral3_arguments_from_hf_config
 
     config = load_bench("e2e").model_hf_config("3b")
     (tmp_path / "config.json").write_text(json.dumps(config))

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from torchtune_mistral3.models.mistral3 import DEMO_HF_CONFIG, write_demo_checkpoint
+from torchtune_mistral3.checkpointing import DEMO_HF_CONFIG, write_demo_checkpoint
 
 pytestmark = pytest.mark.integration
 

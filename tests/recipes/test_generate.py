@@ -10,8 +10,9 @@ import re
 
 import pytest
 import torch
+from torchtune_mistral3.checkpointing import write_demo_checkpoint
 from torchtune_mistral3.generation import prompt_messages, sampling_options
-from torchtune_mistral3.models.mistral3 import mistral3_transform, write_demo_checkpoint
+from torchtune_mistral3.models.mistral3 import mistral3_transform
 
 pytestmark = pytest.mark.integration
 

@@ -51,7 +51,7 @@ def test_damaged_newest_training_state_on_one_rank_resumes_every_rank_from_the_p
 def _demo_checkpoint(path, **text_config):
     import copy
 
-    from torchtune_mistral3.models.mistral3 import DEMO_HF_CONFIG, write_demo_checkpoint
+    from torchtune_mistral3.checkpointing import DEMO_HF_CONFIG, write_demo_checkpoint
 
     write_demo_checkpoint(str(path))
     cfg = copy.deepcopy(DEMO_HF_CONFIG)

@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file
-from torchtune_mistral3.models.mistral3 import DEMO_HF_CONFIG, write_demo_checkpoint
+from torchtune_mistral3.checkpointing import DEMO_HF_CONFIG, write_demo_checkpoint
 
 pytestmark = pytest.mark.integration
 

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchtune_mistral3.checkpointing import HFCheckpointReader, RawFP8Source
-from torchtune_mistral3.models.mistral3 import DEMO_HF_CONFIG, mistral3_transform
+from torchtune_mistral3.checkpointing import DEMO_HF_CONFIG, HFCheckpointReader, RawFP8Source
+from torchtune_mistral3.models.mistral3 import mistral3_transform
 from torchtune_mistral3.rehearse import write_header_only_checkpoint
 from torchtune_mistral3.rehearse._preflight import check_tokenizer_matches_config
-from torchtune_mistral3.rehearse._reads import PlannedRawFP8Source, PlannedReader
+from torchtune_mistral3.rehearse._reads import PlannedReader
 
 Q = "decoder.layers.0.attn.q_proj.weight"
 
@@ -36,7 +36,7 @@ def test_planned_read_records_the_block_and_reads_no_byte(tiny):
 
 
 def test_planned_fp8_base_refuses_what_the_real_source_refuses(tiny):
-    planned = PlannedRawFP8Source(PlannedReader(HFCheckpointReader(tiny), rank=3))
+    planned = RawFP8Source(PlannedReader(HFCheckpointReader(tiny), rank=3))
     real = RawFP8Source(HFCheckpointReader(tiny))
     key = "decoder.output.weight"  # bf16 on disk: a frozen FP8 base cannot hold it
     with pytest.raises(ValueError, match="not FP8") as expected:

@@ -19,14 +19,10 @@ from PIL import Image
 from torch._dynamo.utils import counters, guard_failures
 from torchtune.data import Message
 from torchtune.modules.loss import CEWithChunkedOutputLoss
+from torchtune_mistral3.checkpointing import mistral3_from_hf_config, write_demo_checkpoint
 from torchtune_mistral3.data import padded_collate_mistral3, padded_collate_packed_mistral3
 from torchtune_mistral3.datasets._packed import PackedDataset
-from torchtune_mistral3.models.mistral3 import (
-    block_causal_mask,
-    mistral3_from_hf_config,
-    mistral3_transform,
-    write_demo_checkpoint,
-)
+from torchtune_mistral3.models.mistral3 import block_causal_mask, mistral3_transform
 from torchtune_mistral3.training import compile_blocks, compile_loss
 
 MAX_SEQ_LEN = 320

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torchtune_mistral3.models.mistral3 import DEMO_HF_CONFIG
+from torchtune_mistral3.checkpointing import DEMO_HF_CONFIG
 from torchtune_mistral3.planning._memory_plan import build_meta_model
 from torchtune_mistral3.training import StochasticRoundingAdamW, convert_to_fp8, precision_policy, shard_model
 from torchtune_mistral3.training._precision import is_decoder_linear

@@ -12,11 +12,15 @@ from typing import Optional, Sequence
 import torch
 
 from torchtune_mistral3.checkpointing import _fp8
-from torchtune_mistral3.checkpointing._reader import HFCheckpointReader, TensorInfo, _open
+from torchtune_mistral3.checkpointing._reader import HFCheckpointReader
+from torchtune_mistral3.checkpointing._source import TensorInfo
 
 
 class RawFP8Source:
-    """``HFCheckpointReader`` look-alike for :func:`load_into_module` that keeps FP8 weights in FP8.
+    """A :class:`TensorSource` over a checkpoint reader for :func:`load_into_module` that keeps FP8 weights in FP8.
+
+    The reader gives the bytes (``read_fp8``) and scales (``read_fp8_scale``): :class:`HFCheckpointReader` from
+    the files, the rehearsal's planned reader by recording the reads.
 
     Args:
         reader (HFCheckpointReader): the checkpoint.
@@ -76,34 +80,8 @@ class RawFP8Source:
         """
         weight = self._weight_of_scale(key)
         if weight is not None:
-            scale = self._scale(self.reader.info(weight), weight)
+            scale = self.reader.read_fp8_scale(weight)
             return scale.to(dtype) if dtype is not None else scale
         if dtype != _fp8.FP8_DTYPE:
             return self.reader.read(key, dtype, offset=offset, shape=shape)
-        info = self.reader.info(key)
-        if not info.is_fp8:
-            raise ValueError(
-                f"'{info.path}': '{info.hf_key}' is stored as {info.dtype}, not FP8, but the model keeps it as a "
-                "frozen FP8 base weight: set model.fp8_base=False to load this checkpoint in the compute dtype"
-            )
-        self._scale(info, key)  # refuses block scales before reading the bytes
-        full = info.shape
-        offset = tuple(offset) if offset is not None else (0,) * len(full)
-        shape = tuple(shape) if shape is not None else full
-        if any(o < 0 or o + s > n for o, s, n in zip(offset, shape, full)):
-            raise ValueError(
-                f"'{info.path}': block {list(offset)}+{list(shape)} lies outside '{info.hf_key}' {list(full)}"
-            )
-        with _open(info.path) as (f, _):
-            value = f.get_slice(info.hf_key)[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
-        return value.clone(memory_format=torch.contiguous_format)
-
-    def _scale(self, info: TensorInfo, key: str) -> torch.Tensor:
-        with _open(info.scale_path) as (f, _):
-            scale = f.get_tensor(info.scale_key).clone()
-        if not _fp8.is_per_tensor_scale(scale.shape):
-            raise ValueError(
-                f"'{info.scale_path}': '{info.scale_key}' is a block scale {list(scale.shape)}; the frozen FP8 base "
-                f"keeps per-tensor scales only ('{key}'): set model.fp8_base=False"
-            )
-        return scale.reshape(())
+        return self.reader.read_fp8(key, offset=offset, shape=shape)

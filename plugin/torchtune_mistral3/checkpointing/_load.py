@@ -8,12 +8,13 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from torchtune_mistral3.checkpointing._reader import HFCheckpointReader
+from torchtune_mistral3.checkpointing._source import TensorSource
 
 _HEAD, _EMBEDDING = "decoder.output.weight", "decoder.tok_embeddings.weight"
 _SHOWN = 8
 
 
-def stores_real_lm_head(reader: HFCheckpointReader) -> bool:
+def stores_real_lm_head(reader: TensorSource) -> bool:
     """Whether the checkpoint has an ``lm_head.weight`` of its own: stored, and not equal to ``embed_tokens``.
 
     transformers 5.x (``PreTrainedModel.tie_weights`` during ``from_pretrained``) ties the head to the
@@ -22,7 +23,7 @@ def stores_real_lm_head(reader: HFCheckpointReader) -> bool:
     function answers that question for a checkpoint (it reads both tensors only when both are stored).
 
     Args:
-        reader (HFCheckpointReader): the checkpoint.
+        reader (TensorSource): the checkpoint.
 
     Returns:
         bool: True if the head is stored and differs from the token embedding.
@@ -79,7 +80,7 @@ def check_all_weights_read(reader: HFCheckpointReader, model_keys: Iterable[str]
 
 def load_into_module(
     module: nn.Module,
-    reader: HFCheckpointReader,
+    reader: TensorSource,
     dtype: Optional[torch.dtype] = None,
     strict: bool = True,
     device: Optional[Union[str, torch.device]] = None,
@@ -98,7 +99,7 @@ def load_into_module(
 
     Args:
         module (nn.Module): the model (or one pipeline stage of it), with plugin key names.
-        reader (HFCheckpointReader): the checkpoint.
+        reader (TensorSource): the checkpoint (or another source of the module's tensors).
         dtype (Optional[torch.dtype]): dtype to load as. Default is None: each tensor keeps the dtype it has
             in ``module``.
         strict (bool): raise if the module has a key the checkpoint lacks. Default is True.

@@ -10,7 +10,6 @@ import json
 import re
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -18,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from torchtune_mistral3.checkpointing import _fp8
+from torchtune_mistral3.checkpointing._source import TensorInfo, check_fp8_base, checked_block
 from torchtune_mistral3.models.mistral3._convert_weights import hf_key_to_tune
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -39,32 +39,6 @@ _ST_DTYPES = {
 
 # Keys some exporters write that carry no weight of the model.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives in the checkpoint and how it is stored.
-
-    Args:
-        hf_key (str): key in the safetensors file.
-        path (Path): the safetensors file holding it.
-        dtype (torch.dtype): dtype on disk.
-        shape (Tuple[int, ...]): shape on disk.
-        scale_key (Optional[str]): key of the FP8 ``weight_scale_inv``, None for an unquantised tensor.
-        scale_path (Optional[Path]): file holding the scale (an index may put it in another shard).
-    """
-
-    hf_key: str
-    path: Path
-    dtype: torch.dtype
-    shape: Tuple[int, ...]
-    scale_key: Optional[str] = None
-    scale_path: Optional[Path] = None
-
-    @property
-    def is_fp8(self) -> bool:
-        """bool: True if the tensor is stored as FP8 with a dequantisation scale."""
-        return self.scale_key is not None
 
 
 def read_json(path: Union[str, Path]) -> Any:
@@ -251,9 +225,10 @@ class HFCheckpointReader:
                 shape=tuple(meta["shape"]),
                 scale_key=scale_key if is_fp8 else None,
                 scale_path=key_to_file[scale_key] if is_fp8 else None,
+                scale_shape=tuple(headers[key_to_file[scale_key]][scale_key]["shape"]) if is_fp8 else None,
             )
             if is_fp8:
-                self._check_scale(info, headers[info.scale_path][scale_key]["shape"])
+                self._check_scale(info, info.scale_shape)
             self._infos[tune_key] = info
         for scale in scales:
             if scale[: -len(_fp8.SCALE_SUFFIX)] not in key_to_file:
@@ -360,27 +335,8 @@ class HFCheckpointReader:
             ValueError: if the block lies outside the stored tensor.
         """
         info = self.info(key)
-        ndim = len(info.shape)
-        offset = tuple(offset) if offset is not None else (0,) * ndim
-        shape = tuple(shape) if shape is not None else info.shape
-        if (
-            len(offset) != ndim
-            or len(shape) != ndim
-            or any(o < 0 or o + s > full for o, s, full in zip(offset, shape, info.shape))
-        ):
-            raise ValueError(
-                f"'{info.path}': block offset {list(offset)} shape {list(shape)} lies outside '{info.hf_key}' "
-                f"of shape {list(info.shape)}"
-            )
-        whole = offset == (0,) * ndim and shape == info.shape
-        with _open(info.path) as (f, owned):
-            if whole:
-                value = f.get_tensor(info.hf_key)
-            else:
-                value = f.get_slice(info.hf_key)[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
-        if not owned:
-            # mmap results are (possibly strided) views of a private file mapping: copy into owned memory.
-            value = value.clone(memory_format=torch.contiguous_format)
+        offset, shape = checked_block(info, offset, shape)
+        value = self._read_stored(info, offset, shape)
         if info.is_fp8:
             with _open(info.scale_path) as (f, _):
                 scale = f.get_tensor(info.scale_key)
@@ -389,6 +345,48 @@ class HFCheckpointReader:
         if dtype is not None and value.dtype != dtype:
             value = value.to(dtype)
         return value
+
+    def read_fp8(
+        self, key: str, *, offset: Optional[Sequence[int]] = None, shape: Optional[Sequence[int]] = None
+    ) -> torch.Tensor:
+        """Read an FP8 weight (or a block of it) as its stored bytes, not dequantised: a frozen FP8 base's value.
+
+        Args:
+            key (str): plugin key.
+            offset (Optional[Sequence[int]]): start of the block. Default is None (zeros).
+            shape (Optional[Sequence[int]]): size of the block. Default is None (the whole tensor).
+
+        Returns:
+            torch.Tensor: a new ``float8_e4m3fn`` CPU tensor.
+        """
+        info = self.info(key)
+        check_fp8_base(info)
+        return self._read_stored(info, *checked_block(info, offset, shape))
+
+    def read_fp8_scale(self, key: str) -> torch.Tensor:
+        """Read the per-tensor scale (``weight_scale_inv``) of the FP8 weight ``key``, as stored, 0-d.
+
+        Args:
+            key (str): plugin key of the weight.
+
+        Returns:
+            torch.Tensor: the scale.
+        """
+        info = self.info(key)
+        check_fp8_base(info)
+        with _open(info.scale_path) as (f, _):
+            return f.get_tensor(info.scale_key).clone().reshape(())
+
+    @staticmethod
+    def _read_stored(info: TensorInfo, offset: Tuple[int, ...], shape: Tuple[int, ...]) -> torch.Tensor:
+        """The block as stored (FP8 bytes too), in memory of its own."""
+        with _open(info.path) as (f, owned):
+            if offset == (0,) * len(info.shape) and shape == info.shape:
+                value = f.get_tensor(info.hf_key)
+            else:
+                value = f.get_slice(info.hf_key)[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+        # mmap results are (possibly strided) views of a private file mapping: copy into owned memory.
+        return value if owned else value.clone(memory_format=torch.contiguous_format)
 
     def state_dict(self, dtype: Optional[torch.dtype] = None) -> "LazyStateDict":
         """Return a read-only mapping plugin key -> tensor that reads each tensor when it is looked up.

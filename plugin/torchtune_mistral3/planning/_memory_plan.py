@@ -357,12 +357,13 @@ def build_meta_model(
     """
     import torch
 
+    from torchtune_mistral3 import checkpointing as ckpt
     from torchtune_mistral3.models import mistral3 as family
 
     suffix, kwargs = ("", flags) if lora is None else ("_lora", {**lora, **flags})
     with torch.device("meta"):
         if checkpoint_dir is not None and (Path(checkpoint_dir) / "config.json").is_file():
-            builder = family.mistral3_from_hf_config if lora is None else family.mistral3_lora_from_hf_config
+            builder = ckpt.mistral3_from_hf_config if lora is None else ckpt.mistral3_lora_from_hf_config
             return builder(checkpoint_dir, **kwargs)
         if size in family.NAMED_SIZES:
             return getattr(family, size + suffix)(**kwargs)

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from omegaconf import OmegaConf
 
-from torchtune_mistral3.models.mistral3._demo_checkpoint import DEMO_HF_CONFIG
+from torchtune_mistral3.checkpointing._demo_checkpoint import DEMO_HF_CONFIG, write_tekken
 
 _ST_NAMES = {torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16", torch.float32: "F32"}
 
@@ -137,15 +137,5 @@ def write_header_only_checkpoint(
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if tokenizer_file is None:
-        import mistral_common
-
-        tokenizer_file = str(Path(mistral_common.__file__).parent / "data" / "tekken_240911.json")
-    tekken = json.loads(Path(tokenizer_file).read_text())
-    tekken["image"] = {
-        "image_patch_size": config["vision_config"]["patch_size"],
-        "max_image_size": config["vision_config"]["image_size"],
-        "spatial_merge_size": config["spatial_merge_size"],
-    }
-    (target / "tekken.json").write_text(json.dumps(tekken, ensure_ascii=False))
+    write_tekken(target / "tekken.json", config, tokenizer_file)
     return target

@@ -1,12 +1,14 @@
 """Checkpoint reads planned instead of made: the recipe's own loader runs, every read is checked and recorded."""
 
+import contextlib
+import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from torchtune_mistral3.checkpointing import HFCheckpointReader, RawFP8Source, _fp8
-from torchtune_mistral3.checkpointing._reader import TensorInfo
+from torchtune_mistral3.checkpointing import HFCheckpointReader, _fp8
+from torchtune_mistral3.checkpointing._source import TensorInfo, check_fp8_base, checked_block
 
 
 @dataclass(frozen=True)
@@ -24,28 +26,16 @@ class PlannedRead:
     @property
     def nbytes(self) -> int:
         """int: bytes read from the file (FP8 blocks at one byte per element)."""
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.stored_dtype.itemsize
-
-
-def _check_block(info: TensorInfo, offset: Tuple[int, ...], shape: Tuple[int, ...], rank: int) -> None:
-    full = info.shape
-    if len(offset) != len(full) or len(shape) != len(full) or any(
-        o < 0 or o + s > n for o, s, n in zip(offset, shape, full)
-    ):
-        raise ValueError(
-            f"rank {rank}: '{info.path}': block offset {list(offset)} shape {list(shape)} lies outside "
-            f"'{info.hf_key}' of shape {list(full)}"
-        )
+        return math.prod(self.shape) * self.stored_dtype.itemsize
 
 
 class PlannedReader:
     """Stands in for :class:`HFCheckpointReader` in a rehearsal: same index and checks, reads recorded, no bytes.
 
-    ``read`` checks the block against the stored shape (as the real read does) and returns an empty tensor of
-    the block's shape in the wanted dtype (fake under the rehearsal's fake runtime).
+    ``read``, ``read_fp8`` and ``read_fp8_scale`` make the real reads' checks (block against the stored shape, a
+    frozen FP8 base against what is stored), naming this rank, and return empty tensors of the block's shape in
+    the wanted dtype (fake under the rehearsal's fake runtime). ``RawFP8Source`` over it plans the LoRA
+    recipe's frozen FP8 base reads.
 
     Args:
         reader (HFCheckpointReader): the checkpoint, its headers parsed.
@@ -67,39 +57,36 @@ class PlannedReader:
     def __len__(self) -> int:
         return len(self.reader)
 
-    def keys(self) -> List[str]:
-        """Return the checkpoint's plugin keys.
-
-        Returns:
-            List[str]: plugin keys.
-        """
-        return self.reader.keys()
-
     def info(self, key: str) -> TensorInfo:
-        """Return where ``key`` is stored (see :meth:`HFCheckpointReader.info`).
-
-        Args:
-            key (str): plugin key.
-
-        Returns:
-            TensorInfo: the stored tensor.
-
-        Raises:
-            KeyError: naming the key, the checkpoint and this rank.
-        """
+        """:meth:`HFCheckpointReader.info`, whose ``KeyError`` names this rank."""
         if key not in self.reader:
             raise KeyError(f"rank {self.rank}: checkpoint '{self.checkpoint_dir}' has no weight for '{key}'")
         return self.reader.info(key)
 
-    def record(self, info: TensorInfo, key: str, offset, shape, dtype: torch.dtype) -> None:
-        """Check and record one block read of ``key`` (stored as ``info``)."""
-        offset = tuple(offset) if offset is not None else (0,) * len(info.shape)
-        shape = tuple(shape) if shape is not None else tuple(info.shape)
-        _check_block(info, offset, shape, self.rank)
+    @contextlib.contextmanager
+    def _named(self) -> Iterator[None]:
+        """Prefix this rank to the real reads' ``ValueError`` messages."""
+        try:
+            yield
+        except ValueError as e:
+            raise ValueError(f"rank {self.rank}: {e}") from None
+
+    def _fp8_info(self, key: str) -> TensorInfo:
+        """Where the frozen FP8 base weight ``key`` is stored, checked as the real read checks it."""
+        info = self.info(key)
+        with self._named():
+            check_fp8_base(info)
+        return info
+
+    def _record(self, info: TensorInfo, key: str, offset, shape, dtype: torch.dtype) -> torch.Tensor:
+        """Check and record one block read of ``key`` (stored as ``info``); an empty tensor of the block."""
+        with self._named():
+            offset, shape = checked_block(info, offset, shape)
         if dtype.is_floating_point and not info.dtype.is_floating_point:
             raise ValueError(f"rank {self.rank}: '{info.path}': '{info.hf_key}' is stored as {info.dtype}, which "
                              f"cannot become the {dtype} weight '{key}'")
         self.reads.append(PlannedRead(key, info.hf_key, info.path.name, offset, shape, info.dtype, dtype))
+        return torch.empty(shape, dtype=dtype)
 
     def read(
         self,
@@ -109,71 +96,19 @@ class PlannedReader:
         offset: Optional[Sequence[int]] = None,
         shape: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
-        """Record the read of ``key`` (or a block of it) and return an empty tensor of its shape.
-
-        Args:
-            key (str): plugin key.
-            dtype (Optional[torch.dtype]): wanted dtype. Default is None: stored, fp32 for FP8.
-            offset (Optional[Sequence[int]]): start of the block. Default is None.
-            shape (Optional[Sequence[int]]): size of the block. Default is None.
-
-        Returns:
-            torch.Tensor: an empty tensor of the block's shape.
-        """
+        """:meth:`HFCheckpointReader.read`, recorded: an empty tensor of the block's shape and ``dtype``."""
         info = self.info(key)
-        want = dtype or (torch.float32 if info.is_fp8 else info.dtype)
-        self.record(info, key, offset, shape, want)
-        return torch.empty(self.reads[-1].shape, dtype=want)
+        return self._record(info, key, offset, shape, dtype or (torch.float32 if info.is_fp8 else info.dtype))
 
-
-class PlannedRawFP8Source(RawFP8Source):
-    """:class:`RawFP8Source` (the LoRA recipe's frozen FP8 base) over a :class:`PlannedReader`: no bytes read.
-
-    Args:
-        reader (PlannedReader): the planned reader.
-    """
-
-    def read(
-        self,
-        key: str,
-        dtype: Optional[torch.dtype] = None,
-        *,
-        offset: Optional[Sequence[int]] = None,
-        shape: Optional[Sequence[int]] = None,
+    def read_fp8(
+        self, key: str, *, offset: Optional[Sequence[int]] = None, shape: Optional[Sequence[int]] = None
     ) -> torch.Tensor:
-        """Plan the read of a weight as FP8 bytes, a scale, or (other dtypes) through the planned reader.
+        """:meth:`HFCheckpointReader.read_fp8`, recorded: an empty ``float8_e4m3fn`` tensor of the block's shape."""
+        return self._record(self._fp8_info(key), key, offset, shape, _fp8.FP8_DTYPE)
 
-        Args:
-            key (str): plugin key.
-            dtype (Optional[torch.dtype]): the module's dtype for this entry.
-            offset (Optional[Sequence[int]]): start of the block. Default is None.
-            shape (Optional[Sequence[int]]): size of the block. Default is None.
-
-        Returns:
-            torch.Tensor: an empty tensor of the block's shape (a scale: a 0-d tensor).
-
-        Raises:
-            ValueError: where :class:`RawFP8Source` would refuse the checkpoint (an unquantised or block-scaled
-                weight kept as FP8).
-        """
-        weight = self._weight_of_scale(key)
-        if weight is not None:
-            info = self.reader.info(weight)
-            scale = TensorInfo(info.scale_key, info.scale_path, torch.bfloat16, ())
-            self.reader.record(scale, key, None, None, dtype or torch.float32)
-            return torch.ones((), dtype=dtype or torch.float32)
-        if dtype != _fp8.FP8_DTYPE:
-            return self.reader.read(key, dtype, offset=offset, shape=shape)
-        info = self.reader.info(key)
-        if not info.is_fp8:
-            raise ValueError(
-                f"rank {self.reader.rank}: '{info.path}': '{info.hf_key}' is stored as {info.dtype}, not FP8, but "
-                "the model keeps it as a frozen FP8 base weight: set model.fp8_base=False"
-            )
-        if self.reader.block_size is not None:
-            raise ValueError(
-                f"rank {self.reader.rank}: '{info.scale_path}': '{info.scale_key}' is a block scale; the frozen FP8 "
-                "base keeps per-tensor scales only: set model.fp8_base=False"
-            )
-        self.reader.record(info, key, offset, shape, _fp8.FP8_DTYPE)
-        return torch.empty(self.reader.reads[-1].shape, dtype=_fp8.FP8_DTYPE)
+    def read_fp8_scale(self, key: str) -> torch.Tensor:
+        """:meth:`HFCheckpointReader.read_fp8_scale`, recorded: a 0-d fp32 tensor of ones."""
+        info = self._fp8_info(key)
+        scale = TensorInfo(info.scale_key, info.scale_path, torch.bfloat16, ())
+        self._record(scale, key + _fp8.SCALE_SUFFIX, None, None, torch.float32)
+        return torch.ones(())

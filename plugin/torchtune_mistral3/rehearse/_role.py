@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from torchtune_mistral3.rehearse._fake import Phase, RehearsalMode, StageMetaMailbox, fake_runtime, patched
 from torchtune_mistral3.rehearse._preflight import check_tokenizer_matches_config
-from torchtune_mistral3.rehearse._reads import PlannedRawFP8Source, PlannedRead, PlannedReader
+from torchtune_mistral3.rehearse._reads import PlannedRead, PlannedReader
 
 
 @dataclass
@@ -108,13 +108,10 @@ def rehearsal_recipe_class(base: type) -> type:
             checkpointer = self._checkpointer
             if self._planned is None:
                 self._planned = PlannedReader(checkpointer.reader, self.rank)
-            import torchtune_mistral3.checkpointing as checkpointing
             from torchtune_mistral3.checkpointing import _load
 
             # a planned read has no values: its NaN count would read as 1 (every fake value does)
-            with patched(checkpointer, "_reader", self._planned), patched(
-                checkpointing, "RawFP8Source", PlannedRawFP8Source
-            ), patched(_load, "_non_finite", lambda value: 0):
+            with patched(checkpointer, "_reader", self._planned), patched(_load, "_non_finite", lambda value: 0):
                 super()._load_weights(part)
 
         def setup(self, cfg: DictConfig) -> None:
@@ -186,7 +183,7 @@ def plan_save(recipe: Any) -> SavePlan:
         for key, value in part.state_dict().items():
             state.setdefault(key, value)
     if checkpointer is not inner:  # LoRA (LoRAAdapterSaver): rank 0 writes the PEFT adapter, gathered per tensor
-        from torchtune_mistral3.peft import adapter_keys
+        from torchtune_mistral3.checkpointing import adapter_keys
 
         keep = set(adapter_keys(recipe._model))
         state = {k: v for k, v in state.items() if k in keep}

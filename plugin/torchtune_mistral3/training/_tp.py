@@ -1,13 +1,14 @@
-"""Tensor parallelism helpers: plans resolved against (possibly pipeline-cut) modules, and loss parallel."""
+"""Tensor parallelism helpers: sequence-parallel styles, plans resolved against (possibly pipeline-cut) modules."""
 
 import contextlib
 import os
 from fnmatch import fnmatchcase
-from typing import ContextManager, Dict, Optional
+from typing import Any, ContextManager, Dict, Optional, Tuple
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -19,6 +20,59 @@ from torchtune.training import prepare_mha_for_tp
 
 from ._parallel_dims import validate_tensor_parallel
 from ._pipeline import is_stage_stand_in
+
+
+class GatherSequence(ParallelStyle):
+    """Module-input style: all-gather sequence-sharded (``Shard(1)``) positional inputs into full local tensors.
+
+    ``TransformerSelfAttentionLayer`` calls ``attn(h, h, mask=..., input_pos=...)``: a ``PrepareModuleInput``
+    with two ``Shard(1) -> Replicate`` inputs would all-gather the same ``h`` twice. Here each distinct tensor is
+    gathered once (its gradient is then reduce-scattered once). Keyword inputs (mask, positions) pass unchanged:
+    they already describe the full sequence.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def gather(_: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+            full: Dict[int, torch.Tensor] = {}
+            out = []
+            for arg in args:
+                if isinstance(arg, torch.Tensor):
+                    if id(arg) not in full:
+                        shard = arg if isinstance(arg, DTensor) else DTensor.from_local(
+                            arg, device_mesh, (Shard(1),), run_check=False
+                        )
+                        full[id(arg)] = shard.redistribute(device_mesh, (Replicate(),)).to_local()
+                    arg = full[id(arg)]
+                out.append(arg)
+            return tuple(out)
+
+        module.register_forward_pre_hook(gather)
+        return module
+
+
+class ShardSequence(ParallelStyle):
+    """Module-input style: keep this rank's sequence slice of a replicated hidden state (no communication).
+
+    The backward all-gathers the gradient, so everything before (embeddings, image features) gets the full one.
+
+    Raises:
+        ValueError: at the forward, if the sequence length is not a multiple of the TP degree.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def shard(_: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+            h, *rest = args
+            if h.shape[1] % device_mesh.size() != 0:
+                raise ValueError(
+                    f"tensor_parallel_plan.sequence_parallel=True needs sequence lengths that are multiples of "
+                    f"tensor_parallel_dim={device_mesh.size()}, got {h.shape[1]} tokens: pad the batch (the recipe "
+                    "pads to a multiple; tokenizer.max_seq_len must be one)"
+                )
+            full = DTensor.from_local(h, device_mesh, (Replicate(),), run_check=False)
+            return (full.redistribute(device_mesh, (Shard(1),)).to_local(), *rest)
+
+        module.register_forward_pre_hook(shard)
+        return module
 
 
 def resolve_tp_plan(module: nn.Module, plan: Dict[str, ParallelStyle]) -> Dict[str, ParallelStyle]:

@@ -196,7 +196,8 @@ def plugin_from_hf(hf_model, checkpoint_dir: Optional[str] = None, **overrides: 
     """
     import tempfile
 
-    from torchtune_mistral3.models.mistral3 import mistral3_from_hf_config, mistral3_hf_to_tune
+    from torchtune_mistral3.checkpointing import mistral3_from_hf_config
+    from torchtune_mistral3.models.mistral3 import mistral3_hf_to_tune
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = checkpoint_dir or tmp

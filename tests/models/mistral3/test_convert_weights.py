@@ -3,11 +3,8 @@
 import torch
 from _hf_reference import tiny_hf_config, tiny_hf_model
 from safetensors.torch import load_file
-from torchtune_mistral3.models.mistral3 import (
-    mistral3_from_hf_config,
-    mistral3_hf_to_tune,
-    mistral3_tune_to_hf,
-)
+from torchtune_mistral3.checkpointing import mistral3_from_hf_config
+from torchtune_mistral3.models.mistral3 import mistral3_hf_to_tune, mistral3_tune_to_hf
 
 
 def test_both_layouts_convert_exactly_both_ways(tmp_path):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from _hf_reference import PAD, plugin_from_hf, tiny_batch, tiny_hf_config, tiny_hf_model
 from torchtune.modules.peft import LoRALinear, get_adapter_params
-from torchtune_mistral3.checkpointing import quantize_per_tensor
-from torchtune_mistral3.models.mistral3 import mistral3_hf_to_tune, mistral3_lora_from_hf_config
+from torchtune_mistral3.checkpointing import mistral3_lora_from_hf_config, quantize_per_tensor
+from torchtune_mistral3.models.mistral3 import mistral3_hf_to_tune
 from torchtune_mistral3.peft import FP8LoRALinear, FrozenFP8Linear
 
 ALL_ATTN = ["q_proj", "k_proj", "v_proj", "output_proj"]

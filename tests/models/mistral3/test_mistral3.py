@@ -5,7 +5,8 @@ import torch
 from _hf_reference import IMG, PAD, plugin_from_hf, tiny_batch, tiny_hf_config, tiny_hf_model
 from torchtune import training
 from torchtune.modules import MultiHeadAttention, TransformerSelfAttentionLayer
-from torchtune_mistral3.models.mistral3 import hf_key_to_tune, mistral3_from_hf_config
+from torchtune_mistral3.checkpointing import mistral3_from_hf_config
+from torchtune_mistral3.models.mistral3 import hf_key_to_tune
 
 # Two configurations: head_dim != hidden/heads with attention factor 1.416 (mscale_all_dim 0), and
 # head_dim == hidden/heads with attention factor 1 (mscale_all_dim 1). Both have YaRN factor 64, L0 = 16 < 40

@@ -6,12 +6,12 @@ import pytest
 import torch
 from _hf_reference import tiny_hf_config
 from torchtune.modules import TiedLinear
+from torchtune_mistral3.checkpointing import mistral3_from_hf_config
 from torchtune_mistral3.models.mistral3 import (
     ministral3_3b,
     ministral3_8b,
     ministral3_14b,
     mistral3_arguments_from_hf_config,
-    mistral3_from_hf_config,
     mistral3p5_128b,
     tune_key_to_hf,
 )

@@ -221,7 +221,8 @@ def _demo_model(**text_config):
     """The demo architecture on the meta device (free), with ``text_config`` fields replaced."""
     import copy
 
-    from torchtune_mistral3.models.mistral3 import DEMO_HF_CONFIG, mistral3, mistral3_arguments_from_hf_config
+    from torchtune_mistral3.checkpointing import DEMO_HF_CONFIG
+    from torchtune_mistral3.models.mistral3 import mistral3, mistral3_arguments_from_hf_config
 
     cfg = copy.deepcopy(DEMO_HF_CONFIG)
     cfg["text_config"].update(text_config)

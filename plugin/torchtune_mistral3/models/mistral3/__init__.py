@@ -1,14 +1,12 @@
 from ._attention import block_causal_mask, packed_attention_prefers_flex
 from ._component_builders import ministral3_decoder, mistral3, mistral3_projector, pixtral_vision_encoder
 from ._convert_weights import hf_key_to_tune, mistral3_hf_to_tune, mistral3_tune_to_hf, tune_key_to_hf
-from ._demo_checkpoint import DEMO_HF_CONFIG, write_demo_checkpoint
 from ._fusion import Mistral3FusionModel, Mistral3ImageEncoder
 from ._lora_builders import (
     ministral3_3b_lora,
     ministral3_8b_lora,
     ministral3_14b_lora,
     mistral3_lora,
-    mistral3_lora_from_hf_config,
     mistral3p5_128b_lora,
 )
 from ._model_builders import (
@@ -16,7 +14,6 @@ from ._model_builders import (
     ministral3_8b,
     ministral3_14b,
     mistral3_arguments_from_hf_config,
-    mistral3_from_hf_config,
     mistral3p5_128b,
 )
 from ._parallelism import mistral3_pp_stage_extras, mistral3_tp_plan
@@ -32,7 +29,6 @@ __all__ = [
     "ministral3_8b_lora",
     "ministral3_14b_lora",
     "mistral3_lora",
-    "mistral3_lora_from_hf_config",
     "mistral3p5_128b_lora",
     "Mistral3Tokenizer",
     "check_tokenizer_fits_model",
@@ -42,8 +38,6 @@ __all__ = [
     "mistral3_transform",
     "mistral3_pp_stage_extras",
     "mistral3_tp_plan",
-    "DEMO_HF_CONFIG",
-    "write_demo_checkpoint",
     "Llama4QueryScale",
     "Mistral3FusionModel",
     "Mistral3ImageEncoder",
@@ -58,7 +52,6 @@ __all__ = [
     "ministral3_decoder",
     "mistral3",
     "mistral3_arguments_from_hf_config",
-    "mistral3_from_hf_config",
     "mistral3_hf_to_tune",
     "mistral3_projector",
     "mistral3_tune_to_hf",

@@ -10,8 +10,6 @@ keys of the base are unchanged (``...q_proj.weight``); the adapters add ``...q_p
 token embeddings and (unless ``apply_lora_to_output``) the output head stay frozen.
 """
 
-import json
-from pathlib import Path
 from typing import Any, Callable, Iterator, List, Literal, Tuple
 
 from torch import nn
@@ -21,13 +19,7 @@ from torchtune_mistral3.peft._fp8_lora import FP8_MATMULS, FP8LoRALinear, Frozen
 
 from ._component_builders import mistral3
 from ._fusion import Mistral3FusionModel
-from ._model_builders import (
-    ministral3_3b,
-    ministral3_8b,
-    ministral3_14b,
-    mistral3_arguments_from_hf_config,
-    mistral3p5_128b,
-)
+from ._model_builders import ministral3_3b, ministral3_8b, ministral3_14b, mistral3p5_128b
 
 LORA_ATTN_MODULES = Literal["q_proj", "k_proj", "v_proj", "output_proj"]
 TRAINABLE = ("lora", "frozen", "full")
@@ -229,37 +221,3 @@ def ministral3_14b_lora(**kwargs: Any) -> Mistral3FusionModel:
         Mistral3FusionModel: the model.
     """
     return _build_lora(ministral3_14b, **kwargs)
-
-
-def mistral3_lora_from_hf_config(checkpoint_dir: str, **kwargs: Any) -> Mistral3FusionModel:
-    """:func:`~torchtune_mistral3.models.mistral3.mistral3_from_hf_config` with LoRA.
-
-    ``model._component_: torchtune_mistral3.models.mistral3.mistral3_lora_from_hf_config`` with
-    ``model.checkpoint_dir: ${checkpointer.checkpoint_dir}`` and the LoRA arguments of :func:`mistral3_lora`.
-
-    Args:
-        checkpoint_dir (str): directory holding ``config.json``.
-        **kwargs (Any): :func:`mistral3_lora` arguments, and overrides of :func:`mistral3` arguments.
-
-    Returns:
-        Mistral3FusionModel: the model, with random weights (the checkpointer loads them).
-
-    Raises:
-        FileNotFoundError: if ``checkpoint_dir`` has no config.json.
-        ValueError: if ``fp8_base`` is requested for a checkpoint whose config.json declares no FP8
-            ``quantization_config``.
-
-    Example:
-        >>> model = mistral3_lora_from_hf_config("/ckpt/Mistral-Medium-3.5-128B", lora_attn_modules=["q_proj"])
-    """
-    path = Path(checkpoint_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: checkpoint_dir must be an HF checkpoint directory with config.json")
-    with open(path) as f:
-        config = json.load(f)
-    if kwargs.get("fp8_base") and (config.get("quantization_config") or {}).get("quant_method") != "fp8":
-        raise ValueError(
-            f"{path} declares no FP8 quantization_config (quant_method: fp8), so its weights are not stored in "
-            "FP8: set model.fp8_base=False to train on a base in the compute dtype"
-        )
-    return _build_lora(mistral3, **{**mistral3_arguments_from_hf_config(config, where=str(path)), **kwargs})

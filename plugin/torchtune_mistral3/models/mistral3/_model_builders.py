@@ -1,11 +1,10 @@
-"""Model builders: named sizes of the Mistral 3 family, and a builder that reads any checkpoint's HF config.json.
+"""Model builders: named sizes of the Mistral 3 family, and the translation of an HF config.json into its arguments.
 
-Named sizes pin dimensions and delegate to :func:`mistral3`; :func:`mistral3_from_hf_config` is the builder
-for real checkpoints (and every tiny test checkpoint): it reads every dimension from the checkpoint itself.
+Named sizes pin dimensions and delegate to :func:`mistral3`; :func:`mistral3_arguments_from_hf_config` turns a
+parsed ``Mistral3Config`` into :func:`mistral3` arguments (the builder of a checkpoint directory,
+:func:`torchtune_mistral3.checkpointing.mistral3_from_hf_config`, reads the file and the checkpoint's head).
 """
 
-import json
-from pathlib import Path
 from typing import Any, Dict
 
 from ._component_builders import mistral3
@@ -242,60 +241,7 @@ def mistral3_arguments_from_hf_config(config: Dict[str, Any], where: str = "conf
         projector_hidden_act=config.get("projector_hidden_act", "gelu"),
         image_token_id=config.get("image_token_index", config.get("image_token_id", 10)),
         # transformers 5.x ties by the top-level flag (default True), whatever text_config says; for a
-        # checkpoint that also stores a real lm_head, mistral3_from_hf_config unties (as from_pretrained does).
+        # checkpoint that also stores a real lm_head, checkpointing.mistral3_from_hf_config unties (as
+        # from_pretrained does).
         tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
     )
-
-
-def mistral3_from_hf_config(checkpoint_dir: str, **kwargs: Any) -> Mistral3FusionModel:
-    """Build the model that matches the HF checkpoint in ``checkpoint_dir``, every dimension from its config.json.
-
-    This is the builder for any checkpoint of the family (Mistral Medium 3.5, Ministral-3, tiny test
-    checkpoints): ``model._component_: torchtune_mistral3.models.mistral3.mistral3_from_hf_config`` with
-    ``model.checkpoint_dir: ${checkpointer.checkpoint_dir}``.
-
-    The output head is tied to the token embedding as ``Mistral3ForConditionalGeneration.from_pretrained``
-    in transformers 5.x does it: when the top-level ``tie_word_embeddings`` is true or absent, unless the
-    checkpoint stores an ``lm_head.weight`` that differs from ``embed_tokens.weight`` (then the real head is
-    kept; transformers' own Ministral-3 converter writes that flag for untied models). ``text_config``'s flag
-    is not read.
-
-    Args:
-        checkpoint_dir (str): directory holding ``config.json``.
-        **kwargs (Any): overrides of :func:`mistral3` arguments, e.g. ``max_seq_len`` (smaller tables and a
-            clear error for longer inputs) or the ``*_trainable`` flags.
-
-    Returns:
-        Mistral3FusionModel: the model, with random weights (the checkpointer loads them).
-
-    Raises:
-        FileNotFoundError: if ``checkpoint_dir`` has no config.json.
-
-    Example:
-        >>> model = mistral3_from_hf_config("/ckpt/Mistral-Medium-3.5-128B", max_seq_len=4096)
-    """
-    path = Path(checkpoint_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: checkpoint_dir must be an HF checkpoint directory with config.json")
-    with open(path) as f:
-        config = json.load(f)
-    args = mistral3_arguments_from_hf_config(config, where=str(path))
-    if args["tie_word_embeddings"] and "tie_word_embeddings" not in kwargs and _stores_real_lm_head(checkpoint_dir):
-        args["tie_word_embeddings"] = False
-    return mistral3(**{**args, **kwargs})
-
-
-# Every stored key but the output head and the token embedding (both HF layouts), for a reader of just those.
-_NOT_HEAD_OR_EMBEDDING = (
-    r"(?!(language_model\.)?lm_head\.|(model\.language_model|language_model\.model)\.embed_tokens\.)"
-)
-
-
-def _stores_real_lm_head(checkpoint_dir: str) -> bool:
-    """Whether the checkpoint stores an ``lm_head.weight`` that is not a copy of ``embed_tokens.weight``."""
-    from torchtune_mistral3.checkpointing import HFCheckpointReader, stores_real_lm_head
-
-    directory = Path(checkpoint_dir)
-    if not any(directory.glob("*.safetensors")):  # a config.json alone (no weights yet): nothing to keep
-        return False
-    return stores_real_lm_head(HFCheckpointReader(checkpoint_dir, ignore_unexpected_keys=[_NOT_HEAD_OR_EMBEDDING]))

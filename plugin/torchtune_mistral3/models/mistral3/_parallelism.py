@@ -1,11 +1,8 @@
 """Tensor parallel plan and default pipeline split of the Mistral 3 family (model knowledge only)."""
 
-from typing import Any, Dict, Tuple
+from typing import Dict
 
-import torch
-from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -14,65 +11,14 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
 )
 
+from torchtune_mistral3.training._tp import GatherSequence, ShardSequence
+
 # Cost of what the first and last pipeline stages carry besides decoder layers, in decoder layers.
 # Mistral Medium 3.5 (12288 hidden, 131072 vocab, ~1.4B params per layer): the head is 1.6B params
 # (~1.1 layers of matmul per token, plus the loss); the Pixtral tower (~0.4B params) runs on about 4x
 # as many patches as the merged image tokens, roughly one layer for image-heavy VQA samples.
 _PP_FIRST_STAGE_EXTRA_LAYERS = 1.0
 _PP_LAST_STAGE_EXTRA_LAYERS = 1.0
-
-
-class _GatherSequence(ParallelStyle):
-    """Module-input style: all-gather sequence-sharded (``Shard(1)``) positional inputs into full local tensors.
-
-    ``TransformerSelfAttentionLayer`` calls ``attn(h, h, mask=..., input_pos=...)``: a ``PrepareModuleInput``
-    with two ``Shard(1) -> Replicate`` inputs would all-gather the same ``h`` twice. Here each distinct tensor is
-    gathered once (its gradient is then reduce-scattered once). Keyword inputs (mask, positions) pass unchanged:
-    they already describe the full sequence.
-    """
-
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        def gather(_: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
-            full: Dict[int, torch.Tensor] = {}
-            out = []
-            for arg in args:
-                if isinstance(arg, torch.Tensor):
-                    if id(arg) not in full:
-                        shard = arg if isinstance(arg, DTensor) else DTensor.from_local(
-                            arg, device_mesh, (Shard(1),), run_check=False
-                        )
-                        full[id(arg)] = shard.redistribute(device_mesh, (Replicate(),)).to_local()
-                    arg = full[id(arg)]
-                out.append(arg)
-            return tuple(out)
-
-        module.register_forward_pre_hook(gather)
-        return module
-
-
-class _ShardSequence(ParallelStyle):
-    """Module-input style: keep this rank's sequence slice of a replicated hidden state (no communication).
-
-    The backward all-gathers the gradient, so everything before (embeddings, image features) gets the full one.
-
-    Raises:
-        ValueError: at the forward, if the sequence length is not a multiple of the TP degree.
-    """
-
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        def shard(_: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
-            h, *rest = args
-            if h.shape[1] % device_mesh.size() != 0:
-                raise ValueError(
-                    f"tensor_parallel_plan.sequence_parallel=True needs sequence lengths that are multiples of "
-                    f"tensor_parallel_dim={device_mesh.size()}, got {h.shape[1]} tokens: pad the batch (the recipe "
-                    "pads to a multiple; tokenizer.max_seq_len must be one)"
-                )
-            full = DTensor.from_local(h, device_mesh, (Replicate(),), run_check=False)
-            return (full.redistribute(device_mesh, (Shard(1),)).to_local(), *rest)
-
-        module.register_forward_pre_hook(shard)
-        return module
 
 
 def mistral3_tp_plan(loss_parallel: bool = True, sequence_parallel: bool = False) -> Dict[str, ParallelStyle]:
@@ -121,9 +67,9 @@ def mistral3_tp_plan(loss_parallel: bool = True, sequence_parallel: bool = False
     if sequence_parallel:
         plan.update({
             # the fused (replicated) hidden state -> this rank's sequence slice: a local slice, no communication
-            "decoder.layers.0": _ShardSequence(),
+            "decoder.layers.0": ShardSequence(),
             "decoder.layers.*.sa_norm": SequenceParallel(),
-            "decoder.layers.*.attn": _GatherSequence(),
+            "decoder.layers.*.attn": GatherSequence(),
             "decoder.layers.*.mlp_norm": SequenceParallel(),
             "decoder.layers.*.mlp": PrepareModuleInput(
                 input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True

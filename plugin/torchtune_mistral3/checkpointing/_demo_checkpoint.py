@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from ._component_builders import mistral3
-from ._model_builders import mistral3_arguments_from_hf_config
+from torchtune_mistral3.checkpointing._writer import default_fp8_keys, write_hf_checkpoint
+from torchtune_mistral3.models.mistral3 import mistral3, mistral3_arguments_from_hf_config
 
 # The HF config.json of the demo model: the 128B model's layout and options at toy widths (the FP8 save adds
 # Mistral's per-tensor ``quantization_config``).
@@ -129,10 +129,6 @@ def write_demo_checkpoint(
         return target  # written before: nothing to do
     _check_own_output(target)
 
-    if tokenizer_file is None:
-        import mistral_common
-
-        tokenizer_file = str(Path(mistral_common.__file__).parent / "data" / "tekken_240911.json")
     written = target.parent / f".{target.name}.demo"
     _write(written, config, seed, tokenizer_file)
     # Written last, listing every file: a later call may replace exactly these and nothing else.
@@ -199,13 +195,19 @@ def _replace(target: Path, written: Path) -> None:
     shutil.rmtree(old)
 
 
-def _write(directory: Path, config: Dict[str, Any], seed: int, tokenizer_file: str) -> None:
-    """Write the checkpoint of ``config`` with weights from ``seed`` into ``directory`` (replaced if it exists)."""
-    from torchtune_mistral3.checkpointing import default_fp8_keys, write_hf_checkpoint
+def write_tekken(path: Path, config: Dict[str, Any], tokenizer_file: Optional[str] = None) -> None:
+    """Copy a tekken.json to ``path``, declaring the image geometry (patches, size, merge) of the HF ``config``.
 
-    staging = directory.parent / f"{directory.name}.source"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    Args:
+        path (Path): the file to write.
+        config (Dict[str, Any]): the model's HF config.
+        tokenizer_file (Optional[str]): tekken.json to copy. Default is the real tekken file that mistral-common
+            ships (``tekken_240911.json``, the Pixtral vocabulary).
+    """
+    if tokenizer_file is None:
+        import mistral_common
+
+        tokenizer_file = str(Path(mistral_common.__file__).parent / "data" / "tekken_240911.json")
     tekken = json.loads(Path(tokenizer_file).read_text())
     # The shipped file is Pixtral-12B's (16 px patches, no merge); declare this model's image geometry.
     tekken["image"] = {
@@ -213,7 +215,15 @@ def _write(directory: Path, config: Dict[str, Any], seed: int, tokenizer_file: s
         "max_image_size": config["vision_config"]["image_size"],
         "spatial_merge_size": config["spatial_merge_size"],
     }
-    (staging / "tekken.json").write_text(json.dumps(tekken, ensure_ascii=False))
+    path.write_text(json.dumps(tekken, ensure_ascii=False))
+
+
+def _write(directory: Path, config: Dict[str, Any], seed: int, tokenizer_file: Optional[str]) -> None:
+    """Write the checkpoint of ``config`` with weights from ``seed`` into ``directory`` (replaced if it exists)."""
+    staging = directory.parent / f"{directory.name}.source"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    write_tekken(staging / "tekken.json", config, tokenizer_file)
 
     generator_state = torch.random.get_rng_state()
     try:

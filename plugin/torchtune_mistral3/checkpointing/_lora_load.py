@@ -7,29 +7,23 @@ adapters, so their losses agree from the first step.
 
 import math
 import zlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ._fp8_lora import SCALE_NAME, FrozenFP8Linear
-
-if TYPE_CHECKING:
-    from torchtune_mistral3.checkpointing import HFCheckpointReader
+from torchtune_mistral3.checkpointing._fp8_raw import RawFP8Source
+from torchtune_mistral3.checkpointing._load import load_into_module
+from torchtune_mistral3.checkpointing._reader import HFCheckpointReader
+from torchtune_mistral3.checkpointing._source import TensorInfo, checked_block
+from torchtune_mistral3.peft._fp8_lora import SCALE_NAME, FrozenFP8Linear
 
 _ADAPTER_SUFFIXES = ("lora_a.weight", "lora_b.weight")
 
 
-@dataclass(frozen=True)
-class _AdapterInfo:
-    hf_key: str
-    path: str
-    shape: Tuple[int, ...]
-
-
 class AdapterInit:
-    """A source for :func:`load_into_module` that gives LoRA ``A`` (Kaiming-uniform, as torchtune) and ``B = 0``.
+    """A :class:`TensorSource` that gives LoRA ``A`` (Kaiming-uniform, as torchtune) and ``B = 0``.
 
     ``A[key] ~ U(-1/sqrt(in_dim), 1/sqrt(in_dim))`` drawn from ``seed`` and the CRC32 of ``key``; blocks are cut
     from the full tensor, so a rank's block does not depend on how the tensor is sharded.
@@ -47,16 +41,9 @@ class AdapterInit:
     def __contains__(self, key: object) -> bool:
         return key in self.shapes
 
-    def info(self, key: str) -> _AdapterInfo:
-        """Return the key's full shape (the interface of ``HFCheckpointReader.info``).
-
-        Args:
-            key (str): adapter key.
-
-        Returns:
-            _AdapterInfo: the shape.
-        """
-        return _AdapterInfo(hf_key=key, path=self.checkpoint_dir, shape=self.shapes[key])
+    def info(self, key: str) -> TensorInfo:
+        """:meth:`TensorSource.info`: the adapter's full shape (fp32, stored in no file)."""
+        return TensorInfo(hf_key=key, path=Path(self.checkpoint_dir), dtype=torch.float32, shape=self.shapes[key])
 
     def read(
         self,
@@ -77,6 +64,7 @@ class AdapterInit:
         Returns:
             torch.Tensor: a new CPU tensor.
         """
+        offset, shape = checked_block(self.info(key), offset, shape)
         full = self.shapes[key]
         if key.endswith("lora_b.weight"):
             value = torch.zeros(full)
@@ -84,10 +72,8 @@ class AdapterInit:
             bound = 1.0 / math.sqrt(full[1])
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
             value = torch.empty(full).uniform_(-bound, bound, generator=g)
-        offset = tuple(offset) if offset is not None else (0,) * len(full)
-        shape = tuple(shape) if shape is not None else full
-        block = value[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
-        return block.to(dtype or torch.float32).contiguous()
+        part = value[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+        return part.to(dtype or torch.float32).contiguous()
 
 
 def adapter_keys(module: nn.Module) -> List[str]:
@@ -102,7 +88,7 @@ def adapter_keys(module: nn.Module) -> List[str]:
     return [k for k in module.state_dict() if k.endswith(_ADAPTER_SUFFIXES)]
 
 
-def load_lora_checkpoint(module: nn.Module, reader: "HFCheckpointReader", *, dtype: torch.dtype, seed: int) -> None:
+def load_lora_checkpoint(module: nn.Module, reader: HFCheckpointReader, *, dtype: torch.dtype, seed: int) -> None:
     """Fill a (possibly FSDP-sharded) LoRA model: base weights from ``reader``, adapters initialised.
 
     Frozen FP8 base weights get the checkpoint's FP8 bytes and per-tensor scale (:class:`RawFP8Source`);
@@ -118,9 +104,6 @@ def load_lora_checkpoint(module: nn.Module, reader: "HFCheckpointReader", *, dty
     Raises:
         KeyError: if the checkpoint lacks a base weight of the model (all of them named).
     """
-    # imported here: the checkpointing package imports the model package, which imports this one
-    from torchtune_mistral3.checkpointing import RawFP8Source, load_into_module
-
     missing = load_into_module(module, RawFP8Source(reader), dtype=None, strict=False)
     lacking = [k for k in missing if not k.endswith(_ADAPTER_SUFFIXES)]
     if lacking:

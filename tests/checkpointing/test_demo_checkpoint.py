@@ -5,7 +5,7 @@ import hashlib
 import json
 
 import pytest
-from torchtune_mistral3.models.mistral3 import DEMO_HF_CONFIG, write_demo_checkpoint
+from torchtune_mistral3.checkpointing import DEMO_HF_CONFIG, write_demo_checkpoint
 
 MARKER = "demo_checkpoint.json"
 
