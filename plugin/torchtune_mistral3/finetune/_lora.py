@@ -24,8 +24,8 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
-from torchtune_mistral3.checkpointing._peft import LoRAAdapterSaver
 from torchtune_mistral3.checkpointing import adapter_keys, load_lora_checkpoint
+from torchtune_mistral3.checkpointing._peft import LoRAAdapterSaver
 from torchtune_mistral3.training import ParallelDims
 
 from ._full import Mistral3FullFinetuneRecipe
