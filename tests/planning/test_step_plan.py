@@ -9,12 +9,13 @@ from torchtune_mistral3.planning._step_plan import (
     TABLE_FILE,
     CostTable,
     MicroBatch,
-    derive_provisional_table,
     predict_slice,
     replay_schedule,
     schedule_order,
     stage_time,
 )
+
+from tests.conftest import load_bench
 
 REPO = Path(__file__).resolve().parents[2]
 F, B = 1.0, 2.0  # unequal forward and backward: the closed forms below hold for any
@@ -97,7 +98,8 @@ def _same(a, b) -> bool:
 
 def test_provisional_table_is_what_the_step_speed_runs_give():
     shipped = json.loads(PROVISIONAL_FILE.read_text())
-    derived = json.loads(json.dumps(derive_provisional_table(str(REPO / "bench" / "results"))))
+    derived = load_bench("cost_tables").derive_provisional_table(str(REPO / "bench" / "results"))
+    derived = json.loads(json.dumps(derived))
     # regenerated from the results, not edited by hand (floats to 1e-12: least squares' last bits vary with BLAS)
     assert _same(shipped, derived)
     # the derivation rebuilds the 4-layer slice of another run (head, tower, projector, optimizer estimated)
@@ -215,10 +217,11 @@ def test_tower_split_shares_tower_and_projector_and_follows_the_recipe_key():
 
 
 def test_packed_attention_section_is_what_the_attention_runs_give():
-    from torchtune_mistral3.planning._step_plan import PACKED_ATTENTION_FILE, derive_packed_attention
+    from torchtune_mistral3.planning._step_plan import PACKED_ATTENTION_FILE
 
     shipped = json.loads(PACKED_ATTENTION_FILE.read_text())
-    assert _same(shipped, json.loads(json.dumps(derive_packed_attention(str(REPO / "bench" / "results")))))
+    derived = load_bench("cost_tables").derive_packed_attention(str(REPO / "bench" / "results"))
+    assert _same(shipped, json.loads(json.dumps(derived)))
     assert set(shipped["packed_attention"]) == {"1", "8"}
 
 
