@@ -230,28 +230,11 @@ class Mistral3Transform(ModelTokenizer, Transform):
         self.vocab_size = self.tokenizer.vocab_size
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> List[int]:
-        """Encode plain text (no chat format).
-
-        Args:
-            text (str): the text.
-            add_bos (bool): prepend ``<s>``. Default is True.
-            add_eos (bool): append ``</s>``. Default is True.
-
-        Returns:
-            List[int]: token ids.
-        """
+        """Encode plain text (no chat format): :meth:`Mistral3Tokenizer.encode`."""
         return self.tokenizer.encode(text, add_bos=add_bos, add_eos=add_eos)
 
     def decode(self, token_ids: List[int], skip_special_tokens: bool = True) -> str:
-        """Decode token ids to text.
-
-        Args:
-            token_ids (List[int]): token ids.
-            skip_special_tokens (bool): drop control tokens. Default is True.
-
-        Returns:
-            str: the text.
-        """
+        """Decode token ids to text: :meth:`Mistral3Tokenizer.decode`."""
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def tokenize_messages(self, messages: List[Message], **kwargs: Any) -> Tuple[List[int], List[bool]]:
