@@ -1,6 +1,6 @@
 """How long the recipe's sequences are: the padding each layout gets, and MedPix's sample-length distribution.
 
-The recipe pads a batch in one of three ways (``recipes/full_finetune_distributed.py``):
+The recipe pads a batch in one of three ways (``finetune/_full.py``, ``_setup_data``):
 
 - ``longest``: one GPU, data parallel, or tensor parallel without compile: to the longest sample of the batch;
 - ``max_seq_len``: pipeline stages and compiled tensor-parallel blocks have static shapes, every batch is padded
