@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from torchtune import training as tt
@@ -200,16 +201,14 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
     from torchtune_mistral3.training import (
         ParallelDims,
         PipelineLoss,
-        apply_tensor_parallel,
         build_pipeline,
         clip_grad_norm_,
-        compile_blocks,
-        is_stage_stand_in,
+        materialize,
         needs_static_shapes,
+        parallelize_model,
         pipeline_step,
+        precision_policy,
         resolve_layer_split,
-        set_fsdp_gradient_sum,
-        split_image_encoders,
         sum_split_encoder_grads,
         train_context,
         uses_loss_parallel,
@@ -241,26 +240,20 @@ def _run(world: int, cfg: Dict, result_dir: str) -> None:
     )
     use_lp = dims.tp_enabled and uses_loss_parallel(plan)
 
+    fp32 = precision_policy(OmegaConf.create({"dtype": "fp32", "master_dtype": "fp32"}), cpu)
+
     def parallelize(m: nn.Module) -> nn.Module:
-        # The order the recipe uses: TP -> activation checkpointing -> compile -> FSDP2 -> rope_init -> load.
-        if dims.tp_enabled:
-            apply_tensor_parallel(m, mesh["tp"], plan)
-        if cfg.get("tower_split"):  # the recipe's default under TP: each TP rank encodes its share of the images
-            split_image_encoders(m, mesh["tp"])
-        tt.set_activation_checkpointing(m, auto_wrap_policy={TransformerSelfAttentionLayer})
-        if cfg.get("compile"):
-            report["compiled_blocks"] = compile_blocks(
-                m, static_decoder_shapes=needs_static_shapes(True, dims.tp_enabled), verbose=False
+        # the recipe's layout function, then its materialising step; the weights come from the reference run
+        parallelize_model(
+            m, mesh, precision=fp32, tp_plan=plan, tower_split=bool(cfg.get("tower_split")),
+            activation_checkpointing=True, compile=bool(cfg.get("compile")),
+            static_shapes=needs_static_shapes(True, dims.tp_enabled),
+        )
+        if cfg.get("compile"):  # blocks whose forward is the compiled one, set on the instance
+            report["compiled_blocks"] = sum(
+                "forward" in vars(b) for b in m.modules() if isinstance(b, TransformerSelfAttentionLayer)
             )
-        if dims.dp_enabled:
-            shard_if = [lambda name, sub: not is_stage_stand_in(sub) and tt.get_shard_conditions(name, sub)]
-            tt.shard_model(m, shard_if, cpu_offload=False, dp_mesh=mesh["dp"])
-            set_fsdp_gradient_sum(m)
-            m.set_reduce_scatter_unused_params(True)
-        with cpu:
-            for sub in m.modules():
-                if hasattr(sub, "rope_init"):
-                    sub.rope_init()
+        materialize(m, cpu, rope_dtype=torch.float32)
         keys = set(m.state_dict().keys())
         tt.load_from_full_model_state_dict(
             m, {k: v.clone() for k, v in ref["state"].items() if k in keys}, cpu, strict=True
